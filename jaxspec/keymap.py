@@ -1,0 +1,101 @@
+"""Declarative map from Hugging Face tensor names to jaxspec params.
+
+Each entry names the jaxspec leaf, the Hugging Face tensors it is built from, how they combine
+and the shape every source must have. A mismatch raises an error naming the key and both
+shapes, before anything is written. GGUF import renames its tensors to these names first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxspec.config import ModelConfig
+from jaxspec.errors import UserError
+
+GetTensor = Callable[[str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: tuple  # path in the params pytree, e.g. ("layers", 3, "wqkv")
+    sources: tuple[str, ...]  # Hugging Face tensor names
+    shapes: tuple[tuple[int, ...], ...]  # expected shape of each source
+    combine: str  # "copy", "transpose" (HF [out, in] -> [in, out]), "concat_t", "concat"
+
+
+def layer_entries(config: ModelConfig, i: int) -> list[Entry]:
+    D, F, Dh = config.hidden_size, config.intermediate_size, config.head_dim
+    H, K = config.num_heads, config.num_kv_heads
+    pre = f"model.layers.{i}."
+    qkv_names = tuple(pre + f"self_attn.{n}_proj" for n in "qkv")
+    qkv_rows = ((H * Dh, D), (K * Dh, D), (K * Dh, D))
+    entries = [
+        Entry(("layers", i, "attn_norm"), (pre + "input_layernorm.weight",), ((D,),), "copy"),
+        Entry(("layers", i, "wqkv"), tuple(n + ".weight" for n in qkv_names), qkv_rows, "concat_t"),
+        Entry(("layers", i, "wo"), (pre + "self_attn.o_proj.weight",), ((D, H * Dh),), "transpose"),
+        Entry(("layers", i, "mlp_norm"), (pre + "post_attention_layernorm.weight",), ((D,),),
+              "copy"),
+        Entry(("layers", i, "w_gate_up"),
+              (pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"), ((F, D), (F, D)),
+              "concat_t"),
+        Entry(("layers", i, "w_down"), (pre + "mlp.down_proj.weight",), ((D, F),), "transpose"),
+    ]
+    if config.attention_bias:
+        shapes = tuple((rows,) for rows, _ in qkv_rows)
+        entries.append(Entry(("layers", i, "bqkv"), tuple(n + ".bias" for n in qkv_names), shapes,
+                             "concat"))
+    if config.qk_norm:
+        entries += [
+            Entry(("layers", i, "q_norm"), (pre + "self_attn.q_norm.weight",), ((Dh,),), "copy"),
+            Entry(("layers", i, "k_norm"), (pre + "self_attn.k_norm.weight",), ((Dh,),), "copy"),
+        ]
+    return entries
+
+
+def entries(config: ModelConfig) -> list[Entry]:
+    """Every entry of the key map for this config, in load order."""
+    V, D = config.vocab_size, config.hidden_size
+    out = [Entry(("embed",), ("model.embed_tokens.weight",), ((V, D),), "copy")]
+    for i in range(config.num_layers):
+        out += layer_entries(config, i)
+    out.append(Entry(("final_norm",), ("model.norm.weight",), ((D,),), "copy"))
+    if not config.tie_word_embeddings:
+        out.append(Entry(("lm_head",), ("lm_head.weight",), ((V, D),), "transpose"))
+    return out
+
+
+def _combine(entry: Entry, arrays: list[np.ndarray]) -> np.ndarray:
+    if entry.combine == "copy":
+        return arrays[0]
+    if entry.combine == "transpose":
+        return arrays[0].T
+    if entry.combine == "concat_t":
+        return np.concatenate([a.T for a in arrays], axis=1)
+    return np.concatenate(arrays, axis=0)
+
+
+def convert(config: ModelConfig, get: GetTensor, dtype) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yield (params path, array in `dtype`) for every entry; checks every source shape."""
+    for entry in entries(config):
+        arrays = []
+        for name, shape in zip(entry.sources, entry.shapes):
+            a = get(name)
+            if tuple(a.shape) != shape:
+                raise UserError(f"tensor {name}: expected shape {shape}, found {tuple(a.shape)}")
+            arrays.append(np.asarray(a, dtype=np.float32))
+        yield entry.target, np.ascontiguousarray(_combine(entry, arrays)).astype(dtype)
+
+
+def build_params(config: ModelConfig, get: GetTensor, dtype=np.float32, progress=None) -> dict:
+    """Assemble the params pytree from a tensor getter (see jaxspec.model for the layout)."""
+    params: dict = {"layers": [{} for _ in range(config.num_layers)]}
+    items = convert(config, get, dtype)
+    for path, array in progress(items, total=len(entries(config))) if progress else items:
+        node = params
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = array
+    return params

@@ -1,0 +1,171 @@
+"""The decoder: a pure function of (params, tokens, positions, cache).
+
+One implementation serves Llama 2/3/3.x, Mistral, Qwen2/2.5 and Qwen3; the config's flags pick
+the differences. Params are a plain pytree (what Orbax saves and the loop receives):
+
+    {"embed": [V, D],
+     "layers": [{"attn_norm": [D],
+                 "wqkv": [D, (H + 2K) * Dh],      "bqkv": [(H + 2K) * Dh]   (attention_bias)
+                 "q_norm": [Dh], "k_norm": [Dh]   (qk_norm)
+                 "wo": [H * Dh, D],
+                 "mlp_norm": [D],
+                 "w_gate_up": [D, 2F],            gate columns first, then up
+                 "w_down": [F, D]}, ...],         one dict per layer
+     "final_norm": [D],
+     "lm_head": [D, V]}                           absent when embeddings are tied
+
+Weights are stored [in, out] so a projection is `x @ w`. The layer loop is unrolled in Python:
+each layer's weights are separate buffers that the matmuls read directly, with no per-layer
+slice of a stacked array (which XLA on CPU would copy, doubling weight traffic).
+Activations stay in the params' dtype; norms, attention softmax and logits are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import cache as kv
+from jaxspec.cache import KVCache
+from jaxspec.config import ModelConfig
+
+Params = dict
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in fp32, cast back to x's dtype before the weight (as Hugging Face)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def inv_frequencies(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [Dh/2] (fp32), with llama3 scaling when configured."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    inv = (1.0 / (config.rope_theta ** exponents)).astype(np.float32)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x[B, T, N, Dh] by positions[B, T] (half-split convention, as Hugging Face)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(config: ModelConfig, positions: jax.Array, max_len: int) -> jax.Array:
+    """[B, T, S] True where query at positions[b, t] may see cache slot s."""
+    slots = jnp.arange(max_len)[None, None, :]
+    mask = slots <= positions[:, :, None]
+    if config.sliding_window is not None:
+        mask &= slots > positions[:, :, None] - config.sliding_window
+    return mask
+
+
+def attention(config, layer, x, positions, mask, inv_freq, cache: KVCache, index: int):
+    """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
+    B, T, _ = x.shape
+    H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
+    qkv = x @ layer["wqkv"]  # [B, T, (H + 2K) * Dh]
+    if config.attention_bias:
+        qkv = qkv + layer["bqkv"]
+    q = qkv[..., : H * Dh].reshape(B, T, H, Dh)
+    k = qkv[..., H * Dh : (H + K) * Dh].reshape(B, T, K, Dh)
+    v = qkv[..., (H + K) * Dh :].reshape(B, T, K, Dh)
+    if config.qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    cache = KVCache(
+        k=kv.write(cache.k, index, positions, k), v=kv.write(cache.v, index, positions, v)
+    )
+    keys, values = cache.k[index], cache.v[index]  # [B, S, K, Dh]
+    q = q.reshape(B, T, K, config.num_groups, Dh)
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(Dh)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", weights, values).reshape(B, T, H * Dh)
+    return out @ layer["wo"], cache
+
+
+def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(x @ layer["w_gate_up"], 2, axis=-1)  # [B, T, F] each
+    return (jax.nn.silu(gate) * up) @ layer["w_down"]
+
+
+def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):
+    """Run the decoder stack: tokens[B, T], positions[B, T] -> (hidden[B, T, D], cache).
+
+    The hidden state is after the final norm, i.e. what the output layer reads.
+    """
+    inv_freq = inv_frequencies(config)
+    mask = attention_mask(config, positions, cache.max_len)
+    tokens = jnp.clip(tokens, 0, params["embed"].shape[0] - 1)  # out-of-range ids never gather OOB
+    x = params["embed"][tokens]  # [B, T, D]
+    for index, layer in enumerate(params["layers"]):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        out, cache = attention(config, layer, h, positions, mask, inv_freq, cache, index)
+        x = x + out
+        x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Output layer: hidden[..., D] -> logits[..., V] in fp32."""
+    if "lm_head" in params:
+        return jnp.einsum("...D,DV->...V", hidden, params["lm_head"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):
+    """tokens[B, T], positions[B, T] -> (logits[B, T, V] fp32, hidden[B, T, D], cache)."""
+    hidden, cache = hidden_states(config, params, tokens, positions, cache)
+    return logits(params, hidden), hidden, cache
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random params in the layout above (for tests and as Orbax's restore target)."""
+    D, F, V, Dh = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * Dh
+    keys = iter(jax.random.split(key, 4 * config.num_layers + 2))
+
+    def dense(shape):
+        return (jax.random.normal(next(keys), shape) * 0.02).astype(dtype)
+
+    def layer():
+        p = {"attn_norm": jnp.ones((D,), dtype), "wqkv": dense((D, qkv)),
+             "wo": dense((config.num_heads * Dh, D)), "mlp_norm": jnp.ones((D,), dtype),
+             "w_gate_up": dense((D, 2 * F)), "w_down": dense((F, D))}
+        if config.attention_bias:
+            p["bqkv"] = jnp.zeros((qkv,), dtype)
+        if config.qk_norm:
+            p["q_norm"] = jnp.ones((Dh,), dtype)
+            p["k_norm"] = jnp.ones((Dh,), dtype)
+        return p
+
+    params = {"embed": dense((V, D)), "layers": [layer() for _ in range(config.num_layers)],
+              "final_norm": jnp.ones((D,), dtype)}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = dense((D, V))
+    return params
