@@ -1,0 +1,75 @@
+"""Draft = a smaller model sharing the target's tokenizer, with its own KV cache.
+
+Each iteration the draft runs γ forwards. The first one feeds the last two tokens of the
+sequence, so the draft cache is complete even after an iteration that accepted all γ drafts
+plus a bonus token (the draft never saw its own last proposal, nor the bonus): re-feeding the
+second-to-last token rewrites a slot that was either stale or already equal. No branch, any γ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec import model
+from jaxspec.cache import KVCache, init_cache
+from jaxspec.config import ModelConfig
+from jaxspec.sampling import Sampler, SamplingParams, first_argmax, probabilities, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDraft:
+    config: ModelConfig
+    target_vocab: int  # the draft's distributions are over the target's vocabulary
+
+    def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
+        return init_cache(self.config, batch, max_len, dtype)
+
+    def prefill(self, params, prompt: jax.Array, cache: KVCache) -> KVCache:
+        """Process prompt[B, P] (right-padded; pad slots are overwritten later)."""
+        positions = jnp.broadcast_to(jnp.arange(prompt.shape[1]), prompt.shape)
+        _, cache = model.hidden_states(self.config, params, prompt, positions, cache)
+        return cache
+
+    def _logits(self, params, tokens, positions, cache):
+        """Draft logits over the target vocabulary: ids the draft lacks get -inf."""
+        hidden, cache = model.hidden_states(self.config, params, tokens, positions, cache)
+        logits = model.logits(params, hidden[:, -1])[:, : self.target_vocab]  # [B, ≤V_t]
+        missing = self.target_vocab - logits.shape[-1]
+        if missing:
+            logits = jnp.pad(logits, ((0, 0), (0, missing)), constant_values=-jnp.inf)
+        return logits, cache
+
+    def propose(self, params, cache: KVCache, tokens, lengths, *, gamma: int,
+                sampler: Sampler, values: SamplingParams, uniforms):
+        """Propose γ tokens after tokens[b, :lengths[b]].
+
+        Args: tokens [B, S] buffer, lengths [B] (≥ 2), uniforms [B, γ] for sampling.
+        Returns (draft_tokens [B, γ], q [B, γ, V_t] or None when greedy, cache).
+        """
+        rows = jnp.arange(tokens.shape[0])
+        positions = jnp.stack([lengths - 2, lengths - 1], axis=1)  # [B, 2]
+        logits, cache = self._logits(params, tokens[rows[:, None], positions], positions, cache)
+
+        def choose(logits, u):
+            if sampler.greedy:
+                return first_argmax(logits), None
+            q = probabilities(sampler, values, logits)
+            return sample(q, u), q
+
+        def step(carry, u):
+            cache, logits, position = carry
+            token, q = choose(logits, u)
+            logits, cache = self._logits(params, token[:, None], position[:, None], cache)
+            return (cache, logits, position + 1), (token, q)
+
+        (cache, logits, _), (drafted, qs) = jax.lax.scan(
+            step, (cache, logits, lengths), uniforms[:, : gamma - 1].T
+        )
+        token, q = choose(logits, uniforms[:, gamma - 1])
+        draft_tokens = jnp.concatenate([drafted.T, token[:, None]], axis=1)  # [B, γ]
+        if sampler.greedy:
+            return draft_tokens, None, cache
+        return draft_tokens, jnp.concatenate([qs.transpose(1, 0, 2), q[:, None]], axis=1), cache

@@ -1,0 +1,133 @@
+"""logits -> probabilities -> tokens, shared by target, draft and plain decoding.
+
+Temperature, top-k and top-p are applied in fp32 in Hugging Face's order (temperature, then
+top-k, then top-p on the renormalised top-k distribution). Top-k and top-p find their cut-off
+by bisection over the bit patterns of the fp32 logits: 32 compare-and-reduce passes give the
+exact threshold with no sort and no top_k over the vocabulary (Trainium's compiler rejects both
+at vocabulary size). Nothing here uses `argmax` (a variadic reduce) or host callbacks.
+
+`Sampler` is static (decides what is traced); `SamplingParams` holds the traced values, so a
+new temperature, top-k or top-p value does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxspec.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    greedy: bool = True  # temperature == 0: take the argmax, no probabilities needed
+    top_k: bool = False  # top-k filter active (k > 0)
+    top_p: bool = False  # top-p filter active (p < 1)
+
+
+@struct.dataclass
+class SamplingParams:
+    temperature: jax.Array  # f32 []
+    top_k: jax.Array  # i32 []
+    top_p: jax.Array  # f32 []
+
+
+def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+    """Validate user values; return (static Sampler, traced SamplingParams)."""
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or int(top_k) != top_k:
+        raise UserError(f"top_k must be an integer >= 0, got {top_k}")
+    greedy = temperature == 0
+    sampler = Sampler(greedy=greedy, top_k=not greedy and top_k > 0, top_p=not greedy and top_p < 1)
+    values = SamplingParams(
+        temperature=jnp.float32(temperature if not greedy else 1.0),
+        top_k=jnp.int32(top_k),
+        top_p=jnp.float32(top_p),
+    )
+    return sampler, values
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """Index of the first maximum along the last axis, without a variadic reduce."""
+    iota = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    is_max = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with the same order as the fp32 values x (-inf lowest)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    flip = jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
+    return bits ^ flip
+
+
+def _largest_key(keys: jax.Array, enough) -> jax.Array:
+    """Largest threshold T[..., 1] with enough(keys >= T) true; `enough` must be monotone.
+
+    Built bit by bit from the most significant: 32 passes over the last axis.
+    """
+
+    def set_bit(i, t):
+        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(enough(keys >= candidate), candidate, t)
+
+    start = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+    return jax.lax.fori_loop(0, 32, set_bit, start)
+
+
+def top_k_mask(logits: jax.Array, k: jax.Array) -> jax.Array:
+    """Keep every logit >= the k-th largest (ties kept, as Hugging Face); k <= 0 keeps all."""
+    keys = _order_keys(logits)
+    k_clipped = jnp.clip(k, 1, logits.shape[-1])
+    threshold = _largest_key(keys, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k_clipped)
+    return jnp.where((keys >= threshold) | (k <= 0), logits, -jnp.inf)
+
+
+def top_p_mask(logits: jax.Array, p: jax.Array) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose probability reaches p."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_keys(logits)
+    threshold = _largest_key(
+        keys, lambda kept: jnp.sum(jnp.where(kept, probs, 0), -1, keepdims=True) >= p
+    )
+    return jnp.where((keys >= threshold) | (p >= 1), logits, -jnp.inf)
+
+
+def filtered_logits(sampler: Sampler, params: SamplingParams, logits: jax.Array) -> jax.Array:
+    """Temperature, top-k, top-p on logits[..., V] (fp32). Masked entries become -inf."""
+    logits = logits.astype(jnp.float32) / params.temperature
+    if sampler.top_k:
+        logits = top_k_mask(logits, params.top_k)
+    if sampler.top_p:
+        logits = top_p_mask(logits, params.top_p)
+    return logits
+
+
+def probabilities(sampler: Sampler, params: SamplingParams, logits: jax.Array) -> jax.Array:
+    """The sampling distribution [..., V] for logits[..., V]."""
+    return jax.nn.softmax(filtered_logits(sampler, params, logits), axis=-1)
+
+
+def sample(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Draw one index per row from nonnegative weights[..., V] (need not sum to 1).
+
+    Inverse CDF with uniforms u[...] in [0, 1); zero-weight entries are never drawn.
+    """
+    cdf = jnp.cumsum(weights, axis=-1)
+    below = jnp.sum(cdf <= u[..., None] * cdf[..., -1:], axis=-1)
+    iota = jnp.arange(weights.shape[-1], dtype=jnp.int32)
+    last_positive = jnp.max(jnp.where(weights > 0, iota, 0), axis=-1)
+    return jnp.minimum(below, last_positive).astype(jnp.int32)
+
+
+def next_token(sampler: Sampler, params: SamplingParams, logits: jax.Array, u: jax.Array):
+    """One token per row from logits[..., V]: argmax when greedy, else a draw using u[...]."""
+    if sampler.greedy:
+        return first_argmax(logits)
+    return sample(probabilities(sampler, params, logits), u)
