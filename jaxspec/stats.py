@@ -1,0 +1,49 @@
+"""Host-side summary of the statistics the loop counted (same keys for the API and `--json`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxspec.loop import DecodeState
+
+
+def _rates(iterations: int, accepted: int, gamma: int) -> dict:
+    proposed = gamma * iterations
+    return {
+        "draft_tokens_proposed": proposed,
+        "draft_tokens_accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else 0.0,
+        # tokens per verify step, the bonus/replacement token included
+        "mean_accepted_length": (accepted + iterations) / iterations if iterations else 0.0,
+    }
+
+
+def summarize(state: DecodeState, *, gamma: int, has_draft: bool, wall_seconds: float,
+              compile_seconds: float) -> dict:
+    """Overall and per-row statistics of a finished generation."""
+    lengths, prompt_lengths = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
+    iterations = np.asarray(state.stats.iterations)
+    accepted = np.asarray(state.stats.accepted)
+    per_position = np.asarray(state.stats.accepted_per_position)  # [B, γ]
+    new = lengths - prompt_lengths
+    steps = int(np.asarray(state.step))
+    rows = [
+        {"new_tokens": int(new[b]), "prompt_tokens": int(prompt_lengths[b]),
+         **_rates(int(iterations[b]), int(accepted[b]), gamma),
+         "accepted_per_position": per_position[b].tolist(),
+         "target_forward_calls": 1 + int(iterations[b])}
+        for b in range(len(lengths))
+    ]
+    return {
+        "new_tokens": int(new.sum()),
+        "prompt_tokens": int(prompt_lengths.sum()),
+        "tokens_per_second": float(new.sum() / wall_seconds) if wall_seconds > 0 else 0.0,
+        "wall_seconds": wall_seconds,
+        "compile_seconds": compile_seconds,
+        "num_speculative_tokens": gamma,
+        **_rates(int(iterations.sum()), int(accepted.sum()), gamma),
+        "accepted_per_position": per_position.sum(axis=0).tolist(),
+        "target_forward_calls": 1 + steps,  # prefill + one verify per iteration (whole batch)
+        "draft_forward_calls": (1 + gamma * steps) if has_draft else 0,
+        "rows": rows,
+    }
