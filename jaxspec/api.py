@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxspec import loop, sampling
 from jaxspec.cache import bucket
+from jaxspec.drafts import layerskip
 from jaxspec.drafts.compat import check_compatible
 from jaxspec.drafts.model import ModelDraft
 from jaxspec.errors import UserError
@@ -39,11 +40,15 @@ def _prompt_bucket(length: int) -> int:
 
 
 def _load(draft, target):
-    if isinstance(draft, str):
-        from jaxspec.checkpoint import load_model
+    """A draft model from a model object, "layerskip:K" or a checkpoint path."""
+    if not isinstance(draft, str):
+        return draft
+    skip = layerskip.parse(draft, target)
+    if skip is not None:
+        return skip
+    from jaxspec.checkpoint import load_model
 
-        return load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name)
-    return draft
+    return load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name)
 
 
 class SpeculativeDecoder:
@@ -51,7 +56,8 @@ class SpeculativeDecoder:
 
     Args:
       target: a model from `jaxspec.load_model`.
-      draft: a model sharing the target's tokenizer, a path to one, or None.
+      draft: a model sharing the target's tokenizer, a path to one, "layerskip:K" (the
+        target's first K layers as its own draft), or None.
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft).
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
       static_iterations: iterations per call in static mode.

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -135,7 +136,8 @@ def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     with open_source(src) as source:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+        tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:12]}")
+        os.mkdir(tmp)  # unlike mkdtemp, honours the umask (the directory becomes dst)
         try:
             params = keymap.build_params(source.config, source.get, np_dtype, progress=_progress)
             _write_checkpoint(tmp, source.config, params, dtype, source.tokenizer_files)

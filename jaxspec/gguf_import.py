@@ -26,7 +26,8 @@ from jaxspec.hf_import import Source
 # GGUF architecture -> whether llama.cpp permuted the q/k rows of that architecture.
 ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
 
-_LAYER_NAMES = {
+# GGUF tensor names -> Hugging Face names (per layer, then global).
+LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
@@ -42,7 +43,7 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -144,11 +145,11 @@ def _tensor(reader: GGUFReader, name: str):
 
 def hf_name(gguf_name: str) -> str | None:
     """Hugging Face name of a GGUF tensor name (None for tensors jaxspec does not use)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
     return None
 
 

@@ -62,11 +62,15 @@ def inv_frequencies(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x[B, T, N, Dh] by positions[B, T] (half-split convention, as Hugging Face)."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype):
+    """cos, sin [B, T, 1, Dh] for positions[B, T] (half-split convention, as Hugging Face)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x[B, T, N, Dh] by the angles in cos, sin [B, T, 1, Dh]."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -81,7 +85,7 @@ def attention_mask(config: ModelConfig, positions: jax.Array, max_len: int) -> j
     return mask
 
 
-def attention(config, layer, x, positions, mask, inv_freq, cache: KVCache, index: int):
+def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index: int):
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
     B, T, _ = x.shape
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -94,7 +98,7 @@ def attention(config, layer, x, positions, mask, inv_freq, cache: KVCache, index
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    q, k = rope(q, *rope_cs), rope(k, *rope_cs)
     cache = KVCache(
         k=kv.write(cache.k, index, positions, k), v=kv.write(cache.v, index, positions, v)
     )
@@ -118,13 +122,13 @@ def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache:
 
     The hidden state is after the final norm, i.e. what the output layer reads.
     """
-    inv_freq = inv_frequencies(config)
     mask = attention_mask(config, positions, cache.max_len)
     tokens = jnp.clip(tokens, 0, params["embed"].shape[0] - 1)  # out-of-range ids never gather OOB
     x = params["embed"][tokens]  # [B, T, D]
+    rope_cs = rope_tables(positions, inv_frequencies(config), x.dtype)
     for index, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        out, cache = attention(config, layer, h, positions, mask, inv_freq, cache, index)
+        out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
         x = x + out
         x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache

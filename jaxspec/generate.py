@@ -1,0 +1,188 @@
+"""Command line: `python -m jaxspec.generate "prompt"` streams a model's answer to stdout.
+
+Flags follow vLLM (`--model`, `--draft`, `--num-speculative-tokens`, `--temperature`, `--top-p`,
+`--top-k`, `--seed`, `--max-new-tokens`). Text streams chunk by chunk (static loop mode, a few
+iterations per compiled call); statistics go to stderr. `--json` prints one JSON object with
+`text`, `tokens` and `stats` instead. Bad input prints one line `error: ...` and exits 2.
+
+Heavy imports (jax, the checkpoint loaders) happen inside `run`, so `--help` and argument
+errors answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from jaxspec.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+STATIC_ITERATIONS = 4  # loop iterations per compiled call: the streaming granularity
+MAX_SPECULATIVE_TOKENS = 32  # as jaxspec.api.MAX_SPECULATIVE_TOKENS (not imported: heavy)
+REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
+DRAFT_KINDS = ("layerskip", "ngram")  # drafts named, not loaded from a path ("layerskip:8")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line `error: ...` (exit status 2 as usual)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m jaxspec.generate",
+                description="Generate text with exact speculative decoding (jaxspec).")
+    p.add_argument("prompt", help="the prompt text (a user message for chat models)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="target: jaxspec or Hugging Face directory, .gguf file, or "
+                        f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
+    p.add_argument("--draft", default="none",
+                   help="draft: a model sharing the target's tokenizer (path), 'layerskip:K' "
+                        "(the target's first K layers), or 'none' (default)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
+                   help=f"draft tokens per step, 1..{MAX_SPECULATIVE_TOKENS} (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="most new tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter dtype (default float32)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, tokens, stats) instead of streaming")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="encode the prompt as raw text even if the tokenizer has a chat template")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need no model (cheap, before jax is imported); raises UserError."""
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:  # also rejects nan
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 1 <= args.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise UserError(f"--num-speculative-tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
+                        f"got {args.num_speculative_tokens}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    if args.model != DEFAULT_MODEL and not os.path.exists(args.model):
+        raise UserError(f"--model: no such file or directory: {args.model} "
+                        f"(or use the model name {DEFAULT_MODEL!r})")
+    named = args.draft == "none" or args.draft.split(":")[0] in DRAFT_KINDS
+    if not named and not os.path.exists(args.draft):
+        raise UserError(f"--draft: no such file or directory: {args.draft}")
+
+
+def encode_prompt(model, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids of the prompt: the chat template's rendering if the tokenizer has one."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{model.path} has no tokenizer files (tokenizer.json): cannot encode "
+                        "a text prompt")
+    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        return list(tokenizer.encode(prompt))  # adds BOS where the tokenizer does
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:
+        raise UserError(f"the chat template of {model.path} failed: {e} "
+                        "(try --no-chat-template)") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))  # the template has BOS
+
+
+class TextStream:
+    """Writes the text of a growing token list incrementally (only what is new each time)."""
+
+    def __init__(self, tokenizer, eos_ids, out):
+        self.tokenizer, self.eos_ids, self.out = tokenizer, set(eos_ids), out
+        self.printed = ""
+
+    def text(self, tokens: list[int]) -> str:
+        """Decoded text without special tokens (EOS never shows, special-marked or not)."""
+        tokens = [t for t in tokens if t not in self.eos_ids]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def update(self, tokens: list[int], final: bool = False) -> None:
+        text = self.text(tokens)
+        if not final:  # the rest of a multi-byte character may come with the next tokens
+            text = text.rstrip(REPLACEMENT)
+        if len(text) > len(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+
+def stats_lines(stats: dict, has_draft: bool) -> list[str]:
+    """One or two human-readable lines for stderr."""
+    lines = [f"[jaxspec] {stats['new_tokens']} new tokens ({stats['prompt_tokens']} prompt) "
+             f"in {stats['wall_seconds']:.2f} s: {stats['tokens_per_second']:.1f} tok/s; "
+             f"compile {stats['compile_seconds']:.1f} s"]
+    if has_draft:
+        lines.append(f"[jaxspec] acceptance rate {stats['acceptance_rate']:.1%}, mean accepted "
+                     f"length {stats['mean_accepted_length']:.2f}, accepted per position "
+                     f"{stats['accepted_per_position']}, target forward calls "
+                     f"{stats['target_forward_calls']}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, encode, generate; stream or print JSON. Raises UserError on bad input."""
+    from jaxspec.api import SpeculativeDecoder
+    from jaxspec.checkpoint import load_model
+
+    target = load_model(args.model, dtype=args.dtype)
+    prompt = encode_prompt(target, args.prompt, args.chat_template)
+    draft = None if args.draft == "none" else args.draft
+    decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
+                                 mode="static", static_iterations=STATIC_ITERATIONS)
+    stream = TextStream(target.tokenizer, target.config.eos_token_ids, sys.stdout)
+    on_update = None if args.json else (lambda rows: stream.update(rows[0]))
+    out = decoder.generate([prompt], max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, on_update=on_update)
+    tokens, stats = out.tokens[0], {k: v for k, v in out.stats.items() if k != "rows"}
+    if args.json:
+        print(json.dumps({"text": stream.text(tokens), "tokens": tokens, "stats": stats}))
+    else:
+        stream.update(tokens, final=True)
+        print(flush=True)
+    for line in stats_lines(stats, draft is not None):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        return run(args)
+    except UserError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
