@@ -1,17 +1,29 @@
-"""jaxspec: exact speculative decoding for LLMs in JAX, the whole loop in one XLA program."""
+"""jaxspec: exact speculative decoding for LLMs in JAX, the whole loop in one XLA program.
 
-from jaxspec.api import GenerateOutput, SpeculativeDecoder
+Public names load lazily, so `python -m jaxspec.generate --help` does not import JAX.
+"""
+
+import importlib
+
 from jaxspec.errors import UserError
-from jaxspec.loop import DecodeState, LoopSpec
-from jaxspec.loop import generate as generate_tokens
+
+_LAZY = {
+    "SpeculativeDecoder": ("jaxspec.api", "SpeculativeDecoder"),
+    "GenerateOutput": ("jaxspec.api", "GenerateOutput"),
+    "DecodeState": ("jaxspec.loop", "DecodeState"),
+    "LoopSpec": ("jaxspec.loop", "LoopSpec"),
+    "generate_tokens": ("jaxspec.loop", "generate"),  # the pure function under generate()
+    "load_model": ("jaxspec.checkpoint", "load_model"),
+}
 
 
-def load_model(source: str, *, dtype: str = "float32"):
-    """Load a model: an Orbax or Hugging Face directory, a .gguf file or a default's name."""
-    from jaxspec.checkpoint import load_model as _load_model
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'jaxspec' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
 
-    return _load_model(source, dtype=dtype)
 
-
-__all__ = ["DecodeState", "GenerateOutput", "LoopSpec", "SpeculativeDecoder", "UserError",
-           "generate_tokens", "load_model"]
+__all__ = ["UserError", *_LAZY]

@@ -88,14 +88,15 @@ class SpeculativeDecoder:
             raise UserError(f"token ids must be in [0, {vocab})")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        need = max(len(p) for p in prompts) + max_new_tokens + self.gamma + 1
+        longest = max(len(p) for p in prompts)
+        need = longest + max_new_tokens + self.gamma + 1
         for name, m in (("target", self.target), ("draft", self.draft_model)):
-            limit = m.config.max_position_embeddings if m is not None else need
-            if need > limit:
+            if m is not None and need > m.config.max_position_embeddings:
+                extra = f" + {self.gamma} speculative + 1" if self.gamma else ""
                 raise UserError(
-                    f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
-                    f"({max_new_tokens}) + {self.gamma + 1} needs {need} positions; the {name} "
-                    f"model has {limit}")
+                    f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}){extra} needs "
+                    f"{need} positions; the {name} model has "
+                    f"{m.config.max_position_embeddings}")
 
     def _compile(self, name: str, fn: Callable, spec: loop.LoopSpec, *args, donate=()):
         """AOT-compile fn(spec, *args) once per spec and argument shapes; (compiled, seconds)."""

@@ -51,7 +51,7 @@ class Model:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    """"float32" or "bfloat16" -> numpy dtype; anything else raises UserError."""
+    """The numpy dtype of "float32" or "bfloat16"; anything else raises UserError."""
     if name not in DTYPES:
         raise UserError(f"unsupported dtype {name!r} (supported: {', '.join(DTYPES)})")
     return DTYPES[name]
@@ -75,7 +75,7 @@ def is_jaxspec_dir(path: str) -> bool:
 
 
 def source_kind(path: str) -> str:
-    """"jaxspec", "hf" or "gguf" for an existing path; UserError otherwise."""
+    """The kind of an existing path: "jaxspec", "hf" or "gguf"; UserError otherwise."""
     if not os.path.exists(path):
         raise UserError(f"no such file or directory: {path}")
     if os.path.isfile(path):
@@ -123,6 +123,18 @@ def _write_checkpoint(directory: str, config: ModelConfig, params, dtype: str,
         json.dump(meta, f, indent=2)
 
 
+def _make_temp_dir(dst: str) -> str:
+    """A new empty directory next to dst (unlike mkdtemp's, it honours the umask)."""
+    parent = os.path.dirname(dst)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise UserError(f"cannot create {tmp}: {e.strerror}") from None
+    return tmp
+
+
 def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
     """Convert a Hugging Face directory or GGUF file into a jaxspec checkpoint at dst.
 
@@ -133,11 +145,8 @@ def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
     dst = os.path.abspath(dst)
     if os.path.lexists(dst):
         raise UserError(f"destination {dst} already exists")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
     with open_source(src) as source:
-        tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:12]}")
-        os.mkdir(tmp)  # unlike mkdtemp, honours the umask (the directory becomes dst)
+        tmp = _make_temp_dir(dst)
         try:
             params = keymap.build_params(source.config, source.get, np_dtype, progress=_progress)
             _write_checkpoint(tmp, source.config, params, dtype, source.tokenizer_files)
@@ -148,14 +157,14 @@ def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
     return dst
 
 
-def read_config(path: str) -> tuple[ModelConfig, str]:
-    """(ModelConfig, stored dtype name) of a jaxspec checkpoint directory."""
+def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of a jaxspec checkpoint directory."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get(MARKER) != FORMAT_VERSION:
         raise UserError(f"{path}: unsupported jaxspec checkpoint version {meta.get(MARKER)!r}")
     try:
-        return ModelConfig.from_dict(meta["config"]), meta.get("dtype", "float32")
+        return ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}/config.json: bad config ({e})") from None
 
@@ -198,7 +207,7 @@ def _tokenizer_from_files(files: dict[str, bytes]):
 
 
 def _load_converted(path: str, dtype: str) -> Model:
-    config, _ = read_config(path)
+    config = read_config(path)
     params = restore_params(path, config, dtype)
     return Model(config=config, params=params, tokenizer=load_tokenizer(path), path=path)
 

@@ -36,20 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jaxspec.generate",
                 description="Generate text with exact speculative decoding (jaxspec).")
     p.add_argument("prompt", help="the prompt text (a user message for chat models)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
                    help="target: jaxspec or Hugging Face directory, .gguf file, or "
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
-    p.add_argument("--draft", default="none",
+    p.add_argument("--draft", default="none", metavar="PATH",
                    help="draft: a model sharing the target's tokenizer (path), 'layerskip:K' "
                         "(the target's first K layers), or 'none' (default)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
                    help=f"draft tokens per step, 1..{MAX_SPECULATIVE_TOKENS} (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most new tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature, 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling, (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="top-k sampling (default 0 = off)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter dtype (default float32)")
     p.add_argument("--json", action="store_true",
@@ -111,9 +114,13 @@ class TextStream:
         self.printed = ""
 
     def text(self, tokens: list[int]) -> str:
-        """Decoded text without special tokens (EOS never shows, special-marked or not)."""
+        """Decoded text without special tokens (EOS never shows, special-marked or not).
+
+        No clean-up of spaces before punctuation: it would make a streamed prefix change.
+        """
         tokens = [t for t in tokens if t not in self.eos_ids]
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
 
     def update(self, tokens: list[int], final: bool = False) -> None:
         text = self.text(tokens)

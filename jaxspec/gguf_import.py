@@ -71,7 +71,8 @@ def read_gguf(path: str) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises many types on bad bytes
-        raise UserError(f"cannot read GGUF file {path}: {_one_line(e)}") from None
+        raise UserError(f"cannot read GGUF file {path} (truncated or corrupted?): "
+                        f"{_one_line(e)}") from None
 
 
 def field(reader: GGUFReader, key: str, default: Any = KeyError) -> Any:

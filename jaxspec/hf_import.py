@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors' numpy reader)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -141,7 +141,8 @@ def _tensor_getter(stack: contextlib.ExitStack, files: dict[str, str] | list[str
         try:
             return handles[owner[name]].get_tensor(name)
         except (SafetensorError, OSError, TypeError, ValueError) as e:
-            raise UserError(f"cannot read tensor {name} from {owner[name]}: {_one_line(e)}") from None
+            raise UserError(f"cannot read tensor {name} from {owner[name]}: "
+                            f"{_one_line(e)}") from None
 
     return get
 

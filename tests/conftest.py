@@ -184,7 +184,10 @@ def _gguf_metadata(writer, config, *, with_tokenizer: bool) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     if with_tokenizer:
         vocab, merges = tiny_vocab()
         writer.add_tokenizer_model("gpt2")
@@ -202,21 +205,23 @@ def _gguf_metadata(writer, config, *, with_tokenizer: bool) -> None:
 
 def write_tiny_gguf(torch_model, path: str, *, qtype: str = "F32",
                     with_tokenizer: bool = True) -> str:
-    """Write a llama transformers model as llama.cpp would: GGUF names, q/k rows permuted.
+    """Write a llama/qwen2/qwen3 transformers model as llama.cpp would: GGUF names, and for
+    llama the q/k rows permuted.
 
-    qtype ("F32", "Q8_0", "Q4_1", ...) applies to 2-D weights; norms stay F32.
+    qtype ("F32", "Q8_0", "Q4_1", ...) applies to 2-D weights; norms and biases stay F32.
     """
     import gguf
 
     config = torch_model.config
-    writer = gguf.GGUFWriter(path, "llama")
+    arch = config.model_type
+    writer = gguf.GGUFWriter(path, arch)
     _gguf_metadata(writer, config, with_tokenizer=with_tokenizer)
     quant = gguf.GGMLQuantizationType[qtype]
     for name, tensor in torch_model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         w = tensor.numpy().astype(np.float32)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = permute_rows(w, heads)
         if w.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
