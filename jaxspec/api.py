@@ -16,11 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import loop, sampling
+from jaxspec import drafts, loop, sampling
 from jaxspec.cache import bucket
-from jaxspec.drafts import layerskip
-from jaxspec.drafts.compat import check_compatible
-from jaxspec.drafts.model import ModelDraft
 from jaxspec.errors import UserError
 from jaxspec.stats import summarize
 
@@ -39,25 +36,13 @@ def _prompt_bucket(length: int) -> int:
     return max(16, 1 << (length - 1).bit_length())
 
 
-def _load(draft, target):
-    """A draft model from a model object, "layerskip:K" or a checkpoint path."""
-    if not isinstance(draft, str):
-        return draft
-    skip = layerskip.parse(draft, target)
-    if skip is not None:
-        return skip
-    from jaxspec.checkpoint import load_model
-
-    return load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name)
-
-
 class SpeculativeDecoder:
     """Speculative decoding of `target` with `draft` (None or "none": plain decoding).
 
     Args:
       target: a model from `jaxspec.load_model`.
       draft: a model sharing the target's tokenizer, a path to one, "layerskip:K" (the
-        target's first K layers as its own draft), or None.
+        target's first K layers as its own draft), "ngram[:N]" (prompt lookup), or None.
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft).
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
       static_iterations: iterations per call in static mode.
@@ -66,17 +51,15 @@ class SpeculativeDecoder:
 
     def __init__(self, target, draft=None, *, num_speculative_tokens: int = 4,
                  mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None):
-        draft = None if draft is None or draft == "none" else _load(draft, target)
-        if draft is not None and not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        gamma_ok = 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS
+        if draft not in (None, "none") and not gamma_ok:
             raise UserError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
                             f"got {num_speculative_tokens}")
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
-        if draft is not None:
-            check_compatible(target, draft)
-        self.target, self.draft_model = target, draft
-        self.gamma = num_speculative_tokens if draft is not None else 0
-        self.draft = ModelDraft(draft.config, target.config.vocab_size) if draft else None
+        self.target = target
+        self.draft, self.draft_model = drafts.resolve(draft, target)
+        self.gamma = num_speculative_tokens if self.draft is not None else 0
         self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
         self._compiled: dict = {}
 

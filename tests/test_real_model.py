@@ -67,3 +67,18 @@ def test_layerskip_self_draft_keeps_greedy_output(smollm2, prompt_ids, greedy):
         prompt_ids, max_new_tokens=NEW_TOKENS)
     assert out.tokens == greedy
     assert out.stats["draft_tokens_accepted"] > 0  # 24 of 30 layers agree sometimes
+
+
+@pytest.mark.slow
+def test_ngram_draft_on_code_echo(smollm2):
+    """Prompt lookup on a prompt whose answer repeats it: exact, and most drafts accepted."""
+    code = "def f(a, b):\n    c = a + b\n    d = c * a\n    return d + c\n"
+    ids = smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Rewrite this code with better names:\n" + code}],
+        add_generation_prompt=True)["input_ids"]
+    plain = SpeculativeDecoder(smollm2).generate([ids], max_new_tokens=NEW_TOKENS)
+    out = SpeculativeDecoder(smollm2, "ngram", num_speculative_tokens=4).generate(
+        [ids], max_new_tokens=NEW_TOKENS)
+    assert out.tokens == plain.tokens
+    assert out.stats["acceptance_rate"] > 0.5
+    assert out.stats["target_forward_calls"] < NEW_TOKENS / 2

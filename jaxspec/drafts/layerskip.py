@@ -15,13 +15,3 @@ def layerskip(target, num_layers: int):
     config = dataclasses.replace(target.config, num_layers=num_layers)
     params = {**target.params, "layers": target.params["layers"][:num_layers]}
     return dataclasses.replace(target, config=config, params=params)
-
-
-def parse(spec: str, target):
-    """`layerskip:K` -> the draft model, or None when spec is not a layerskip spec."""
-    kind, _, arg = spec.partition(":")
-    if kind != "layerskip":
-        return None
-    if not arg.isdigit():
-        raise UserError(f"draft {spec!r}: expected layerskip:K with K a number of layers")
-    return layerskip(target, int(arg))

@@ -1,0 +1,51 @@
+"""Model-free draft: n-gram lookup over the row's own tokens (prompt lookup decoding).
+
+The last n tokens of each row are searched for earlier in the same row (prompt and generated
+text); the tokens that followed the most recent match are proposed. Sizes n, n-1, ..., 1 are
+tried in that order. No match proposes the last token repeated. The draft's distribution q is
+one-hot, so acceptance is u < p(x) and exactness holds whatever is proposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramDraft:
+    max_ngram: int  # longest suffix to match (≥ 1)
+    target_vocab: int
+
+    def init_cache(self, batch: int, max_len: int, dtype):
+        return None
+
+    def prefill(self, params, prompt, cache):
+        return None
+
+    def _latest_match(self, tokens: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
+        """[B] end index j < L-1 of the latest earlier occurrence of the last `size` tokens,
+        or -1."""
+        B, S = tokens.shape
+        rows, iota = jnp.arange(B)[:, None], jnp.arange(S)[None]
+        match = (iota >= size - 1) & (iota <= lengths[:, None] - 2)  # [B, S]
+        for i in range(size):  # tokens[j - i] == tokens[L - 1 - i]
+            suffix = tokens[rows, jnp.maximum(lengths[:, None] - 1 - i, 0)]  # [B, 1]
+            match &= jnp.roll(tokens, i, axis=1) == suffix
+        return jnp.max(jnp.where(match, iota, -1), axis=1)
+
+    def propose(self, params, cache, tokens, lengths, *, gamma: int, sampler, values, uniforms):
+        """Args: tokens [B, S], lengths [B]. Returns (draft_tokens [B, γ], one-hot q or None,
+        None)."""
+        best = jnp.full(lengths.shape, -1, jnp.int32)
+        for size in range(self.max_ngram, 0, -1):  # prefer the longest matching suffix
+            best = jnp.where(best < 0, self._latest_match(tokens, lengths, size), best)
+        follow = best[:, None] + 1 + jnp.arange(gamma)  # [B, γ] positions after the match
+        follow = jnp.where(best[:, None] < 0, lengths[:, None] - 1, follow)
+        follow = jnp.minimum(follow, lengths[:, None] - 1)  # never past the known tokens
+        draft_tokens = jnp.take_along_axis(tokens, follow, axis=1)
+        if sampler.greedy:
+            return draft_tokens, None, None
+        return draft_tokens, jax.nn.one_hot(draft_tokens, self.target_vocab), None

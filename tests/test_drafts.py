@@ -1,0 +1,77 @@
+"""Model-free and self-speculation drafts: exact proposals, and losslessness through the loop."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import greedy_reference, tiny_model
+
+from jaxspec import drafts
+from jaxspec.api import SpeculativeDecoder
+from jaxspec.errors import UserError
+from jaxspec.sampling import Sampler
+
+
+def _propose(buffer: list[list[int]], lengths: list[int], gamma: int, max_ngram: int = 3,
+             greedy: bool = True):
+    tokens = np.zeros((len(buffer), 16), np.int32)
+    for b, row in enumerate(buffer):
+        tokens[b, : len(row)] = row
+    draft = drafts.NgramDraft(max_ngram=max_ngram, target_vocab=10)
+    out, q, _ = draft.propose(None, None, jnp.asarray(tokens), jnp.asarray(lengths), gamma=gamma,
+                              sampler=Sampler(greedy=greedy), values=None, uniforms=None)
+    return np.asarray(out).tolist(), q
+
+
+@pytest.mark.parametrize("row,gamma,expected", [
+    # suffix [1, 2] occurred at positions 0-1, followed by 3 4 5
+    ([1, 2, 3, 4, 5, 1, 2], 3, [3, 4, 5]),
+    # the most recent match wins: [7, 8] at 0-1 (then 1) and at 3-4 (then 2)
+    ([7, 8, 1, 7, 8, 2, 9, 7, 8], 2, [2, 9]),
+    # a longer suffix beats a more recent shorter one: [5, 6] at 0-1 -> 3; [6] alone at 3 -> 9
+    ([5, 6, 3, 6, 9, 5, 6], 1, [3]),
+    # the continuation runs into the present: proposals stop at the last known token
+    ([4, 4, 4], 3, [4, 4, 4]),
+    ([1, 2, 1, 2], 4, [1, 2, 2, 2]),
+    # no earlier occurrence at all: the last token repeated
+    ([1, 2, 3], 2, [3, 3]),
+])
+def test_ngram_proposals(row, gamma, expected):
+    out, _ = _propose([row], [len(row)], gamma)
+    assert out == [expected]
+
+
+def test_ngram_batch_rows_are_independent_and_q_is_one_hot():
+    # row 1: [6, 5] and [5, 6, 5] never occurred before; [5] last occurred at 1, then 6 5
+    out, q = _propose([[1, 2, 3, 1, 2], [5, 5, 6, 5]], [5, 4], 2, greedy=False)
+    assert out == [[3, 1], [6, 5]]
+    np.testing.assert_array_equal(np.asarray(q).argmax(-1), out)
+    np.testing.assert_array_equal(np.asarray(q).sum(-1), 1.0)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "ngram:1", "layerskip:1"])
+def test_named_drafts_keep_greedy_output(draft):
+    target = tiny_model(seed=3, layers=2)
+    # repetitive prompts so that lookups find matches
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 9, 9, 9], [1, 2, 3, 4, 1, 2]]
+    expected = greedy_reference(target, prompts, 24)
+    out = SpeculativeDecoder(target, draft, num_speculative_tokens=3).generate(
+        prompts, max_new_tokens=24)
+    assert out.tokens == expected
+    assert out.stats["draft_tokens_proposed"] > 0
+
+
+def test_layerskip_shares_the_targets_arrays():
+    target = tiny_model(layers=3)
+    loop_draft, model = drafts.resolve("layerskip:2", target)
+    assert model.config.num_layers == 2 and loop_draft.config.num_layers == 2
+    assert model.params["embed"] is target.params["embed"]
+    assert all(a is b for a, b in zip(model.params["layers"], target.params["layers"][:2]))
+
+
+@pytest.mark.parametrize("spec", ["layerskip:0", "layerskip:3", "layerskip:x", "layerskip",
+                                  "ngram:two"])
+def test_bad_named_drafts(spec):
+    with pytest.raises(UserError):
+        drafts.resolve(spec, tiny_model(layers=3))
