@@ -61,8 +61,9 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys with the same order as the fp32 values x (-inf lowest)."""
+    """uint32 keys with the same order as the fp32 values x (-inf lowest; -0.0 == +0.0)."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    bits = jnp.where(bits == jnp.uint32(0x80000000), jnp.uint32(0), bits)  # -0.0 ties +0.0 (torch)
     flip = jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
     return bits ^ flip
 

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from jaxspec import model
 from jaxspec.cache import init_cache
@@ -132,3 +133,24 @@ def greedy_reference(m: TinyModel, prompts: list[list[int]], max_new: int) -> li
                 s.append(int(np.argmax(logits[b, len(s) - 1])))
                 done[b] = s[-1] in eos
     return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def chi2_pvalue(counts, probs, *, min_expected: float = 5.0) -> float:
+    """Chi-square goodness of fit of counts[K] to probs[K] (float64, renormalised).
+
+    Cells whose expected count is below min_expected are merged into one cell (dropped if that
+    merged cell is still too small). A count in a cell of probability zero gives p-value 0.
+    """
+    counts = np.asarray(counts, np.float64).ravel()
+    probs = np.asarray(probs, np.float64).ravel()
+    if np.any(counts[probs <= 0] > 0):
+        return 0.0
+    expected = probs / probs.sum() * counts.sum()
+    big = expected >= min_expected
+    observed, wanted = list(counts[big]), list(expected[big])
+    if expected[~big].sum() >= min_expected:
+        observed.append(counts[~big].sum())
+        wanted.append(expected[~big].sum())
+    observed, wanted = np.asarray(observed), np.asarray(wanted)
+    statistic = float(((observed - wanted) ** 2 / wanted).sum())
+    return float(stats.chi2.sf(statistic, df=len(observed) - 1))

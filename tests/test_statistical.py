@@ -1,0 +1,148 @@
+"""Sampled speculative decoding is lossless: its output follows the target's distribution.
+
+A 12-token vocabulary makes the target's distribution over short continuations enumerable
+exactly (jaxspec.model.forward without a cache, then the same temperature/top-k/top-p
+transform). One generate call with tens of thousands of copies of one prompt gives the
+empirical joint distribution of pairs of new tokens, judged by a chi-square test:
+
+  (t1, t2): t1 comes from the prefill, t2 from the first verify step (accepted draft or the
+            replacement at its first position);
+  (t2, t3): within the first iteration (second draft, or a replacement at position 1, or the
+            first token of a second iteration);
+  (t3, t4): with γ = 2 and 4 new tokens, t4 is the bonus token whenever both drafts were
+            accepted.
+
+A control replaces the rejection step with "accept every draft" and checks that the same test
+then fails, so the test has the power to see a wrong sampler.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import chi2_pvalue, full_logits, perturbed, tiny_model
+
+import jaxspec
+from jaxspec import loop, sampling
+from jaxspec.drafts.model import ModelDraft
+
+VOCAB = 12
+PROMPT = [3, 7, 1]
+ROWS = 24_000
+MAX_NEW = 4
+PASS_P = 1e-3  # strict: the seed is fixed, so this is not a flaky threshold
+CONFIGS = {  # name: (γ, temperature, top_k, top_p)
+    "temperature_1": (2, 1.0, 0, 1.0),
+    "temperature_0.7_top_k_5": (2, 0.7, 5, 1.0),
+    "top_p_0.8": (3, 1.0, 0, 0.8),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_model(0, std=0.5, vocab=VOCAB)
+    draft = perturbed(target, noise=0.04, seed=4)  # related, yet its distributions differ
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def continuations(models):
+    """Teacher-forced logits of both models for every prompt + (a, b, c): [V^3, P+3, V]."""
+    target, draft = models
+    seqs = np.asarray([PROMPT + list(abc) for abc in itertools.product(range(VOCAB), repeat=3)])
+    return full_logits(target.config, target.params, seqs), full_logits(draft.config,
+                                                                        draft.params, seqs)
+
+
+def conditionals(logits: np.ndarray, temperature, top_k, top_p):
+    """P(t1), P(t2|t1), P(t3|t1,t2), P(t4|t1..t3) under the sampling transform."""
+    sampler, values = sampling.make(temperature, top_k, top_p)
+    probs = np.asarray(sampling.probabilities(sampler, values, jnp.asarray(logits)),
+                       np.float64).reshape(VOCAB, VOCAB, VOCAB, len(PROMPT) + 3, VOCAB)
+    start = len(PROMPT) - 1
+    return (probs[0, 0, 0, start], probs[:, 0, 0, start + 1], probs[:, :, 0, start + 2],
+            probs[:, :, :, start + 3])
+
+
+def exact_pairs(logits, temperature, top_k, top_p) -> dict[str, np.ndarray]:
+    """Exact joint distributions [V, V] of (t1, t2), (t2, t3), (t3, t4)."""
+    p1, p2, p3, p4 = conditionals(logits, temperature, top_k, top_p)
+    joint = np.einsum("a,ab,abc,abcd->abcd", p1, p2, p3, p4)
+    assert joint.sum() == pytest.approx(1.0, abs=1e-6)
+    return {"t1,t2": joint.sum((2, 3)), "t2,t3": joint.sum((0, 3)), "t3,t4": joint.sum((0, 1))}
+
+
+def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, max_len=16):
+    """ROWS copies of PROMPT through the pure compiled loop; returns tokens [ROWS, MAX_NEW]."""
+    sampler, values = sampling.make(temperature, top_k, top_p)
+    spec = loop.LoopSpec(target=target.config, draft=ModelDraft(draft.config, VOCAB),
+                         gamma=gamma, sampler=sampler, max_len=max_len)
+    prompt = jnp.asarray([PROMPT] * ROWS, jnp.int32)
+    run = jax.jit(jaxspec.generate_tokens, static_argnums=0)
+    state = run(spec, target.params, draft.params, prompt,
+                jnp.full((ROWS,), len(PROMPT), jnp.int32), jax.random.key(seed), values,
+                jnp.int32(MAX_NEW))
+    lengths = np.asarray(state.lengths)
+    assert np.all(lengths == len(PROMPT) + MAX_NEW)
+    accepted = np.asarray(state.stats.accepted).sum() / (gamma * np.asarray(
+        state.stats.iterations).sum())
+    return np.asarray(state.tokens)[:, len(PROMPT): len(PROMPT) + MAX_NEW], accepted
+
+
+def pair_pvalues(tokens: np.ndarray, exact: dict[str, np.ndarray]) -> dict[str, float]:
+    result = {}
+    for name, (i, j) in {"t1,t2": (0, 1), "t2,t3": (1, 2), "t3,t4": (2, 3)}.items():
+        counts = np.bincount(tokens[:, i] * VOCAB + tokens[:, j], minlength=VOCAB * VOCAB)
+        result[name] = chi2_pvalue(counts, exact[name])
+    return result
+
+
+def total_variation(a, b) -> float:
+    return 0.5 * float(np.abs(np.asarray(a) - np.asarray(b)).sum())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_speculative_sampling_follows_the_target(models, continuations, name):
+    gamma, temperature, top_k, top_p = CONFIGS[name]
+    target, draft = models
+    target_logits, draft_logits = continuations
+    # the draft's next-token distributions differ substantially from the target's
+    p2 = conditionals(target_logits, temperature, top_k, top_p)[1]
+    q2 = conditionals(draft_logits, temperature, top_k, top_p)[1]
+    p1 = conditionals(target_logits, temperature, top_k, top_p)[0]
+    mean_tv = sum(p1[a] * total_variation(p2[a], q2[a]) for a in range(VOCAB))
+    assert mean_tv > 0.2, mean_tv
+
+    exact = exact_pairs(target_logits, temperature, top_k, top_p)
+    tokens, acceptance = generate(target, draft, gamma, temperature, top_k, top_p)
+    assert 0.1 < acceptance < 0.9, acceptance  # both accept and reject paths are exercised
+    pvalues = pair_pvalues(tokens, exact)
+    assert min(pvalues.values()) > PASS_P, pvalues
+    for pair, (i, j) in {"t1,t2": (0, 1), "t2,t3": (1, 2), "t3,t4": (2, 3)}.items():
+        counts = np.bincount(tokens[:, i] * VOCAB + tokens[:, j], minlength=VOCAB * VOCAB)
+        assert total_variation(counts / ROWS, exact[pair].ravel()) < 0.04, pair
+
+
+def _always_accept(draft_tokens, q, p, uniforms):
+    """A broken rejection step: accept all γ drafts, bonus from p_γ."""
+    gamma = draft_tokens.shape[1]
+    bonus = sampling.sample(p[:, gamma], uniforms[:, gamma])
+    n = jnp.full((draft_tokens.shape[0],), gamma, jnp.int32)
+    return n, jnp.concatenate([draft_tokens, bonus[:, None]], axis=1).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("name", ["temperature_1", "top_p_0.8"])
+def test_control_always_accepting_fails_the_same_test(models, continuations, monkeypatch, name):
+    gamma, temperature, top_k, top_p = CONFIGS[name]
+    target, draft = models
+    exact = exact_pairs(continuations[0], temperature, top_k, top_p)
+    monkeypatch.setattr(loop, "rejection", _always_accept)
+    # a max_len no other test uses, so that nothing traced with the real step is reused
+    tokens, acceptance = generate(target, draft, gamma, temperature, top_k, top_p, max_len=24)
+    assert acceptance == 1.0
+    pvalues = pair_pvalues(tokens, exact)
+    assert pvalues["t1,t2"] < 1e-6 and pvalues["t2,t3"] < 1e-6, pvalues
