@@ -32,8 +32,8 @@ class GenerateOutput:
 
 
 def _prompt_bucket(length: int) -> int:
-    """Prompt width: a power of two ≥ 16, so prefill cost follows the prompt."""
-    return max(16, 1 << (length - 1).bit_length())
+    """Prompt width: a multiple of 16 (prefill is compute-bound: its cost follows the width)."""
+    return bucket(length, 16)
 
 
 class SpeculativeDecoder:

@@ -102,13 +102,13 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     cache = KVCache(
         k=kv.write(cache.k, index, positions, k), v=kv.write(cache.v, index, positions, v)
     )
-    keys, values = cache.k[index], cache.v[index]  # [B, S, K, Dh]
+    keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]
     q = q.reshape(B, T, K, config.num_groups, Dh)
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(Dh)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", weights, values).reshape(B, T, H * Dh)
+    out = jnp.einsum("BKGTS,BKSD->BTKGD", weights, values).reshape(B, T, H * Dh)
     return out @ layer["wo"], cache
 
 
