@@ -18,10 +18,10 @@ import numpy as np
 
 from jaxspec import drafts, loop, sampling
 from jaxspec.cache import bucket
+from jaxspec.checks import check_max_new_tokens, check_speculative_tokens
 from jaxspec.errors import UserError
 from jaxspec.stats import summarize
 
-MAX_SPECULATIVE_TOKENS = 32
 MODES = ("dynamic", "static")
 
 
@@ -51,10 +51,8 @@ class SpeculativeDecoder:
 
     def __init__(self, target, draft=None, *, num_speculative_tokens: int = 4,
                  mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None):
-        gamma_ok = 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS
-        if draft not in (None, "none") and not gamma_ok:
-            raise UserError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
-                            f"got {num_speculative_tokens}")
+        if draft not in (None, "none"):
+            check_speculative_tokens(num_speculative_tokens)
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.target = target
@@ -69,8 +67,7 @@ class SpeculativeDecoder:
         vocab = self.target.config.vocab_size
         if any(not 0 <= int(t) < vocab for p in prompts for t in p):
             raise UserError(f"token ids must be in [0, {vocab})")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         longest = max(len(p) for p in prompts)
         need = longest + max_new_tokens + self.gamma + 1
         for name, m in (("target", self.target), ("draft", self.draft_model)):

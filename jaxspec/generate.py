@@ -16,11 +16,11 @@ import json
 import os
 import sys
 
+from jaxspec import checks
 from jaxspec.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 STATIC_ITERATIONS = 4  # loop iterations per compiled call: the streaming granularity
-MAX_SPECULATIVE_TOKENS = 32  # as jaxspec.api.MAX_SPECULATIVE_TOKENS (not imported: heavy)
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
 DRAFT_KINDS = ("layerskip", "ngram")  # drafts named, not loaded from a path ("layerskip:8")
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft: a model sharing the target's tokenizer (path), 'layerskip:K' "
                         "(the target's first K layers), or 'none' (default)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
-                   help=f"draft tokens per step, 1..{MAX_SPECULATIVE_TOKENS} (default 4)")
+                   help=f"draft tokens per step, 1..{checks.MAX_SPECULATIVE_TOKENS} (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most new tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -66,17 +66,9 @@ def validate(args: argparse.Namespace) -> None:
     """Checks that need no model (cheap, before jax is imported); raises UserError."""
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:  # also rejects nan
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 1 <= args.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-        raise UserError(f"--num-speculative-tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
-                        f"got {args.num_speculative_tokens}")
+    checks.check_max_new_tokens(args.max_new_tokens, flags=True)
+    checks.check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
+    checks.check_speculative_tokens(args.num_speculative_tokens, flags=True)
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if args.model != DEFAULT_MODEL and not os.path.exists(args.model):

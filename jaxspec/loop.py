@@ -137,10 +137,12 @@ def _commit(spec: LoopSpec, state: DecodeState, n, out) -> DecodeState:
     count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), room)
     count = jnp.where(active, count, 0)  # [B] tokens appended
     rows = jnp.arange(B)[:, None]
-    tokens = state.tokens.at[rows, state.lengths[:, None] + iota].set(
-        jnp.where(iota < count[:, None], out, state.tokens[rows, state.lengths[:, None] + iota]))
+    slots = state.lengths[:, None] + iota  # [B, γ+1] where this iteration's tokens go
+    tokens = state.tokens.at[rows, slots].set(
+        jnp.where(iota < count[:, None], out, state.tokens[rows, slots]))
     lengths = state.lengths + count
-    done = state.done | (first_eos < count) | (lengths - state.prompt_lengths >= state.max_new_tokens)
+    generated = lengths - state.prompt_lengths
+    done = state.done | (first_eos < count) | (generated >= state.max_new_tokens)
     stats = state.stats
     stats = Stats(
         iterations=stats.iterations + active,

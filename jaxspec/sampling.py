@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec.errors import UserError
+from jaxspec.checks import check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,7 @@ class SamplingParams:
 
 def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
     """Validate user values; return (static Sampler, traced SamplingParams)."""
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 or int(top_k) != top_k:
-        raise UserError(f"top_k must be an integer >= 0, got {top_k}")
+    check_sampling(temperature, top_k, top_p)
     greedy = temperature == 0
     sampler = Sampler(greedy=greedy, top_k=not greedy and top_k > 0, top_p=not greedy and top_p < 1)
     values = SamplingParams(

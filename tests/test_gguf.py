@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import (CHAT_TEMPLATE, transformers_gguf_model, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
+from conftest import (CHAT_TEMPLATE, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
                       quantize_roundtrip, random_tokens, tiny_hf_model, tiny_tokenizer,
-                      tiny_torch_model, write_tiny_gguf)
+                      tiny_torch_model, transformers_gguf_model, write_tiny_gguf)
 
 from jaxspec.checkpoint import convert, load_model
 from jaxspec.gguf_import import unpermute_rows

@@ -117,7 +117,9 @@ CASES = {
 
 
 def _run(cases):
-    f32 = lambda key: jnp.asarray([getattr(c, key) for c in cases], jnp.float32)
+    def f32(key):
+        return jnp.asarray([getattr(c, key) for c in cases], jnp.float32)
+
     drafts = jnp.asarray([c.drafts for c in cases], jnp.int32)
     n, tokens = rejection_jit(drafts, f32("q"), f32("p"), f32("u"))
     assert n.shape == (len(cases),) and tokens.shape == (len(cases), drafts.shape[1] + 1)
