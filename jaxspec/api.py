@@ -131,12 +131,12 @@ class SpeculativeDecoder:
     def _run_static(self, spec, args, on_update):
         target_params, draft_params, *_, values, _ = args
         init, init_seconds = self._compile("init", loop.init_state, spec, *args)
+        state_shape = jax.eval_shape(functools.partial(loop.init_state, spec), *args)
         chunk_fn = functools.partial(loop.run_static, iterations=self.static_iterations)
+        chunk, chunk_seconds = self._compile("static", chunk_fn, spec, target_params,
+                                             draft_params, values, state_shape, donate=(4,))
         start = time.perf_counter()
         state = init(*args)
-        chunk, chunk_seconds = self._compile("static", chunk_fn, spec, target_params,
-                                             draft_params, values, state, donate=(4,))
-        start += chunk_seconds  # compile time is not generation time
         while True:
             if on_update is not None:
                 on_update(new_tokens(state))
