@@ -176,10 +176,11 @@ def restore_params(path: str, config: ModelConfig, dtype: str):
     params_dir = os.path.join(os.path.abspath(path), "params")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(params_dir, target)
+            restored = checkpointer.restore(params_dir, target)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
         raise UserError(f"cannot restore params from {params_dir}: "
                         f"{' '.join(str(e).split())[:300]}") from None
+    return jax.device_put(restored)  # Orbax hands back numpy arrays: copy once, not per call
 
 
 def load_tokenizer(directory: str):

