@@ -14,6 +14,7 @@ shared and noisy, so each measurement is repeated and both the best and the medi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import statistics
 import threading
@@ -28,11 +29,12 @@ from jaxspec import model as jmodel
 from jaxspec.cache import bucket, init_cache
 
 # SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                     head_dim=64, tie_word_embeddings=True, rope_theta=100000.0,
-                     max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
-                     eos_token_id=2)
+SMOLLM2_SHAPE = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+    "tie_word_embeddings": True, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
+}
 
 
 def best_median(values: Sequence[float], *, larger_is_better: bool = True) -> dict:
@@ -53,7 +55,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int = 1)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault in every page before timing
     bounds = np.linspace(0, src.size, threads + 1).astype(int)
-    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [(dst[a:b], src[a:b]) for a, b in itertools.pairwise(bounds)]
     rates = []
     for _ in range(repeats):
         workers = [threading.Thread(target=np.copyto, args=p) for p in parts]

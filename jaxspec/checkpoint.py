@@ -239,6 +239,17 @@ def load_model(source: str, *, dtype: str = "float32") -> Model:
                             f"(or use the model name {default_model.NAME!r})")
         source = default_model.ensure_converted()
     path = os.path.abspath(source)
-    if source_kind(path) == "jaxspec":
-        return _load_converted(path, dtype)
-    return _load_in_memory(path, dtype)
+    load = _load_converted if source_kind(path) == "jaxspec" else _load_in_memory
+    return _for_backend(load(path, dtype))
+
+
+def _for_backend(m: Model) -> Model:
+    """On CPU, tied models get a transposed copy of the embedding as their output layer.
+
+    XLA's matrix-vector product streams a [D, V] matrix at full memory bandwidth but the
+    [V, D] embedding at about two thirds of it: the copy (V·D more memory, the same bytes read
+    per token) makes decoding SmolLM2 about 4% faster.
+    """
+    if not m.config.tie_word_embeddings or "lm_head" in m.params or jax.default_backend() != "cpu":
+        return m
+    return dataclasses.replace(m, params={**m.params, "lm_head": jnp.asarray(m.params["embed"].T)})

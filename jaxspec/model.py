@@ -12,7 +12,8 @@ the differences. Params are a plain pytree (what Orbax saves and the loop receiv
                  "w_gate_up": [D, 2F],            gate columns first, then up
                  "w_down": [F, D]}, ...],         one dict per layer
      "final_norm": [D],
-     "lm_head": [D, V]}                           absent when embeddings are tied
+     "lm_head": [D, V]}                           absent when embeddings are tied (loading
+                                                  on CPU adds embed.T: see checkpoint.py)
 
 Weights are stored [in, out] so a projection is `x @ w`. The layer loop is unrolled in Python:
 each layer's weights are separate buffers that the matmuls read directly, with no per-layer

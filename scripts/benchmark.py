@@ -212,7 +212,10 @@ def print_ar(r: dict) -> None:
     print(f"{'':34}{'best':>9}{'median':>9}  tok/s")
     print(f"{'floor (1-thread copy)':34}{floor['1_thread']:9.1f}")
     print(f"{'floor (all-core copy)':34}{floor['all_cores']:9.1f}")
-    row = lambda name, d: print(f"{name:34}{d['best']:9.1f}{d['median']:9.1f}")  # noqa: E731
+
+    def row(name, d):
+        print(f"{name:34}{d['best']:9.1f}{d['median']:9.1f}")
+
     row("jaxspec generate (incl. prefill)", j["tok_s"])
     row("jaxspec decode only (excl. prefill)", j["decode_tok_s_excl_prefill"])
     for k, v in j["step_tok_s"].items():
@@ -298,9 +301,8 @@ def step_timers(args, target, draft, prompt_length: int) -> dict:
     for g in progress("compile step timers")(args.gammas):
         max_len = bench.loop_max_len(prompt_length, n, g)
         position = min(prompt_length + n // 2, max_len - g - 1)
-        make = lambda m, w, last=False: bench.StepTimer(  # noqa: E731
-            m.config, m.params, width=w, max_len=max_len, position=position,
-            steps=args.cost_steps, last_only=last)
+        make = functools.partial(_timer, max_len=max_len, position=position,
+                                 steps=args.cost_steps)
         if f"decode@{max_len}" not in timers:
             timers[f"decode@{max_len}"] = make(target, 1)
             if draft is not None:  # a model draft's first forward per iteration reads 2 tokens
@@ -308,6 +310,10 @@ def step_timers(args, target, draft, prompt_length: int) -> dict:
                 timers[f"draft2@{max_len}"] = make(draft, 2, True)
         timers[f"verify{g}"] = make(target, g + 1)
     return timers
+
+
+def _timer(m, width, last_only=False, **kw):
+    return bench.StepTimer(m.config, m.params, width=width, last_only=last_only, **kw)
 
 
 def spec_row(g, runs, ar, ar_tokens, costs, prompt_length, n) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import KINDS, hf_logits, jaxspec_logits, random_tokens, tiny_hf_model
@@ -35,4 +37,15 @@ def test_logits_match_after_orbax_round_trip(tmp_path):
     dst = convert(path, str(tmp_path / "converted"))
     tokens = random_tokens(shape=(2, 12), seed=1)
     np.testing.assert_allclose(jaxspec_logits(load_model(dst), tokens), hf_logits(path, tokens),
+                               atol=TOLERANCE, rtol=0)
+
+
+def test_tied_output_layer_without_the_transposed_copy(tmp_path):
+    """The tied head reads the embedding itself when no lm_head copy was added (non-CPU)."""
+    path = tiny_hf_model("llama", tmp_path)
+    model = load_model(path)
+    tied = dataclasses.replace(
+        model, params={k: v for k, v in model.params.items() if k != "lm_head"})
+    tokens = random_tokens(shape=(2, 12), seed=2)
+    np.testing.assert_allclose(jaxspec_logits(tied, tokens), hf_logits(path, tokens),
                                atol=TOLERANCE, rtol=0)
