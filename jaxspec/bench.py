@@ -104,12 +104,16 @@ class OtherLoad:
 def weight_bytes_per_token(params) -> int:
     """Bytes of weights one decode step reads: every parameter once, plus one embedding row.
 
-    A tied output layer reads the whole embedding table (counted once as a param); the input
-    embedding gather reads one more row of it.
+    The input embedding gather reads one row. A tied output layer reads the whole embedding
+    table; where the loader added a separate output layer (`lm_head`, the embedding's
+    transpose on CPU), the table itself is not read beyond that row.
     """
     total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
     embed = params["embed"]
-    return total + embed.shape[1] * embed.dtype.itemsize
+    row = embed.shape[1] * embed.dtype.itemsize
+    if "lm_head" in params:
+        return total - embed.size * embed.dtype.itemsize + row
+    return total + row
 
 
 def host_param_leaves(params) -> int:
