@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -204,8 +205,19 @@ def test_bad_model_files_in_process(model_dir, tmp_path, capsys):
     not_gguf = tmp_path / "draft.gguf"
     not_gguf.write_text("not a gguf file")
     no_tokenizer = tiny_hf_model("llama", tmp_path, with_tokenizer=False)
+    other_tokenizer = shutil.copytree(model_dir, tmp_path / "other_tokenizer")
+    tokenizer_file = other_tokenizer / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[3:5]  # two ordinary tokens swap ids
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_file.write_text(json.dumps(spec))
     capsys.readouterr()  # drop the builder's progress output
     cases = {
+        "draft with another tokenizer": (
+            ["hi", "--model", model_dir, "--draft", str(other_tokenizer)], ("tokenizer",)),
+        "speculative too long": (["hi", "--model", model_dir, "--draft", model_dir,
+                                  "--max-new-tokens", "240"], ("240", "256")),
         "too long": (["hi", "--model", model_dir, "--max-new-tokens", "1000"], ("1000", "256")),
         "model dir without checkpoint": (["hi", "--model", str(tmp_path)], ()),
         "draft not a checkpoint": (["hi", "--model", model_dir, "--draft", str(not_gguf)], ()),
