@@ -31,9 +31,14 @@ class GenerateOutput:
     stats: dict
 
 
-def _prompt_bucket(length: int) -> int:
-    """Prompt width: a multiple of 16 (prefill is compute-bound: its cost follows the width)."""
+def prompt_width(length: int) -> int:
+    """Padded prompt width: a multiple of 16 (prefill is compute-bound: its cost follows it)."""
     return bucket(length, 16)
+
+
+def loop_max_len(prompt_length: int, max_new_tokens: int, gamma: int) -> int:
+    """Token buffer and KV cache slots per row: a multiple of 128 (few recompiles)."""
+    return bucket(prompt_width(prompt_length) + max_new_tokens + gamma + 1)
 
 
 class SpeculativeDecoder:
@@ -101,13 +106,14 @@ class SpeculativeDecoder:
         """
         self._check(prompts, max_new_tokens)
         sampler, values = sampling.make(temperature, top_k, top_p)
-        width = _prompt_bucket(max(len(p) for p in prompts))
+        longest = max(len(p) for p in prompts)
+        width = prompt_width(longest)
         prompt = np.zeros((len(prompts), width), np.int32)  # [B, P] right-padded
         for b, p in enumerate(prompts):
             prompt[b, : len(p)] = p
         spec = loop.LoopSpec(
             target=self.target.config, draft=self.draft, gamma=self.gamma, sampler=sampler,
-            max_len=bucket(width + max_new_tokens + self.gamma + 1),
+            max_len=loop_max_len(longest, max_new_tokens, self.gamma),
             dtype=self.target.params["embed"].dtype)
         draft_params = self.draft_model.params if self.draft_model is not None else None
         args = (self.target.params, draft_params, jnp.asarray(prompt),

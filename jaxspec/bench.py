@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import model as jmodel
-from jaxspec.cache import bucket, init_cache
+from jaxspec.cache import init_cache
 
 # SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
 SMOLLM2_SHAPE = {
@@ -116,19 +116,9 @@ def weight_bytes_per_token(params) -> int:
     return total + row
 
 
-def host_param_leaves(params) -> int:
-    """How many param leaves are host (numpy) arrays: each call of a compiled loop copies them."""
-    return sum(not isinstance(a, jax.Array) for a in jax.tree.leaves(params))
-
-
 def kv_bytes_per_step(config, max_len: int, itemsize: int = 4) -> int:
     """Bytes of KV cache one step reads (attention reads every slot, masked)."""
     return 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim * itemsize
-
-
-def on_device(model):
-    """The same model with its params as device arrays (copied once, not at every call)."""
-    return dataclasses.replace(model, params=jax.device_put(model.params))
 
 
 def without_eos(model):
@@ -160,12 +150,6 @@ def prompt_ids(model, text: str, *, random_length: int = 40) -> list[int]:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
     return [int(i) for i in tok(text)["input_ids"]]
-
-
-def loop_max_len(prompt_length: int, max_new_tokens: int, gamma: int) -> int:
-    """KV cache slots the decoder allocates (mirrors `SpeculativeDecoder.generate`)."""
-    width = max(16, 1 << (prompt_length - 1).bit_length())
-    return bucket(width + max_new_tokens + gamma + 1)
 
 
 # ---------------------------------------------------------------------------- generation

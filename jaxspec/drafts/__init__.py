@@ -15,8 +15,6 @@ from jaxspec.drafts.model import ModelDraft
 from jaxspec.drafts.ngram import NgramDraft
 from jaxspec.errors import UserError
 
-NAMED = ("ngram", "layerskip")  # drafts given by name, e.g. "ngram:3", "layerskip:8"
-
 
 def _number(spec: str, arg: str, default: int | None) -> int:
     if not arg and default is not None:
