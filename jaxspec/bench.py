@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import model as jmodel
+from jaxspec.api import prompt_width
 from jaxspec.cache import init_cache
 
 # SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
@@ -260,7 +261,7 @@ def init_cache_like(cache):
 
 def prefill_seconds(config, params, prompt_length: int, max_len: int, *, repeats: int) -> float:
     """Best time of one prefill forward (prompt padded as the decoder pads it)."""
-    width = max(16, 1 << (prompt_length - 1).bit_length())
+    width = prompt_width(prompt_length)
     tokens = jnp.ones((1, width), jnp.int32)
     positions = jnp.arange(width, dtype=jnp.int32)[None]
 
