@@ -23,7 +23,8 @@ from jaxspec import model
 from jaxspec.cache import KVCache, init_cache
 from jaxspec.config import ModelConfig
 from jaxspec.rejection import rejection, rejection_greedy
-from jaxspec.sampling import Sampler, SamplingParams, first_argmax, next_token, probabilities
+from jaxspec.sampling import (Sampler, SamplingParams, first_argmax, next_token, probabilities,
+                              uniforms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class DecodeState:
     done: jax.Array  # [B] bool
     target_cache: KVCache
     draft_cache: KVCache | None
-    key: jax.Array  # PRNG key; iteration t uses fold_in(key, t)
+    rng: jax.Array  # u32[4] lax.rng_bit_generator state, advanced once per iteration
     step: jax.Array  # [] i32 iterations run (any row active)
     stats: Stats
 
@@ -65,7 +66,9 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
                values: SamplingParams, max_new_tokens) -> DecodeState:
     """Prefill both models and take the first new token from the target.
 
-    Args: prompt [B, P] right-padded, prompt_lengths [B] (≥ 1), max_new_tokens [] (≥ 1).
+    Args: prompt [B, P] right-padded, prompt_lengths [B] (≥ 1), max_new_tokens [] (≥ 1),
+    key a PRNG key: it seeds the loop's rng_bit_generator state (an "rbg" key keeps the
+    whole program free of threefry, for Trainium).
     """
     B, P = prompt.shape
     rows = jnp.arange(B)
@@ -73,8 +76,8 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     cache = init_cache(spec.target, B, spec.max_len, spec.dtype)
     hidden, cache = model.hidden_states(spec.target, target_params, prompt, positions, cache)
     last_logits = model.logits(target_params, hidden[rows, prompt_lengths - 1])  # [B, V]
-    first_key, key = jax.random.split(key)
-    first = next_token(spec.sampler, values, last_logits, jax.random.uniform(first_key, (B,)))
+    rng, first_uniforms = uniforms(jax.random.bits(key, (4,), jnp.uint32), (B,))
+    first = next_token(spec.sampler, values, last_logits, first_uniforms)
     tokens = jnp.zeros((B, spec.max_len), jnp.int32).at[:, :P].set(prompt)
     tokens = tokens.at[rows, prompt_lengths].set(first)
     draft_cache = None
@@ -87,7 +90,7 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     done = _is_eos(spec.target, first) | (max_new <= 1)
     return DecodeState(tokens=tokens, lengths=prompt_lengths + 1, prompt_lengths=prompt_lengths,
                        max_new_tokens=max_new, done=done, target_cache=cache,
-                       draft_cache=draft_cache, key=key, step=jnp.int32(0), stats=stats)
+                       draft_cache=draft_cache, rng=rng, step=jnp.int32(0), stats=stats)
 
 
 def _is_eos(config: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -101,13 +104,13 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingParams,
          state: DecodeState) -> DecodeState:
     """One iteration for every row: propose γ, verify γ+1 positions, accept, commit."""
     B, gamma = state.lengths.shape[0], spec.gamma
-    draft_key, accept_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+    rng, u = uniforms(state.rng, (B, 2 * gamma + 1))  # γ for the draft, γ + 1 to accept
     # 1. draft: γ tokens per row and their distributions q [B, γ, V]
     draft_tokens, q, draft_cache = jnp.zeros((B, 0), jnp.int32), None, state.draft_cache
     if spec.draft is not None:
         draft_tokens, q, draft_cache = spec.draft.propose(
             draft_params, draft_cache, state.tokens, state.lengths, gamma=gamma,
-            sampler=spec.sampler, values=values, uniforms=jax.random.uniform(draft_key, (B, gamma)))
+            sampler=spec.sampler, values=values, uniforms=u[:, :gamma])
     # 2. verify: the target reads the last token and the drafts at γ+1 positions
     last = state.tokens[jnp.arange(B), state.lengths - 1]
     verify = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, γ+1]
@@ -120,9 +123,9 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingParams,
     else:
         p = probabilities(spec.sampler, values, logits)
         q = q if q is not None else jnp.zeros((B, 0, p.shape[-1]), p.dtype)
-        n, out = rejection(draft_tokens, q, p, jax.random.uniform(accept_key, (B, gamma + 1)))
+        n, out = rejection(draft_tokens, q, p, u[:, gamma:])
     # 4. commit with masks; caches are not copied or rolled back
-    state = state.replace(target_cache=target_cache, draft_cache=draft_cache)
+    state = state.replace(target_cache=target_cache, draft_cache=draft_cache, rng=rng)
     return _commit(spec, state, n, out)
 
 

@@ -48,6 +48,17 @@ def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
     return sampler, values
 
 
+def uniforms(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(next rng, uniforms[shape] in [0, 1)) from a u32[4] `lax.rng_bit_generator` state.
+
+    One rng_bit_generator op per call and no threefry, which neuronx-cc does not fully
+    support: the loop carries the state and draws each iteration's uniforms with it.
+    """
+    rng, bits = jax.lax.rng_bit_generator(rng, shape, dtype=jnp.uint32)
+    mantissa = (bits >> 9) | jnp.uint32(0x3F800000)  # a float in [1, 2)
+    return rng, jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+
+
 def first_argmax(x: jax.Array) -> jax.Array:
     """Index of the first maximum along the last axis, without a variadic reduce."""
     iota = jnp.arange(x.shape[-1], dtype=jnp.int32)

@@ -2,7 +2,7 @@
 
 neuronx-cc (Trainium) rejects conditionals, data-dependent loop exits, host callbacks,
 dynamic shapes, float64/complex, integer dots, variadic reduces (e.g. `argmax`) and sorts at
-vocabulary size (DESIGN.md, reference/neuron.md). No Neuron device is needed: the program that
+vocabulary size, and does not fully support the threefry PRNG (DESIGN.md, reference/neuron.md). No Neuron device is needed: the program that
 the API compiles in static mode (`loop.init_state` once, then `loop.run_static` per chunk) is
 lowered on CPU with an "rbg" PRNG key and its text is checked. The checker is itself tested on
 small programs that contain each forbidden construct, and on the dynamic mode, whose
@@ -141,6 +141,8 @@ def violations(text: str) -> list[str]:
         if name not in ALLOWED_CUSTOM_CALLS:
             kind = "host callback" if "callback" in name else "custom call"
             found.append(f"{kind}: {name}")
+    if "threefry" in text:  # jax.random.split / fold_in / draws from a threefry key
+        found.append("threefry PRNG (not completely supported: use rbg keys)")
     if re.search(r"\bf64\b|xf64>|complex<", text):
         found.append("float64 or complex type")
     if re.search(r"tensor<[^>]*\?", text):
@@ -175,6 +177,8 @@ X = jnp.ones((4, 8), jnp.float32)
         (lambda x: jnp.sort(x, axis=-1), "sort"),
         (lambda x: jax.lax.top_k(x, 2)[0], "top_k"),
         (lambda x: jnp.argmax(x, axis=-1), "variadic reduce"),
+        (lambda x: x + jax.random.uniform(jax.random.fold_in(jax.random.key(0, impl="rbg"), 1),
+                                          x.shape), "threefry"),
         (lambda x: jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct(x.shape, x.dtype), x),
          "host callback"),
         (lambda x: jnp.arange(8) @ jnp.arange(8) + x, "integer"),
@@ -183,7 +187,7 @@ X = jnp.ones((4, 8), jnp.float32)
         (lambda x: jax.lax.fori_loop(0, jnp.int32(x[0, 0]), lambda i, c: c + 1.0, x),
          "data-dependent while"),
     ],
-    ids=["cond", "sort", "top_k", "argmax", "callback", "int_dot", "while", "fori_traced_bound"],
+    ids=["cond", "sort", "top_k", "argmax", "threefry", "callback", "int_dot", "while", "fori_traced_bound"],
 )
 def test_checker_flags_forbidden_constructs(fn, expected):
     found = violations(_text(fn, X))
@@ -225,7 +229,7 @@ def _lowered(models, sampler_kwargs, *, draft=True, gamma=3):
             jnp.int32(20))
     init = jax.jit(loop.init_state, static_argnums=0).lower(spec, *args)
     state = jax.eval_shape(functools.partial(loop.init_state, spec), *args)
-    assert state.key.dtype == jax.random.key(0, impl="rbg").dtype  # key<rbg>
+    assert state.rng.shape == (4,) and state.rng.dtype == jnp.uint32  # rng_bit_generator state
     static = jax.jit(loop.run_static, static_argnums=0, static_argnames="iterations").lower(
         spec, target.params, draft_params, values, state, iterations=ITERATIONS)
     dynamic = jax.jit(loop.run_dynamic, static_argnums=0).lower(

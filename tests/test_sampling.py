@@ -275,6 +275,18 @@ def test_sample_follows_unnormalised_weights():
     assert stats.chisquare(counts[positive], expected).pvalue > 1e-3
 
 
+def test_uniforms_are_uniform_and_the_state_advances():
+    rng = jax.random.bits(jax.random.key(3, impl="rbg"), (4,), jnp.uint32)
+    rng2, u = sampling.uniforms(rng, (100_000,))
+    u = np.asarray(u)
+    assert u.dtype == np.float32 and u.min() >= 0.0 and u.max() < 1.0
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    assert not np.array_equal(np.asarray(rng2), np.asarray(rng))
+    np.testing.assert_array_equal(np.asarray(sampling.uniforms(rng, (100_000,))[1]), u)  # pure
+    u2 = np.asarray(sampling.uniforms(rng2, (100_000,))[1])
+    assert abs(stats.pearsonr(u, u2)[0]) < 0.02  # the next draw is a fresh one
+
+
 def test_sample_rows_are_independent():
     weights = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 1.0, 1.0]])
     u = jnp.asarray([0.99, 0.0, 0.75])
