@@ -100,16 +100,14 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-    cache = KVCache(
-        k=kv.write(cache.k, index, positions, k), v=kv.write(cache.v, index, positions, v)
-    )
-    keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]
+    cache = kv.write(cache, index, positions, k, v)
+    keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh], [B, K, Dh, S]
     q = q.reshape(B, T, K, config.num_groups, Dh)
     scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(Dh)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("BKGTS,BKSD->BTKGD", weights, values).reshape(B, T, H * Dh)
+    out = jnp.einsum("BKGTS,BKDS->BTKGD", weights, values).reshape(B, T, H * Dh)
     return out @ layer["wo"], cache
 
 
