@@ -28,6 +28,7 @@ import numpy as np
 from jaxspec import model as jmodel
 from jaxspec.api import prompt_width
 from jaxspec.cache import init_cache
+from jaxspec.sampling import first_argmax
 
 # SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
 SMOLLM2_SHAPE = {
@@ -197,7 +198,7 @@ def run_hf(hf, prompt: list[int], *, max_new_tokens: int) -> tuple[list[int], fl
 class StepTimer:
     """Seconds per forward step of (config, params) on `width` tokens, batch 1.
 
-    `steps` forwards run in one jitted `fori_loop`, each feeding its argmax to the next (as
+    `steps` forwards run in one jitted `fori_loop`, each feeding its argmax (the loop's first_argmax) to the next (as
     decode does) and writing the KV cache of `max_len` slots; compile and a first run are
     excluded. The logits of all `width` positions are computed, as in verify, or with
     last_only of the last position only, as a draft does.
@@ -215,7 +216,7 @@ class StepTimer:
                 hidden, cache = jmodel.hidden_states(config, params, tokens, position + offsets,
                                                      cache)
                 logits = jmodel.logits(params, hidden[:, -1:] if last_only else hidden)
-                return cache, jnp.argmax(logits, axis=-1)[:, -1:].astype(jnp.int32)
+                return cache, first_argmax(logits)[:, -1:]
 
             return jax.lax.fori_loop(0, steps, body, (cache, token))
 
@@ -239,7 +240,7 @@ class SingleStep:
 
         def one(params, cache, token, positions):
             logits, _, cache = jmodel.forward(config, params, token, positions, cache)
-            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return cache, first_argmax(logits)
 
         self.cache = init_cache(config, 1, max_len, params["embed"].dtype)
         self.fn = jax.jit(one, donate_argnums=1)

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target: jaxspec or Hugging Face directory, .gguf file, or "
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
     p.add_argument("--draft", default="none", metavar="PATH",
-                   help="draft: a model sharing the target's tokenizer (path), 'layerskip:K' "
-                        "(the target's first K layers), or 'none' (default)")
+                   help="draft: a model sharing the target's tokenizer (path), 'ngram[:N]' "
+                        "(prompt lookup), 'layerskip:K' (the target's first K layers), or "
+                        "'none' (default)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
                    help=f"draft tokens per step, 1..{checks.MAX_SPECULATIVE_TOKENS} (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",

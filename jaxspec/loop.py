@@ -57,7 +57,7 @@ class DecodeState:
     done: jax.Array  # [B] bool
     target_cache: KVCache
     draft_cache: KVCache | None
-    rng: jax.Array  # u32[4] lax.rng_bit_generator state, advanced once per iteration
+    rng: jax.Array  # u32[4] lax.rng_bit_generator state, advanced once per sampled iteration
     step: jax.Array  # [] i32 iterations run (any row active)
     stats: Stats
 
@@ -104,7 +104,10 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingParams,
          state: DecodeState) -> DecodeState:
     """One iteration for every row: propose γ, verify γ+1 positions, accept, commit."""
     B, gamma = state.lengths.shape[0], spec.gamma
-    rng, u = uniforms(state.rng, (B, 2 * gamma + 1))  # γ for the draft, γ + 1 to accept
+    # uniforms [B, 2γ+1]: γ for the draft, γ + 1 to accept (greedy decoding draws none)
+    rng, u = state.rng, jnp.zeros((B, 2 * gamma + 1), jnp.float32)
+    if not spec.sampler.greedy:
+        rng, u = uniforms(state.rng, (B, 2 * gamma + 1))
     # 1. draft: γ tokens per row and their distributions q [B, γ, V]
     draft_tokens, q, draft_cache = jnp.zeros((B, 0), jnp.int32), None, state.draft_cache
     if spec.draft is not None:
