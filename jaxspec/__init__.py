@@ -10,10 +10,12 @@ from jaxspec.errors import UserError
 _LAZY = {
     "SpeculativeDecoder": ("jaxspec.api", "SpeculativeDecoder"),
     "GenerateOutput": ("jaxspec.api", "GenerateOutput"),
-    "DecodeState": ("jaxspec.loop", "DecodeState"),
-    "LoopSpec": ("jaxspec.loop", "LoopSpec"),
-    "generate_tokens": ("jaxspec.loop", "generate"),  # the pure function under generate()
-    "load_model": ("jaxspec.checkpoint", "load_model"),
+    "DecodeState": ("jaxspec.decode.state", "DecodeState"),
+    "LoopSpec": ("jaxspec.decode.state", "LoopSpec"),
+    "generate_tokens": ("jaxspec.decode.loop", "generate_tokens"),  # the pure function
+    "load_model": ("jaxspec.checkpoint.load", "load_model"),
+    "Model": ("jaxspec.models.loaded", "Model"),
+    "Draft": ("jaxspec.drafts.base", "Draft"),
 }
 
 

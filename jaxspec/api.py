@@ -2,7 +2,8 @@
 
 The decoder validates input, pads the batch into bucketed shapes (so new prompt lengths rarely
 recompile), compiles the loop once per shape and sampling mode, runs it, and returns new tokens
-plus statistics. The pure function underneath is `jaxspec.loop.generate`.
+plus statistics. The pure function underneath is `jaxspec.generate_tokens`
+(`jaxspec.decode.loop.generate_tokens`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import drafts, loop, sampling
-from jaxspec.cache import bucket
-from jaxspec.checks import check_max_new_tokens, check_speculative_tokens
+from jaxspec import kernels
+from jaxspec.checkpoint import names
+from jaxspec.decode import loop, sampling
+from jaxspec.decode.sizing import loop_max_len, prompt_width
+from jaxspec.decode.state import DecodeState, LoopSpec
+from jaxspec.decode.stats import summarize
+from jaxspec.drafts import registry
 from jaxspec.errors import UserError
-from jaxspec.stats import summarize
+from jaxspec.models import layout as layouts
+from jaxspec.validation import check_max_new_tokens, check_speculative_tokens
 
 MODES = ("dynamic", "static")
 
@@ -31,14 +37,18 @@ class GenerateOutput:
     stats: dict
 
 
-def prompt_width(length: int) -> int:
-    """Padded prompt width: a multiple of 16 (prefill is compute-bound: its cost follows it)."""
-    return bucket(length, 16)
+def resolve_draft(draft, target):
+    """(draft object for the loop, draft model holding its params, or None).
 
+    A path or model name is loaded here (in the target's dtype); names like "ngram:3" and
+    "layerskip:8", loaded models and Draft objects go to the draft registry.
+    """
+    if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
+        from jaxspec.checkpoint.load import load_model
 
-def loop_max_len(prompt_length: int, max_new_tokens: int, gamma: int) -> int:
-    """Token buffer and KV cache slots per row: a multiple of 128 (few recompiles)."""
-    return bucket(prompt_width(prompt_length) + max_new_tokens + gamma + 1)
+        names.check_exists(draft, "draft")
+        draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name)
+    return registry.build(draft, target)
 
 
 class SpeculativeDecoder:
@@ -46,8 +56,9 @@ class SpeculativeDecoder:
 
     Args:
       target: a model from `jaxspec.load_model`.
-      draft: a model sharing the target's tokenizer, a path to one, "layerskip:K" (the
-        target's first K layers as its own draft), "ngram[:N]" (prompt lookup), or None.
+      draft: a model sharing the target's tokenizer, a path or model name of one,
+        "layerskip:K" (the target's first K layers as its own draft), "ngram[:N]" (prompt
+        lookup), an object implementing jaxspec.drafts.base.Draft, or None.
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft).
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
       static_iterations: iterations per call in static mode.
@@ -61,7 +72,9 @@ class SpeculativeDecoder:
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.target = target
-        self.draft, self.draft_model = drafts.resolve(draft, target)
+        self.draft, self.draft_model = resolve_draft(draft, target)
+        self.layout = getattr(target, "layout", None) or layouts.default()
+        self.rejection = kernels.for_platform(jax.default_backend())
         self.gamma = num_speculative_tokens if self.draft is not None else 0
         self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
         self._compiled: dict = {}
@@ -83,7 +96,7 @@ class SpeculativeDecoder:
                     f"{need} positions; the {name} model has "
                     f"{m.config.max_position_embeddings}")
 
-    def _compile(self, name: str, fn: Callable, spec: loop.LoopSpec, *args, donate=()):
+    def _compile(self, name: str, fn: Callable, spec: LoopSpec, *args, donate=()):
         """AOT-compile fn(spec, *args) once per spec and argument shapes; (compiled, seconds)."""
         shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), jax.tree.leaves(args)))
         key = (name, spec, shapes)
@@ -111,22 +124,23 @@ class SpeculativeDecoder:
         prompt = np.zeros((len(prompts), width), np.int32)  # [B, P] right-padded
         for b, p in enumerate(prompts):
             prompt[b, : len(p)] = p
-        spec = loop.LoopSpec(
+        spec = LoopSpec(
             target=self.target.config, draft=self.draft, gamma=self.gamma, sampler=sampler,
             max_len=loop_max_len(longest, max_new_tokens, self.gamma),
-            dtype=self.target.params["embed"].dtype)
+            dtype=self.target.params["embed"].dtype, layout=self.layout,
+            rejection=self.rejection)
         draft_params = self.draft_model.params if self.draft_model is not None else None
         args = (self.target.params, draft_params, jnp.asarray(prompt),
                 jnp.asarray([len(p) for p in prompts], jnp.int32),
                 jax.random.key(seed, impl=self.prng_impl), values, jnp.int32(max_new_tokens))
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static
         state, compile_seconds, wall = run(spec, args, on_update)
-        stats = summarize(state, gamma=self.gamma, has_draft=self.draft is not None,
-                          wall_seconds=wall, compile_seconds=compile_seconds)
+        stats = summarize(state, gamma=self.gamma, draft=self.draft, wall_seconds=wall,
+                          compile_seconds=compile_seconds)
         return GenerateOutput(tokens=new_tokens(state), stats=stats)
 
     def _run_dynamic(self, spec, args, on_update):
-        compiled, compile_seconds = self._compile("dynamic", loop.generate, spec, *args)
+        compiled, compile_seconds = self._compile("dynamic", loop.generate_tokens, spec, *args)
         start = time.perf_counter()
         state = jax.block_until_ready(compiled(*args))
         wall = time.perf_counter() - start
@@ -152,7 +166,7 @@ class SpeculativeDecoder:
         return state, init_seconds + chunk_seconds, time.perf_counter() - start
 
 
-def new_tokens(state: loop.DecodeState) -> list[list[int]]:
+def new_tokens(state: DecodeState) -> list[list[int]]:
     """Each row's generated tokens, from the buffer of a (possibly unfinished) state."""
     tokens = np.asarray(state.tokens)
     lengths, starts = np.asarray(state.lengths), np.asarray(state.prompt_lengths)

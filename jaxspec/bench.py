@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import model as jmodel
-from jaxspec.api import prompt_width
-from jaxspec.cache import init_cache
-from jaxspec.sampling import first_argmax
+from jaxspec.decode.sampling import first_argmax
+from jaxspec.decode.sizing import prompt_width
+from jaxspec.models import decoder
+from jaxspec.models import layout as layouts
+from jaxspec.models.cache import init_cache
 
 # SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
 SMOLLM2_SHAPE = {
@@ -103,19 +104,26 @@ class OtherLoad:
 # ---------------------------------------------------------------------------- models
 
 
-def weight_bytes_per_token(params) -> int:
+def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter once, plus one embedding row.
 
     The input embedding gather reads one row. A tied output layer reads the whole embedding
-    table; where the loader added a separate output layer (`lm_head`, the embedding's
-    transpose on CPU), the table itself is not read beyond that row.
+    table, unless the layout policy gave the model a separate output layer (`lm_head`, the
+    embedding's transpose, on CPU): then the table itself is not read beyond that row.
     """
+    params = model.params
     total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(params))
     embed = params["embed"]
     row = embed.shape[1] * embed.dtype.itemsize
-    if "lm_head" in params:
+    output_copy = model.config.tie_word_embeddings and layout_of(model).output_copy
+    if output_copy or not model.config.tie_word_embeddings:
         return total - embed.size * embed.dtype.itemsize + row
     return total + row
+
+
+def layout_of(model) -> layouts.Layout:
+    """The layout policy a model's params were prepared for (the default backend's if unset)."""
+    return getattr(model, "layout", None) or layouts.default()
 
 
 def kv_bytes_per_step(config, max_len: int, itemsize: int = 4) -> int:
@@ -204,8 +212,9 @@ class StepTimer:
     last_only of the last position only, as a draft does.
     """
 
-    def __init__(self, config, params, *, width: int, max_len: int, position: int, steps: int,
+    def __init__(self, model, *, width: int, max_len: int, position: int, steps: int,
                  last_only: bool = False):
+        config, params = model.config, model.params
         self.width, self.steps, self.params = width, steps, jax.device_put(params)
         offsets = jnp.arange(width, dtype=jnp.int32)[None]  # [1, T]
 
@@ -213,14 +222,14 @@ class StepTimer:
             def body(_, carry):  # in the decode loop, so nothing is constant-folded)
                 cache, token = carry
                 tokens = jnp.broadcast_to(token, (1, width))  # [1, T]
-                hidden, cache = jmodel.hidden_states(config, params, tokens, position + offsets,
-                                                     cache)
-                logits = jmodel.logits(params, hidden[:, -1:] if last_only else hidden)
+                hidden, cache = decoder.hidden_states(config, params, tokens, position + offsets,
+                                                      cache)
+                logits = decoder.logits(params, hidden[:, -1:] if last_only else hidden)
                 return cache, first_argmax(logits)[:, -1:]
 
             return jax.lax.fori_loop(0, steps, body, (cache, token))
 
-        self.args = (init_cache(config, 1, max_len, params["embed"].dtype),
+        self.args = (init_cache(config, 1, max_len, params["embed"].dtype, layout_of(model)),
                      jnp.ones((1, 1), jnp.int32), jnp.int32(position))
         self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
         self()  # first run: page faults, thread pool start-up
@@ -234,15 +243,16 @@ class StepTimer:
 class SingleStep:
     """Seconds per decode step when each step is one jitted call from Python (host loop)."""
 
-    def __init__(self, config, params, *, max_len: int, position: int, steps: int):
+    def __init__(self, model, *, max_len: int, position: int, steps: int):
+        config, params = model.config, model.params
         self.params, self.steps = jax.device_put(params), steps
         self.position = jnp.full((1, 1), position, jnp.int32)
 
         def one(params, cache, token, positions):
-            logits, _, cache = jmodel.forward(config, params, token, positions, cache)
+            logits, _, cache = decoder.forward(config, params, token, positions, cache)
             return cache, first_argmax(logits)
 
-        self.cache = init_cache(config, 1, max_len, params["embed"].dtype)
+        self.cache = init_cache(config, 1, max_len, params["embed"].dtype, layout_of(model))
         self.fn = jax.jit(one, donate_argnums=1)
         self()
 
@@ -260,18 +270,19 @@ def init_cache_like(cache):
     return jax.tree.map(jnp.zeros_like, cache)
 
 
-def prefill_seconds(config, params, prompt_length: int, max_len: int, *, repeats: int) -> float:
+def prefill_seconds(model, prompt_length: int, max_len: int, *, repeats: int) -> float:
     """Best time of one prefill forward (prompt padded as the decoder pads it)."""
+    config, params = model.config, model.params
     width = prompt_width(prompt_length)
     tokens = jnp.ones((1, width), jnp.int32)
     positions = jnp.arange(width, dtype=jnp.int32)[None]
 
     def run(params, cache):
-        logits, _, cache = jmodel.forward(config, params, tokens, positions, cache)
+        logits, _, cache = decoder.forward(config, params, tokens, positions, cache)
         return logits[:, prompt_length - 1], cache
 
     params = jax.device_put(params)
-    cache = init_cache(config, 1, max_len, params["embed"].dtype)
+    cache = init_cache(config, 1, max_len, params["embed"].dtype, layout_of(model))
     compiled = jax.jit(run).lower(params, cache).compile()
     times = []
     for _ in range(repeats + 1):

@@ -16,10 +16,11 @@ import json
 import os
 import sys
 
-from jaxspec import checks
+from jaxspec import validation
+from jaxspec.checkpoint.names import DEFAULT_MODEL, check_exists
+from jaxspec.drafts import registry
 from jaxspec.errors import UserError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 STATIC_ITERATIONS = 4  # loop iterations per compiled call: the streaming granularity
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
 
@@ -39,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target: jaxspec or Hugging Face directory, .gguf file, or "
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
     p.add_argument("--draft", default="none", metavar="PATH",
-                   help="draft: a model sharing the target's tokenizer (path), 'ngram[:N]' "
+                   help="draft: a model sharing the target's tokenizer (path or model name), 'ngram[:N]' "
                         "(prompt lookup), 'layerskip:K' (the target's first K layers), or "
                         "'none' (default)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
-                   help=f"draft tokens per step, 1..{checks.MAX_SPECULATIVE_TOKENS} (default 4)")
+                   help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS} (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most new tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -66,17 +67,15 @@ def validate(args: argparse.Namespace) -> None:
     """Checks that need no model (cheap, before jax is imported); raises UserError."""
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
-    checks.check_max_new_tokens(args.max_new_tokens, flags=True)
-    checks.check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
-    checks.check_speculative_tokens(args.num_speculative_tokens, flags=True)
+    validation.check_max_new_tokens(args.max_new_tokens, flags=True)
+    validation.check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
+    validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    if args.model != DEFAULT_MODEL and not os.path.exists(args.model):
-        raise UserError(f"--model: no such file or directory: {args.model} "
-                        f"(or use the model name {DEFAULT_MODEL!r})")
-    named = args.draft == "none" or args.draft.split(":")[0] in checks.NAMED_DRAFTS
-    if not named and not os.path.exists(args.draft):
-        raise UserError(f"--draft: no such file or directory: {args.draft}")
+    check_exists(args.model, "--model")
+    draft = registry.parse(args.draft)
+    if draft.kind == registry.MODEL:
+        check_exists(draft.source, "--draft")
 
 
 def encode_prompt(model, prompt: str, chat_template: bool) -> list[int]:
@@ -140,7 +139,7 @@ def stats_lines(stats: dict, has_draft: bool) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Load, encode, generate; stream or print JSON. Raises UserError on bad input."""
     from jaxspec.api import SpeculativeDecoder
-    from jaxspec.checkpoint import load_model
+    from jaxspec.checkpoint.load import load_model
 
     target = load_model(args.model, dtype=args.dtype)
     prompt = encode_prompt(target, args.prompt, args.chat_template)

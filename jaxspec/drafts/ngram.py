@@ -13,17 +13,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxspec.drafts.base import Draft
+
 
 @dataclasses.dataclass(frozen=True)
-class NgramDraft:
+class NgramDraft(Draft):
+    """No params, no state, no forward passes."""
+
     max_ngram: int  # longest suffix to match (≥ 1)
     target_vocab: int
-
-    def init_cache(self, batch: int, max_len: int, dtype):
-        return None
-
-    def prefill(self, params, prompt, cache):
-        return None
 
     def _latest_match(self, tokens: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
         """[B] end index j < L-1 of the latest earlier occurrence of the last `size` tokens,
@@ -36,9 +34,9 @@ class NgramDraft:
             match &= jnp.roll(tokens, i, axis=1) == suffix
         return jnp.max(jnp.where(match, iota, -1), axis=1)
 
-    def propose(self, params, cache, tokens, lengths, *, gamma: int, sampler, values, uniforms):
+    def propose(self, params, state, tokens, lengths, *, gamma: int, sampler, values, uniforms):
         """Args: tokens [B, S], lengths [B]. Returns (draft_tokens [B, γ], one-hot q or None,
-        None)."""
+        state)."""
         best = jnp.full(lengths.shape, -1, jnp.int32)
         for size in range(self.max_ngram, 0, -1):  # prefer the longest matching suffix
             best = jnp.where(best < 0, self._latest_match(tokens, lengths, size), best)
@@ -47,5 +45,5 @@ class NgramDraft:
         follow = jnp.minimum(follow, lengths[:, None] - 1)  # never past the known tokens
         draft_tokens = jnp.take_along_axis(tokens, follow, axis=1)
         if sampler.greedy:
-            return draft_tokens, None, None
-        return draft_tokens, jax.nn.one_hot(draft_tokens, self.target_vocab), None
+            return draft_tokens, None, state
+        return draft_tokens, jax.nn.one_hot(draft_tokens, self.target_vocab), state

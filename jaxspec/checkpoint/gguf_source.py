@@ -1,27 +1,27 @@
-"""Read a GGUF file (llama.cpp's format) as a checkpoint: config, tensors and tokenizer.
+"""A GGUF file (llama.cpp's format) as a Source: config, tensors and tokenizer.
 
 Tensors are dequantized with numpy (`gguf.quants.dequantize`) and renamed to the Hugging Face
-names that jaxspec.keymap expects. llama.cpp's converter permutes the rows of the q and k
+names that checkpoint.keymap expects. llama.cpp's converter permutes the rows of the q and k
 projections of Llama models (its RoPE rotates adjacent pairs, Hugging Face's rotates halves);
-that permutation is undone here. The tokenizer is rebuilt from the metadata with the
-`tokenizers` library (no torch, no transformers GGUF reader) and saved as tokenizer.json.
+that permutation is undone here. The tokenizer is rebuilt from the metadata by
+checkpoint.tokenizer (no torch, no transformers GGUF reader).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from jaxspec.config import ModelConfig
+from jaxspec.checkpoint.gguf_metadata import field, read_gguf
+from jaxspec.checkpoint.source import Source, missing_tensor, one_line
+from jaxspec.checkpoint.tokenizer import gguf_tokenizer_files
 from jaxspec.errors import UserError
-from jaxspec.hf_import import Source
+from jaxspec.models.config import ModelConfig
 
 # GGUF architecture -> whether llama.cpp permuted the q/k rows of that architecture.
 ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
@@ -48,41 +48,6 @@ GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-
-# Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as llama.cpp applies them.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
-_GPT2 = ("gpt-2", "gpt2", "mpt", "olmo")
-_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-           "deepseek-r1-qwen": _QWEN2_SPLIT}
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def read_gguf(path: str) -> GGUFReader:
-    """Open (memory-map) a GGUF file; a corrupted or truncated file raises UserError."""
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises many types on bad bytes
-        raise UserError(f"cannot read GGUF file {path} (truncated or corrupted?): "
-                        f"{_one_line(e)}") from None
-
-
-def field(reader: GGUFReader, key: str, default: Any = KeyError) -> Any:
-    """A metadata value (str, number, bool or list); missing and no default -> UserError."""
-    if key not in reader.fields:
-        if default is KeyError:
-            raise UserError(f"GGUF file has no metadata key {key}")
-        return default
-    return reader.fields[key].contents()
-
 
 def _architecture(reader: GGUFReader) -> str:
     arch = field(reader, "general.architecture")
@@ -172,7 +137,7 @@ def _dequantized(tensor) -> np.ndarray:
         raise UserError(f"GGUF tensor {tensor.name}: quantization {tensor.tensor_type.name} "
                         "is not supported") from None
     except (ValueError, TypeError) as e:
-        raise UserError(f"cannot read GGUF tensor {tensor.name}: {_one_line(e)}") from None
+        raise UserError(f"cannot read GGUF tensor {tensor.name}: {one_line(e)}") from None
 
 
 def tensor_getter(reader: GGUFReader, config: ModelConfig):
@@ -182,7 +147,7 @@ def tensor_getter(reader: GGUFReader, config: ModelConfig):
 
     def get(name: str) -> np.ndarray:
         if name not in by_name:
-            raise UserError(f"tensor {name} is missing from the GGUF file")
+            raise missing_tensor(name, "the GGUF file")
         w = _dequantized(by_name[name])
         if permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
@@ -192,85 +157,9 @@ def tensor_getter(reader: GGUFReader, config: ModelConfig):
     return get
 
 
-def _pre_tokenizer(pre: str):
-    if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    if pre in _GPT2:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if pre in _SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    supported = ", ".join(_DIGITS_THEN_GPT2 + _GPT2 + tuple(_SPLITS))
-    raise UserError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {supported})")
-
-
-def _post_processor(bos: str | None, add_bos: bool):
-    if not add_bos or bos is None:
-        return processors.ByteLevel(trim_offsets=False)
-    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                         special_tokens=[(bos, 0)])
-
-
-def build_tokenizer(reader: GGUFReader) -> Tokenizer:
-    """A byte-level BPE tokenizer from `tokenizer.ggml.*` metadata (model "gpt2" only)."""
-    kind = field(reader, "tokenizer.ggml.model", None)
-    if kind != "gpt2":
-        raise UserError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2)")
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre", "gpt-2"))
-    tok.decoder = decoders.ByteLevel()
-    types = field(reader, "tokenizer.ggml.token_type", [])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, kind in zip(tokens, types) if kind == _CONTROL])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
-    bos = _token(reader, tokens, "bos_token_id")
-    tok.post_processor = _post_processor(bos, bool(field(reader, "tokenizer.ggml.add_bos_token",
-                                                          False)))
-    return tok
-
-
-def _token(reader: GGUFReader, tokens: list[str], key: str) -> str | None:
-    index = field(reader, f"tokenizer.ggml.{key}", None)
-    return tokens[index] if index is not None and 0 <= index < len(tokens) else None
-
-
-def tokenizer_config(reader: GGUFReader) -> dict[str, Any]:
-    """tokenizer_config.json for the rebuilt tokenizer (special tokens, chat template)."""
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    out: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-    }
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        out[name] = _token(reader, tokens, key)
-    template = field(reader, "tokenizer.chat_template", None)
-    if template is not None:
-        out["chat_template"] = template
-    return out
-
-
-def read_tokenizer_files(reader: GGUFReader) -> dict[str, bytes]:
-    """{"tokenizer.json": ..., "tokenizer_config.json": ...}; empty when there is no vocab."""
-    if "tokenizer.ggml.tokens" not in reader.fields:
-        return {}
-    return {
-        "tokenizer.json": build_tokenizer(reader).to_str().encode("utf-8"),
-        "tokenizer_config.json": json.dumps(tokenizer_config(reader), indent=2,
-                                            ensure_ascii=False).encode("utf-8"),
-    }
-
-
 @contextlib.contextmanager
 def open_gguf(path: str) -> Iterator[Source]:
     """Open a GGUF file as a Source (Hugging Face tensor names, float32 tensors)."""
     reader = read_gguf(path)
     config = read_config(reader)
-    yield Source(config, tensor_getter(reader, config), read_tokenizer_files(reader))
+    yield Source(config, tensor_getter(reader, config), gguf_tokenizer_files(reader))

@@ -1,4 +1,4 @@
-"""Read a Hugging Face checkpoint directory: config.json, safetensors weights, tokenizer files.
+"""A Hugging Face checkpoint directory as a Source: config.json, safetensors weights, tokenizer files.
 
 Weights come only from safetensors (`model.safetensors`, a sharded
 `model.safetensors.index.json`, or the `*.safetensors` files present). Pickled `.bin`/`.pt`
@@ -12,45 +12,18 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors' numpy reader)
-import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jaxspec.config import ModelConfig, from_hf_config
+from jaxspec.checkpoint.source import GetTensor, Source, missing_tensor, one_line, unreadable
+from jaxspec.checkpoint.tokenizer import read_tokenizer_files
 from jaxspec.errors import UserError
+from jaxspec.models.config import ModelConfig, from_hf_config
 
-GetTensor = Callable[[str], np.ndarray]
-
-# Files a tokenizer may need, carried into converted checkpoints as they are.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """An opened checkpoint: its config, a tensor getter (Hugging Face names) and tokenizer files.
-
-    `get(name)` returns the tensor in Hugging Face layout ([out, in] for projections); it is
-    valid only inside the context manager that produced the Source.
-    """
-
-    config: ModelConfig
-    get: GetTensor
-    tokenizer_files: dict[str, bytes]
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -58,14 +31,10 @@ def _read_json(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {_one_line(e)}") from None
+        raise unreadable(path, e) from None
     if not isinstance(value, dict):
         raise UserError(f"cannot read {path}: expected a JSON object")
     return value
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _merged_eos(config: ModelConfig, directory: str) -> tuple[int, ...]:
@@ -88,7 +57,7 @@ def read_config(directory: str) -> ModelConfig:
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"{directory}/config.json: missing or bad field {_one_line(e)}") from None
+        raise UserError(f"{directory}/config.json: missing or bad field {one_line(e)}") from None
     return dataclasses.replace(config, eos_token_ids=_merged_eos(config, directory))
 
 
@@ -121,7 +90,7 @@ def _open(stack: contextlib.ExitStack, path: str):
     try:
         return stack.enter_context(safe_open(path, framework="numpy"))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read safetensors file {path}: {_one_line(e)}") from None
+        raise unreadable(f"safetensors file {path}", e) from None
 
 
 def _tensor_getter(stack: contextlib.ExitStack, files: dict[str, str] | list[str]) -> GetTensor:
@@ -135,27 +104,15 @@ def _tensor_getter(stack: contextlib.ExitStack, files: dict[str, str] | list[str
     if isinstance(files, dict):
         owner = {name: path for name, path in files.items() if name in owner}
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str):
         if name not in owner:
-            raise UserError(f"tensor {name} is missing from the checkpoint")
+            raise missing_tensor(name, "the checkpoint")
         try:
             return handles[owner[name]].get_tensor(name)
         except (SafetensorError, OSError, TypeError, ValueError) as e:
-            raise UserError(f"cannot read tensor {name} from {owner[name]}: "
-                            f"{_one_line(e)}") from None
+            raise unreadable(f"tensor {name} from {owner[name]}", e) from None
 
     return get
-
-
-def read_tokenizer_files(directory: str) -> dict[str, bytes]:
-    """{file name: contents} of the tokenizer files present in directory."""
-    out = {}
-    for name in TOKENIZER_FILES:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = f.read()
-    return out
 
 
 def is_hf_dir(directory: str) -> bool:

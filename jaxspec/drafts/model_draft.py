@@ -13,37 +13,43 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxspec import model
-from jaxspec.cache import KVCache, init_cache
-from jaxspec.config import ModelConfig
-from jaxspec.sampling import Sampler, SamplingParams, first_argmax, probabilities, sample
+from jaxspec.decode.sampling import Sampler, SamplingValues, first_argmax, probabilities, sample
+from jaxspec.drafts.base import Draft
+from jaxspec.models import decoder
+from jaxspec.models.cache import KVCache, init_cache
+from jaxspec.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelDraft:
+class ModelDraft(Draft):
+    """State: the draft's KV cache. Params: the draft model's params."""
+
     config: ModelConfig
     target_vocab: int  # the draft's distributions are over the target's vocabulary
 
-    def init_cache(self, batch: int, max_len: int, dtype) -> KVCache:
-        return init_cache(self.config, batch, max_len, dtype)
+    def init_state(self, batch: int, max_len: int, dtype, layout) -> KVCache:
+        return init_cache(self.config, batch, max_len, dtype, layout)
 
-    def prefill(self, params, prompt: jax.Array, cache: KVCache) -> KVCache:
+    def prefill(self, params, state: KVCache, prompt, prompt_lengths, hidden) -> KVCache:
         """Process prompt[B, P] (right-padded; pad slots are overwritten later)."""
         positions = jnp.broadcast_to(jnp.arange(prompt.shape[1]), prompt.shape)
-        _, cache = model.hidden_states(self.config, params, prompt, positions, cache)
-        return cache
+        _, state = decoder.hidden_states(self.config, params, prompt, positions, state)
+        return state
+
+    def forward_calls(self, gamma: int, iterations: int) -> int:
+        return 1 + gamma * iterations  # the prefill, then γ forwards per iteration
 
     def _logits(self, params, tokens, positions, cache):
         """Draft logits over the target vocabulary: ids the draft lacks get -inf."""
-        hidden, cache = model.hidden_states(self.config, params, tokens, positions, cache)
-        logits = model.logits(params, hidden[:, -1])[:, : self.target_vocab]  # [B, ≤V_t]
+        hidden, cache = decoder.hidden_states(self.config, params, tokens, positions, cache)
+        logits = decoder.logits(params, hidden[:, -1])[:, : self.target_vocab]  # [B, ≤V_t]
         missing = self.target_vocab - logits.shape[-1]
         if missing:
             logits = jnp.pad(logits, ((0, 0), (0, missing)), constant_values=-jnp.inf)
         return logits, cache
 
-    def propose(self, params, cache: KVCache, tokens, lengths, *, gamma: int,
-                sampler: Sampler, values: SamplingParams, uniforms):
+    def propose(self, params, state: KVCache, tokens, lengths, *, gamma: int,
+                sampler: Sampler, values: SamplingValues, uniforms):
         """Propose γ tokens after tokens[b, :lengths[b]].
 
         Args: tokens [B, S] buffer, lengths [B] (≥ 2), uniforms [B, γ] for sampling.
@@ -51,7 +57,7 @@ class ModelDraft:
         """
         rows = jnp.arange(tokens.shape[0])
         positions = jnp.stack([lengths - 2, lengths - 1], axis=1)  # [B, 2]
-        logits, cache = self._logits(params, tokens[rows[:, None], positions], positions, cache)
+        logits, cache = self._logits(params, tokens[rows[:, None], positions], positions, state)
 
         def choose(logits, u):
             if sampler.greedy:

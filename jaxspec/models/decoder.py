@@ -5,17 +5,20 @@ the differences. Params are a plain pytree (what Orbax saves and the loop receiv
 
     {"embed": [V, D],
      "layers": [{"attn_norm": [D],
-                 "wqkv": [D, (H + 2K) * Dh],      "bqkv": [(H + 2K) * Dh]   (attention_bias)
+                 "wqkv": [D, K, G + 2, Dh],       per kv head: its G query heads, key, value
+                 "bqkv": [K, G + 2, Dh]           (attention_bias)
                  "q_norm": [Dh], "k_norm": [Dh]   (qk_norm)
-                 "wo": [H * Dh, D],
+                 "wo": [H * Dh, D],               query head h = k * G + g
                  "mlp_norm": [D],
-                 "w_gate_up": [D, 2F],            gate columns first, then up
+                 "w_gate_up": [D, 2, F],          gate, then up
                  "w_down": [F, D]}, ...],         one dict per layer
      "final_norm": [D],
-     "lm_head": [D, V]}                           absent when embeddings are tied (loading
-                                                  on CPU adds embed.T: see checkpoint.py)
+     "lm_head": [D, V]}                           absent when embeddings are tied, unless the
+                                                  layout policy adds embed.T (models.layout)
 
-Weights are stored [in, out] so a projection is `x @ w`. The layer loop is unrolled in Python:
+H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights are stored
+[in, out] so a projection is `x @ w`; the fused projections are one matmul each and split along
+K or F without reshuffling (for sharding; see models.layout). The layer loop is unrolled in Python:
 each layer's weights are separate buffers that the matmuls read directly, with no per-layer
 slice of a stacked array (which XLA on CPU would copy, doubling weight traffic).
 Activations stay in the params' dtype; norms, attention softmax and logits are fp32.
@@ -29,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import cache as kv
-from jaxspec.cache import KVCache
-from jaxspec.config import ModelConfig
+from jaxspec.models import cache as kv
+from jaxspec.models.cache import KVCache
+from jaxspec.models.config import ModelConfig
 
 Params = dict
 
@@ -71,7 +74,7 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype):
 
 
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x[B, T, N, Dh] by the angles in cos, sin [B, T, 1, Dh]."""
+    """Rotate x[..., Dh] by the angles in cos, sin (broadcast against x, e.g. [B, T, 1, Dh])."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -89,48 +92,63 @@ def attention_mask(config: ModelConfig, positions: jax.Array, max_len: int) -> j
 def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index: int):
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
     B, T, _ = x.shape
-    H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
-    qkv = x @ layer["wqkv"]  # [B, T, (H + 2K) * Dh]
+    G = config.num_groups
+    qkv = jnp.einsum("BTD,DKNH->BTKNH", x, layer["wqkv"])  # [B, T, K, G + 2, Dh]
     if config.attention_bias:
         qkv = qkv + layer["bqkv"]
-    q = qkv[..., : H * Dh].reshape(B, T, H, Dh)
-    k = qkv[..., H * Dh : (H + K) * Dh].reshape(B, T, K, Dh)
-    v = qkv[..., (H + K) * Dh :].reshape(B, T, K, Dh)
+    q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # [B,T,K,G,Dh], [B,T,K,Dh]
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+    cos, sin = rope_cs  # [B, T, 1, Dh]
+    q, k = rope(q, cos[:, :, :, None], sin[:, :, :, None]), rope(k, cos, sin)
     cache = kv.write(cache, index, positions, k, v)
-    keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh], [B, K, Dh, S]
-    q = q.reshape(B, T, K, config.num_groups, Dh)
+    keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]; [B, K, Dh, S] or [B, K, S, Dh]
     scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(Dh)
+    scores = scores / math.sqrt(config.head_dim)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("BKGTS,BKDS->BTKGD", weights, values).reshape(B, T, H * Dh)
-    return out @ layer["wo"], cache
+    values_spec = "BKDS" if cache.values_slots_last else "BKSD"
+    out = jnp.einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
+    return out.reshape(B, T, config.num_heads * config.head_dim) @ layer["wo"], cache
 
 
 def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
-    gate, up = jnp.split(x @ layer["w_gate_up"], 2, axis=-1)  # [B, T, F] each
-    return (jax.nn.silu(gate) * up) @ layer["w_down"]
+    gate_up = jnp.einsum("BTD,DCF->BTCF", x, layer["w_gate_up"])  # [B, T, 2, F]
+    return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ layer["w_down"]
 
 
-def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):
-    """Run the decoder stack: tokens[B, T], positions[B, T] -> (hidden[B, T, D], cache).
+def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
+               capture: tuple[int, ...] = ()):
+    """Run the decoder stack: tokens[B, T], positions[B, T] -> (hidden[B, T, D], captured, cache).
 
-    The hidden state is after the final norm, i.e. what the output layer reads.
+    hidden is after the final norm, i.e. what the output layer reads. captured is None when
+    `capture` is empty, else [B, T, len(capture), D]: the residual stream entering each layer
+    in `capture` (0 = the embeddings; num_layers = the last layer's output, before the norm).
     """
     mask = attention_mask(config, positions, cache.max_len)
     tokens = jnp.clip(tokens, 0, params["embed"].shape[0] - 1)  # out-of-range ids never gather OOB
     x = params["embed"][tokens]  # [B, T, D]
     rope_cs = rope_tables(positions, inv_frequencies(config), x.dtype)
+    streams = {}
     for index, layer in enumerate(params["layers"]):
+        streams[index] = x
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
         x = x + out
         x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+    streams[len(params["layers"])] = x
+    captured = None
+    if capture:
+        with jax.named_scope("capture_hidden"):
+            captured = jnp.stack([streams[i] for i in capture], axis=2)  # [B, T, C, D]
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), captured, cache
+
+
+def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):
+    """tokens[B, T], positions[B, T] -> (hidden[B, T, D] after the final norm, cache)."""
+    hidden, _, cache = run_layers(config, params, tokens, positions, cache)
+    return hidden, cache
 
 
 def logits(params: Params, hidden: jax.Array) -> jax.Array:
@@ -147,21 +165,29 @@ def forward(config: ModelConfig, params: Params, tokens, positions, cache: KVCac
     return logits(params, hidden), hidden, cache
 
 
+def forward_capture(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
+                    capture: tuple[int, ...]):
+    """forward, plus the residual streams entering the layers in `capture` (see run_layers):
+    -> (logits[B, T, V], hidden[B, T, D], captured[B, T, C, D] or None, cache)."""
+    hidden, captured, cache = run_layers(config, params, tokens, positions, cache, capture)
+    return logits(params, hidden), hidden, captured, cache
+
+
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random params in the layout above (for tests and as Orbax's restore target)."""
     D, F, V, Dh = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    qkv = (config.num_heads + 2 * config.num_kv_heads) * Dh
+    qkv = (config.num_kv_heads, config.num_groups + 2, Dh)
     keys = iter(jax.random.split(key, 4 * config.num_layers + 2))
 
     def dense(shape):
         return (jax.random.normal(next(keys), shape) * 0.02).astype(dtype)
 
     def layer():
-        p = {"attn_norm": jnp.ones((D,), dtype), "wqkv": dense((D, qkv)),
+        p = {"attn_norm": jnp.ones((D,), dtype), "wqkv": dense((D, *qkv)),
              "wo": dense((config.num_heads * Dh, D)), "mlp_norm": jnp.ones((D,), dtype),
-             "w_gate_up": dense((D, 2 * F)), "w_down": dense((F, D))}
+             "w_gate_up": dense((D, 2, F)), "w_down": dense((F, D))}
         if config.attention_bias:
-            p["bqkv"] = jnp.zeros((qkv,), dtype)
+            p["bqkv"] = jnp.zeros(qkv, dtype)
         if config.qk_norm:
             p["q_norm"] = jnp.ones((Dh,), dtype)
             p["k_norm"] = jnp.ones((Dh,), dtype)

@@ -6,8 +6,9 @@ by bisection over the bit patterns of the fp32 logits: 32 compare-and-reduce pas
 exact threshold with no sort and no top_k over the vocabulary (Trainium's compiler rejects both
 at vocabulary size). Nothing here uses `argmax` (a variadic reduce) or host callbacks.
 
-`Sampler` is static (decides what is traced); `SamplingParams` holds the traced values, so a
-new temperature, top-k or top-p value does not recompile.
+`Sampler` is static (decides what is traced); `SamplingValues` holds the traced values (named
+`values` wherever they are passed), so a new temperature, top-k or top-p value does not
+recompile.
 """
 
 from __future__ import annotations
@@ -18,29 +19,30 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec.checks import check_sampling
+from jaxspec.validation import check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     greedy: bool = True  # temperature == 0: take the argmax, no probabilities needed
-    top_k: bool = False  # top-k filter active (k > 0)
-    top_p: bool = False  # top-p filter active (p < 1)
+    use_top_k: bool = False  # top-k filter active (k > 0)
+    use_top_p: bool = False  # top-p filter active (p < 1)
 
 
 @struct.dataclass
-class SamplingParams:
+class SamplingValues:
     temperature: jax.Array  # f32 []
     top_k: jax.Array  # i32 []
     top_p: jax.Array  # f32 []
 
 
 def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
-    """Validate user values; return (static Sampler, traced SamplingParams)."""
+    """Validate user values; return (static Sampler, traced SamplingValues)."""
     check_sampling(temperature, top_k, top_p)
     greedy = temperature == 0
-    sampler = Sampler(greedy=greedy, top_k=not greedy and top_k > 0, top_p=not greedy and top_p < 1)
-    values = SamplingParams(
+    sampler = Sampler(greedy=greedy, use_top_k=not greedy and top_k > 0,
+                      use_top_p=not greedy and top_p < 1)
+    values = SamplingValues(
         temperature=jnp.float32(temperature if not greedy else 1.0),
         top_k=jnp.int32(top_k),
         top_p=jnp.float32(top_p),
@@ -106,19 +108,19 @@ def top_p_mask(logits: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.where((keys >= threshold) | (p >= 1), logits, -jnp.inf)
 
 
-def filtered_logits(sampler: Sampler, params: SamplingParams, logits: jax.Array) -> jax.Array:
+def filtered_logits(sampler: Sampler, values: SamplingValues, logits: jax.Array) -> jax.Array:
     """Temperature, top-k, top-p on logits[..., V] (fp32). Masked entries become -inf."""
-    logits = logits.astype(jnp.float32) / params.temperature
-    if sampler.top_k:
-        logits = top_k_mask(logits, params.top_k)
-    if sampler.top_p:
-        logits = top_p_mask(logits, params.top_p)
+    logits = logits.astype(jnp.float32) / values.temperature
+    if sampler.use_top_k:
+        logits = top_k_mask(logits, values.top_k)
+    if sampler.use_top_p:
+        logits = top_p_mask(logits, values.top_p)
     return logits
 
 
-def probabilities(sampler: Sampler, params: SamplingParams, logits: jax.Array) -> jax.Array:
+def probabilities(sampler: Sampler, values: SamplingValues, logits: jax.Array) -> jax.Array:
     """The sampling distribution [..., V] for logits[..., V]."""
-    return jax.nn.softmax(filtered_logits(sampler, params, logits), axis=-1)
+    return jax.nn.softmax(filtered_logits(sampler, values, logits), axis=-1)
 
 
 def sample(weights: jax.Array, u: jax.Array) -> jax.Array:
@@ -133,8 +135,8 @@ def sample(weights: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.minimum(below, last_positive).astype(jnp.int32)
 
 
-def next_token(sampler: Sampler, params: SamplingParams, logits: jax.Array, u: jax.Array):
+def next_token(sampler: Sampler, values: SamplingValues, logits: jax.Array, u: jax.Array):
     """One token per row from logits[..., V]: argmax when greedy, else a draw using u[...]."""
     if sampler.greedy:
         return first_argmax(logits)
-    return sample(probabilities(sampler, params, logits), u)
+    return sample(probabilities(sampler, values, logits), u)

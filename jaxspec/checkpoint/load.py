@@ -1,0 +1,53 @@
+"""`load_model`: a jaxspec checkpoint directory, a Hugging Face directory, a GGUF file or a
+model name -> a `Model` whose params are laid out for the backend they will run on."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from jaxspec.checkpoint import default_model, keymap, names, store
+from jaxspec.checkpoint.conversion import open_source, source_kind
+from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
+from jaxspec.models import layout as layouts
+from jaxspec.models.loaded import Model
+
+
+def _load_converted(path: str, dtype: str) -> Model:
+    config, version = store.read_meta(path)
+    params = store.restore_params(path, config, version, dtype)
+    return Model(config=config, params=params, tokenizer=load_tokenizer(path), path=path)
+
+
+def _load_in_memory(path: str, dtype: str) -> Model:
+    np_dtype = store.numpy_dtype(dtype)
+    with open_source(path) as source:
+        params = keymap.build_params(source.config, source.get, np_dtype)
+        tokenizer = tokenizer_from_files(source.tokenizer_files)
+    return Model(config=source.config, params=params, tokenizer=tokenizer, path=path)
+
+
+def load_model(source: str, *, dtype: str = "float32") -> Model:
+    """Load a model from a jaxspec checkpoint dir, a Hugging Face dir, a .gguf file or a name.
+
+    The only name is "smollm2-135m-instruct" (downloaded and converted once into the cache).
+    Hugging Face and GGUF sources are converted in memory, nothing is written.
+    dtype: "float32" or "bfloat16" (the params' dtype after loading). The params are placed
+    on JAX's default device, in the layout that the layout policy picks for its platform.
+    """
+    store.numpy_dtype(dtype)
+    source = os.fspath(source)
+    names.check_exists(source)
+    if not os.path.exists(source):
+        source = default_model.ensure_converted()
+    path = os.path.abspath(source)
+    load = _load_converted if source_kind(path) == "jaxspec" else _load_in_memory
+    return place(load(path, dtype), layouts.default())
+
+
+def place(model: Model, layout: layouts.Layout) -> Model:
+    """The model with its params on the default device, laid out by `layout` (one copy)."""
+    params = layouts.apply(layout, jax.device_put(model.params), model.config.tie_word_embeddings)
+    return dataclasses.replace(model, params=params, layout=layout)

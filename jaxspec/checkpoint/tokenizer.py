@@ -1,0 +1,160 @@
+"""Tokenizers: files carried from Hugging Face directories, rebuilt from GGUF metadata, loaded.
+
+A converted checkpoint keeps the tokenizer files of its source. From a GGUF file they are
+rebuilt with the `tokenizers` library (byte-level BPE from `tokenizer.ggml.*`; no torch, no
+transformers GGUF reader) as tokenizer.json and tokenizer_config.json. Loading gives a
+transformers `PreTrainedTokenizerFast`, or None where there are no tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from gguf import GGUFReader
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from jaxspec.checkpoint.gguf_metadata import field
+from jaxspec.checkpoint.source import one_line
+from jaxspec.errors import UserError
+
+# Files a tokenizer may need, carried from Hugging Face directories into converted checkpoints.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
+
+# Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as llama.cpp applies them.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
+_GPT2 = ("gpt-2", "gpt2", "mpt", "olmo")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+           "deepseek-r1-qwen": _QWEN2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+
+
+def _pre_tokenizer(pre: str):
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if pre in _GPT2:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    supported = ", ".join(_DIGITS_THEN_GPT2 + _GPT2 + tuple(_SPLITS))
+    raise UserError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: {supported})")
+
+
+def _post_processor(bos: str | None, add_bos: bool):
+    if not add_bos or bos is None:
+        return processors.ByteLevel(trim_offsets=False)
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, 0)])
+
+
+def build_tokenizer(reader: GGUFReader) -> Tokenizer:
+    """A byte-level BPE tokenizer from `tokenizer.ggml.*` metadata (model "gpt2" only)."""
+    kind = field(reader, "tokenizer.ggml.model", None)
+    if kind != "gpt2":
+        raise UserError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2)")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    tok.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre", "gpt-2"))
+    tok.decoder = decoders.ByteLevel()
+    types = field(reader, "tokenizer.ggml.token_type", [])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, kind in zip(tokens, types) if kind == _CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    bos = _token(reader, tokens, "bos_token_id")
+    tok.post_processor = _post_processor(bos, bool(field(reader, "tokenizer.ggml.add_bos_token",
+                                                          False)))
+    return tok
+
+
+def _token(reader: GGUFReader, tokens: list[str], key: str) -> str | None:
+    index = field(reader, f"tokenizer.ggml.{key}", None)
+    return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+
+def tokenizer_config(reader: GGUFReader) -> dict[str, Any]:
+    """tokenizer_config.json for the rebuilt tokenizer (special tokens, chat template)."""
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    out: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+    }
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        out[name] = _token(reader, tokens, key)
+    template = field(reader, "tokenizer.chat_template", None)
+    if template is not None:
+        out["chat_template"] = template
+    return out
+
+
+def gguf_tokenizer_files(reader: GGUFReader) -> dict[str, bytes]:
+    """{"tokenizer.json": ..., "tokenizer_config.json": ...}; empty when there is no vocab."""
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        return {}
+    return {
+        "tokenizer.json": build_tokenizer(reader).to_str().encode("utf-8"),
+        "tokenizer_config.json": json.dumps(tokenizer_config(reader), indent=2,
+                                            ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def read_tokenizer_files(directory: str) -> dict[str, bytes]:
+    """{file name: contents} of the tokenizer files present in directory."""
+    out = {}
+    for name in TOKENIZER_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def load_tokenizer(directory: str):
+    """The tokenizer in directory (transformers fast tokenizer), or None without tokenizer files."""
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    except Exception as e:  # transformers raises many types for bad tokenizer files
+        raise UserError(f"cannot load the tokenizer in {directory}: "
+                        f"{one_line(e)[:300]}") from None
+
+
+def tokenizer_from_files(files: dict[str, bytes]):
+    """Load a tokenizer from in-memory tokenizer files (via a temporary directory)."""
+    if "tokenizer.json" not in files:
+        return None
+    with tempfile.TemporaryDirectory(prefix="jaxspec-tokenizer-") as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        return load_tokenizer(tmp)

@@ -1,0 +1,74 @@
+"""The draft protocol: what the loop asks of anything that proposes tokens.
+
+A draft is a static, hashable object (part of the loop's jit-static spec) whose arrays live in
+two places the loop carries: its params (an argument of the compiled loop, None for model-free
+drafts) and its state (an opaque pytree: a KV cache, recent hidden states, nothing). Each
+iteration the loop calls `propose`, verifies with the target, then calls `observe` with what
+the target produced. Shapes: B rows, S buffer slots, γ drafts per iteration, V the target's
+vocabulary, C = len(hidden_layers), D the target's hidden size.
+
+Subclass `Draft` for the defaults (no hidden states, no-op prefill and observe), or implement
+the same methods on any frozen dataclass: the loop only calls them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+from flax import struct
+
+State = Any  # a pytree (or None), owned by the draft
+
+
+@struct.dataclass
+class Observation:
+    """What one verify produced, as a draft's `observe` receives it."""
+
+    n_accepted: jax.Array  # [B] drafts the target accepted (0..γ)
+    tokens: jax.Array  # [B, γ+1] verified inputs: the last committed token, then the γ drafts
+    positions: jax.Array  # [B, γ+1] positions of `tokens`
+    emitted: jax.Array  # [B, γ+1] output: emitted[b, :n+1] are the accepted drafts, then the
+    #                     target's replacement or bonus token (cut at EOS/max_new_tokens later)
+    active: jax.Array  # [B] rows that were still generating in this iteration
+    hidden: jax.Array | None  # [B, γ+1, C, D] target residual streams at `positions` entering
+    #                           each layer in `hidden_layers` (None when it asks for none).
+    #                           Rows of inputs past tokens[:, n] saw rejected drafts.
+
+
+@runtime_checkable
+class Draft(Protocol):
+    """Proposes γ tokens per iteration for the target to verify."""
+
+    # Target layers whose input residual stream the draft receives (0 = embeddings, L = the last
+    # layer's output), fixed statically: the target's forward captures them only when asked.
+    hidden_layers: tuple[int, ...] = ()
+
+    def init_state(self, batch: int, max_len: int, dtype, layout) -> State:
+        """A fresh state for `batch` rows of `max_len` slots (layout: models.layout.Layout)."""
+        return None
+
+    def prefill(self, params, state: State, prompt: jax.Array, prompt_lengths: jax.Array,
+                hidden: jax.Array | None) -> State:
+        """Take in prompt[B, P] (right-padded to P, prompt_lengths[B] real tokens) and the
+        target's hidden[B, P, C, D] at the prompt positions (None without hidden_layers)."""
+        return state
+
+    def propose(self, params, state: State, tokens: jax.Array, lengths: jax.Array, *,
+                gamma: int, sampler, values, uniforms: jax.Array):
+        """γ proposals after tokens[b, :lengths[b]] (tokens [B, S], lengths [B] ≥ 2).
+
+        sampler/values: jaxspec.decode.sampling's Sampler and SamplingValues, to be applied to
+        the draft's logits exactly as to the target's; uniforms [B, γ] for sampled drafting.
+        Returns (draft_tokens [B, γ] int32, q [B, γ, V] the distributions they were drawn
+        from, or None when greedy, new state).
+        """
+        ...
+
+    def observe(self, params, state: State, observation: Observation) -> State:
+        """Update the state with what the target verified (see `Observation`)."""
+        return state
+
+    def forward_calls(self, gamma: int, iterations: int) -> int:
+        """Forward passes the draft ran for a prefill and `iterations` iterations (statistics)."""
+        return 0
