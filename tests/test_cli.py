@@ -17,11 +17,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import tiny_hf_model
+from helpers import REPO, tiny_hf_model
 
 from jaxspec import generate as cli_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Say hello to the cat."
 MAX_NEW = 8
 STATS_KEYS = {"new_tokens", "prompt_tokens", "tokens_per_second", "compile_seconds"}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import jax
 import pytest
-from conftest import transformers_gguf_model
+from helpers import transformers_gguf_model
 
 from jaxspec import SpeculativeDecoder, load_model
-from jaxspec.checkpoint import Model
-from jaxspec.model import init_params
+from jaxspec.models.loaded import Model
+from jaxspec.models.decoder import init_params
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string."]
 NEW_TOKENS = 32

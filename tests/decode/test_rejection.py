@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
-from tiny import chi2_pvalue
+from helpers import chi2_pvalue
 
-from jaxspec import sampling
-from jaxspec.rejection import rejection, rejection_greedy
+from jaxspec.decode import sampling
+from jaxspec.decode.rejection import rejection, rejection_greedy
 
 rejection_jit = jax.jit(rejection)
 rejection_greedy_jit = jax.jit(rejection_greedy)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import greedy_reference, tiny_model
+from helpers import greedy_reference, tiny_model
 
-from jaxspec import drafts
-from jaxspec.api import SpeculativeDecoder
+from jaxspec.api import SpeculativeDecoder, resolve_draft
+from jaxspec.decode.sampling import Sampler
+from jaxspec.drafts.ngram import NgramDraft
 from jaxspec.errors import UserError
-from jaxspec.sampling import Sampler
 
 
 def _propose(buffer: list[list[int]], lengths: list[int], gamma: int, max_ngram: int = 3,
@@ -18,7 +18,7 @@ def _propose(buffer: list[list[int]], lengths: list[int], gamma: int, max_ngram:
     tokens = np.zeros((len(buffer), 16), np.int32)
     for b, row in enumerate(buffer):
         tokens[b, : len(row)] = row
-    draft = drafts.NgramDraft(max_ngram=max_ngram, target_vocab=10)
+    draft = NgramDraft(max_ngram=max_ngram, target_vocab=10)
     out, q, _ = draft.propose(None, None, jnp.asarray(tokens), jnp.asarray(lengths), gamma=gamma,
                               sampler=Sampler(greedy=greedy), values=None, uniforms=None)
     return np.asarray(out).tolist(), q
@@ -64,7 +64,7 @@ def test_named_drafts_keep_greedy_output(draft):
 
 def test_layerskip_shares_the_targets_arrays():
     target = tiny_model(layers=3)
-    loop_draft, model = drafts.resolve("layerskip:2", target)
+    loop_draft, model = resolve_draft("layerskip:2", target)
     assert model.config.num_layers == 2 and loop_draft.config.num_layers == 2
     assert model.params["embed"] is target.params["embed"]
     assert all(a is b for a, b in zip(model.params["layers"], target.params["layers"][:2]))
@@ -74,4 +74,4 @@ def test_layerskip_shares_the_targets_arrays():
                                   "ngram:two"])
 def test_bad_named_drafts(spec):
     with pytest.raises(UserError):
-        drafts.resolve(spec, tiny_model(layers=3))
+        resolve_draft(spec, tiny_model(layers=3))

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import TinyModel, full_logits, greedy_reference, perturbed, resized_vocab, tiny_model
+from helpers import full_logits, greedy_reference, perturbed, resized_vocab, tiny_model
 
 import jaxspec
-from jaxspec import sampling
-from jaxspec.drafts.model import ModelDraft
+from jaxspec.decode import sampling
+from jaxspec.drafts.model_draft import ModelDraft
 from jaxspec.errors import UserError
+from jaxspec.models import layout
 
 VOCAB = 48
 PROMPTS = [[5, 17, 3], [40, 2, 9, 33, 21, 8, 11], [7], [12, 44, 30, 1, 19]]  # mixed lengths
@@ -265,7 +266,7 @@ def test_statistics_are_consistent_when_sampling(target, draft, decoders):
 
 # --- drafts whose vocabulary differs from the target's ----------------------------------------
 
-def _propose(draft_model: TinyModel, sampler_kwargs, gamma=3):
+def _propose(draft_model, sampler_kwargs, gamma=3):
     """Prefill the draft with each prompt plus one token, run ModelDraft.propose once.
 
     Returns (draft tokens [B, γ], q [B, γ, 48] or None when greedy).
@@ -280,9 +281,9 @@ def _propose(draft_model: TinyModel, sampler_kwargs, gamma=3):
 
     @jax.jit
     def run(params, buffer, values, uniforms):
-        cache = draft.prefill(params, buffer[:, :16], draft.init_cache(len(PROMPTS), 64,
-                                                                       jnp.float32))
-        return draft.propose(params, cache, buffer, lengths, gamma=gamma, sampler=sampler,
+        state = draft.init_state(len(PROMPTS), 64, jnp.float32, layout.default())
+        state = draft.prefill(params, state, buffer[:, :16], lengths - 1, None)
+        return draft.propose(params, state, buffer, lengths, gamma=gamma, sampler=sampler,
                              values=values, uniforms=uniforms)[:2]
 
     tokens, q = run(draft_model.params, jnp.asarray(buffer), values, uniforms)

@@ -18,10 +18,10 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from tiny import perturbed, tiny_model
+from helpers import perturbed, tiny_model
 
-from jaxspec import loop, sampling
-from jaxspec.drafts.model import ModelDraft
+from jaxspec.decode import loop, sampling
+from jaxspec.drafts.model_draft import ModelDraft
 
 ALLOWED_CUSTOM_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
 FORBIDDEN_OPS = {

@@ -13,14 +13,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import read_json, tiny_hf_model, tiny_torch_model, write_tiny_gguf
+from helpers import REPO, read_json, tiny_hf_model, tiny_torch_model, write_tiny_gguf
 from safetensors.numpy import load_file, save_file
 
-from jaxspec import checkpoint
-from jaxspec.checkpoint import convert, load_model
+from jaxspec.checkpoint import conversion, convert, load_model, store
 from jaxspec.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def leaves_equal(a, b) -> bool:
@@ -43,7 +41,37 @@ def test_orbax_round_trip_is_exact(tmp_path):
     assert restored.tokenizer.encode(text) == direct.tokenizer.encode(text)
     assert restored.tokenizer.eos_token == "<|im_end|>"
     assert restored.tokenizer.chat_template == direct.tokenizer.chat_template is not None
-    assert read_json(os.path.join(dst, "config.json"))[checkpoint.MARKER] == 1
+    assert read_json(os.path.join(dst, "config.json"))[store.MARKER] == store.FORMAT_VERSION
+
+
+def _as_format_1(config, params):
+    """params in format 1's layout: all query heads, then keys, then values; gate then up."""
+    G, D = config.num_groups, config.hidden_size
+
+    def flat(layer):
+        layer = dict(layer)
+        for name in ("wqkv", "bqkv"):
+            if name in layer:
+                w = np.asarray(layer[name])  # [..., K, G + 2, Dh]
+                lead = w.shape[:-3]
+                q, k, v = w[..., :G, :], w[..., G, :], w[..., G + 1, :]
+                layer[name] = np.concatenate([x.reshape(lead + (-1,)) for x in (q, k, v)], -1)
+        layer["w_gate_up"] = np.asarray(layer["w_gate_up"]).reshape(D, -1)
+        return layer
+
+    return {**params, "layers": [flat(layer) for layer in params["layers"]]}
+
+
+def test_format_1_checkpoint_is_upgraded_on_load(tmp_path, monkeypatch):
+    src = tiny_hf_model("qwen2", tmp_path)  # qkv bias too
+    direct = load_model(src)
+    old = _as_format_1(direct.config, jax.tree.map(np.asarray, direct.params))
+    dst = str(tmp_path / "v1")
+    os.mkdir(dst)
+    monkeypatch.setattr(store, "FORMAT_VERSION", 1)
+    store.write(dst, direct.config, old, "float32", {})
+    assert read_json(os.path.join(dst, "config.json"))[store.MARKER] == 1
+    assert leaves_equal(direct.params, load_model(dst).params)
 
 
 def test_bfloat16_load_and_convert(tmp_path):
@@ -109,7 +137,7 @@ def test_failure_mid_conversion_leaves_nothing(tmp_path, monkeypatch):
                 raise KeyboardInterrupt  # as if the user pressed Ctrl-C
             yield item
 
-    monkeypatch.setattr(checkpoint, "_progress", failing_progress)
+    monkeypatch.setattr(conversion, "_progress", failing_progress)
     with pytest.raises(KeyboardInterrupt):
         convert(src, str(tmp_path / "dst"))
     assert not os.path.exists(tmp_path / "dst") and not _leftovers(tmp_path, "dst")
@@ -233,7 +261,7 @@ def test_converting_a_jaxspec_checkpoint_is_refused(tmp_path):
 
 
 def _run_script(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_hf.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "convert_hf.py"), *args],
                           capture_output=True, text=True)
 
 

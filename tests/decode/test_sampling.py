@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxspec import sampling
+from jaxspec.decode import sampling
 from jaxspec.errors import UserError
 
 NEG_INF = -np.inf
@@ -323,11 +323,11 @@ def test_make_rejects_bad_values(kwargs):
 
 def test_make_static_flags_and_traced_values():
     sampler, values = sampling.make(0.0, 5, 0.5)  # greedy ignores the filters
-    assert sampler == sampling.Sampler(greedy=True, top_k=False, top_p=False)
+    assert sampler == sampling.Sampler(greedy=True, use_top_k=False, use_top_p=False)
     sampler, values = sampling.make(1.0)
-    assert sampler == sampling.Sampler(greedy=False, top_k=False, top_p=False)
+    assert sampler == sampling.Sampler(greedy=False, use_top_k=False, use_top_p=False)
     sampler, values = sampling.make(0.7, 5, 0.9)
-    assert sampler == sampling.Sampler(greedy=False, top_k=True, top_p=True)
+    assert sampler == sampling.Sampler(greedy=False, use_top_k=True, use_top_p=True)
     assert float(values.temperature) == pytest.approx(0.7)
     assert int(values.top_k) == 5 and float(values.top_p) == pytest.approx(0.9)
     # new values of the same kind share the static part (no recompilation)

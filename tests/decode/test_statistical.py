@@ -1,7 +1,7 @@
 """Sampled speculative decoding is lossless: its output follows the target's distribution.
 
 A 12-token vocabulary makes the target's distribution over short continuations enumerable
-exactly (jaxspec.model.forward without a cache, then the same temperature/top-k/top-p
+exactly (jaxspec.models.decoder.forward without a cache, then the same temperature/top-k/top-p
 transform). One generate call with tens of thousands of copies of one prompt gives the
 empirical joint distribution of pairs of new tokens, judged by a chi-square test:
 
@@ -12,8 +12,9 @@ empirical joint distribution of pairs of new tokens, judged by a chi-square test
   (t3, t4): with γ = 2 and 4 new tokens, t4 is the bonus token whenever both drafts were
             accepted.
 
-A control replaces the rejection step with "accept every draft" and checks that the same test
-then fails, so the test has the power to see a wrong sampler.
+A control passes an "accept every draft" rejection step through the loop's rejection seam
+(LoopSpec.rejection) and checks that the same test then fails, so the test has the power to
+see a wrong sampler.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import chi2_pvalue, full_logits, perturbed, tiny_model
+from helpers import chi2_pvalue, full_logits, perturbed, tiny_model
 
 import jaxspec
-from jaxspec import loop, sampling
-from jaxspec.drafts.model import ModelDraft
+from jaxspec.decode import sampling
+from jaxspec.decode.rejection import REFERENCE, Rejection
+from jaxspec.drafts.model_draft import ModelDraft
 
 VOCAB = 12
 PROMPT = [3, 7, 1]
@@ -45,7 +47,7 @@ CONFIGS = {  # name: (γ, temperature, top_k, top_p)
 @pytest.fixture(scope="module")
 def models():
     target = tiny_model(0, std=0.5, vocab=VOCAB)
-    draft = perturbed(target, noise=0.04, seed=4)  # related, yet its distributions differ
+    draft = perturbed(target, noise=0.05, seed=4)  # related, yet its distributions differ
     return target, draft
 
 
@@ -76,11 +78,11 @@ def exact_pairs(logits, temperature, top_k, top_p) -> dict[str, np.ndarray]:
     return {"t1,t2": joint.sum((2, 3)), "t2,t3": joint.sum((0, 3)), "t3,t4": joint.sum((0, 1))}
 
 
-def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, max_len=16):
+def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, rejection=REFERENCE):
     """ROWS copies of PROMPT through the pure compiled loop; returns tokens [ROWS, MAX_NEW]."""
     sampler, values = sampling.make(temperature, top_k, top_p)
-    spec = loop.LoopSpec(target=target.config, draft=ModelDraft(draft.config, VOCAB),
-                         gamma=gamma, sampler=sampler, max_len=max_len)
+    spec = jaxspec.LoopSpec(target=target.config, draft=ModelDraft(draft.config, VOCAB),
+                            gamma=gamma, sampler=sampler, max_len=16, rejection=rejection)
     prompt = jnp.asarray([PROMPT] * ROWS, jnp.int32)
     run = jax.jit(jaxspec.generate_tokens, static_argnums=0)
     state = run(spec, target.params, draft.params, prompt,
@@ -136,13 +138,13 @@ def _always_accept(draft_tokens, q, p, uniforms):
 
 
 @pytest.mark.parametrize("name", ["temperature_1", "top_p_0.8"])
-def test_control_always_accepting_fails_the_same_test(models, continuations, monkeypatch, name):
+def test_control_always_accepting_fails_the_same_test(models, continuations, name):
     gamma, temperature, top_k, top_p = CONFIGS[name]
     target, draft = models
     exact = exact_pairs(continuations[0], temperature, top_k, top_p)
-    monkeypatch.setattr(loop, "rejection", _always_accept)
-    # a max_len no other test uses, so that nothing traced with the real step is reused
-    tokens, acceptance = generate(target, draft, gamma, temperature, top_k, top_p, max_len=24)
+    broken = Rejection("always-accept", sampled=_always_accept, greedy=REFERENCE.greedy)
+    tokens, acceptance = generate(target, draft, gamma, temperature, top_k, top_p,
+                                  rejection=broken)  # through the loop's rejection seam
     assert acceptance == 1.0
     pvalues = pair_pvalues(tokens, exact)
     assert pvalues["t1,t2"] < 1e-6 and pvalues["t2,t3"] < 1e-6, pvalues

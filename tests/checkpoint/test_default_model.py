@@ -6,9 +6,9 @@ import os
 import zipfile
 
 import pytest
-from conftest import tiny_torch_model, write_tiny_gguf
+from helpers import tiny_torch_model, write_tiny_gguf
 
-from jaxspec import default_model
+from jaxspec.checkpoint import default_model
 from jaxspec.checkpoint import load_model
 from jaxspec.errors import UserError
 
@@ -39,7 +39,7 @@ def test_first_use_converts_into_cache_then_reuses(fake_wheel, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(default_model.checkpoint, "convert", no_conversion)
+    monkeypatch.setattr(default_model, "convert", no_conversion)
     assert load_model(default_model.NAME, dtype="bfloat16").path == model.path
 
 

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import (CHAT_TEMPLATE, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
+from helpers import (CHAT_TEMPLATE, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
                       quantize_roundtrip, random_tokens, tiny_hf_model, tiny_tokenizer,
                       tiny_torch_model, transformers_gguf_model, write_tiny_gguf)
 
 from jaxspec.checkpoint import convert, load_model
-from jaxspec.gguf_import import unpermute_rows
+from jaxspec.checkpoint.gguf_source import unpermute_rows
 
 TEXTS = ["Hello world", "the theme: tt t", "x = f(42) + 3.5\nreturn x",
          "<|im_start|>user\nhi<|im_end|>", "  two  spaces ", "a<|endoftext|>b"]
@@ -34,8 +34,11 @@ def test_gguf_logits_match_transformers(kind, qtype, tied, tmp_path):
     path = write_tiny_gguf(torch_model, str(tmp_path / "tiny.gguf"), qtype=qtype)
     model = load_model(path)
     assert model.config.tie_word_embeddings == tied
-    if tied:  # no output.weight in the file; on CPU the loader adds the embedding's transpose
-        np.testing.assert_array_equal(model.params["lm_head"], np.asarray(model.params["embed"]).T)
+    if tied and model.layout.output_copy:  # no output.weight in the file: the layout policy
+        np.testing.assert_array_equal(  # (CPU) adds the embedding's transpose
+            model.params["lm_head"], np.asarray(model.params["embed"]).T)
+    elif tied:
+        assert "lm_head" not in model.params
     tokens = random_tokens(shape=(2, 10))
     np.testing.assert_allclose(jaxspec_logits(model, tokens), hf_logits(torch_model, tokens),
                                atol=1e-4, rtol=0)
