@@ -59,6 +59,8 @@ class SpeculativeDecoder:
       draft: a model sharing the target's tokenizer, a path or model name of one,
         "layerskip:K" (the target's first K layers as its own draft), "ngram[:N]" (prompt
         lookup), an object implementing jaxspec.drafts.base.Draft, or None.
+      draft_params: the params pytree of a Draft object that has weights (e.g. a trained
+        head); loaded and named drafts bring their own.
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft).
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
       static_iterations: iterations per call in static mode.
@@ -66,13 +68,16 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, target, draft=None, *, num_speculative_tokens: int = 4,
-                 mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None):
+                 mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None,
+                 draft_params=None):
         if draft not in (None, "none"):
             check_speculative_tokens(num_speculative_tokens)
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         self.target = target
         self.draft, self.draft_model = resolve_draft(draft, target)
+        self.draft_params = (self.draft_model.params if self.draft_model is not None
+                             else draft_params)
         self.layout = getattr(target, "layout", None) or layouts.default()
         self.rejection = kernels.for_platform(jax.default_backend())
         self.gamma = num_speculative_tokens if self.draft is not None else 0
@@ -129,8 +134,7 @@ class SpeculativeDecoder:
             max_len=loop_max_len(longest, max_new_tokens, self.gamma),
             dtype=self.target.params["embed"].dtype, layout=self.layout,
             rejection=self.rejection)
-        draft_params = self.draft_model.params if self.draft_model is not None else None
-        args = (self.target.params, draft_params, jnp.asarray(prompt),
+        args = (self.target.params, self.draft_params, jnp.asarray(prompt),
                 jnp.asarray([len(p) for p in prompts], jnp.int32),
                 jax.random.key(seed, impl=self.prng_impl), values, jnp.int32(max_new_tokens))
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static

@@ -204,12 +204,13 @@ def run_hf(hf, prompt: list[int], *, max_new_tokens: int) -> tuple[list[int], fl
 
 
 class StepTimer:
-    """Seconds per forward step of (config, params) on `width` tokens, batch 1.
+    """Seconds per forward step of a model on `width` tokens, batch 1.
 
-    `steps` forwards run in one jitted `fori_loop`, each feeding its argmax (the loop's first_argmax) to the next (as
-    decode does) and writing the KV cache of `max_len` slots; compile and a first run are
-    excluded. The logits of all `width` positions are computed, as in verify, or with
-    last_only of the last position only, as a draft does.
+    `steps` forwards run in one jitted `fori_loop`, each feeding its argmax (the loop's
+    first_argmax) to the next (as decode does) and writing the KV cache of `max_len` slots, in
+    the model's layout; compile and a first run are excluded. The logits of all `width`
+    positions are computed, as in verify, or with last_only of the last position only, as a
+    draft does.
     """
 
     def __init__(self, model, *, width: int, max_len: int, position: int, steps: int,

@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target: jaxspec or Hugging Face directory, .gguf file, or "
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
     p.add_argument("--draft", default="none", metavar="PATH",
-                   help="draft: a model sharing the target's tokenizer (path or model name), 'ngram[:N]' "
+                   help="draft: a model sharing the target's tokenizer (path or model name), "
+                        "'ngram[:N]' "
                         "(prompt lookup), 'layerskip:K' (the target's first K layers), or "
                         "'none' (default)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
-                   help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS} (default 4)")
+                   help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS} "
+                        "(default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most new tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",

@@ -48,7 +48,7 @@ def parse_args(argv):
     p.add_argument("--random", action="store_true",
                    help="random weights of SmolLM2-135M's shape instead of --model")
     p.add_argument("--draft", default="layerskip:8",
-                   help="layerskip:K, ngram[:N] (c taken as 0) or a checkpoint path")
+                   help="layerskip:K, ngram[:N] (c taken as 0), a checkpoint path or model name")
     p.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated γ values")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat-templated)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -114,8 +114,10 @@ def default_gguf(stack: contextlib.ExitStack) -> str:
 
 
 def load_draft(spec: str, target):
-    """A checkpoint path is loaded once for all γ; named drafts (layerskip:K, ngram) pass."""
-    if not os.path.exists(spec):
+    """A checkpoint path or model name is loaded once for all γ; layerskip:K and ngram pass."""
+    from jaxspec.drafts import registry
+
+    if registry.parse(spec).kind != registry.MODEL:
         return spec
     from jaxspec.checkpoint.load import load_model
 

@@ -7,8 +7,8 @@ import pytest
 from helpers import transformers_gguf_model
 
 from jaxspec import SpeculativeDecoder, load_model
-from jaxspec.models.loaded import Model
 from jaxspec.models.decoder import init_params
+from jaxspec.models.loaded import Model
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string."]
 NEW_TOKENS = 32

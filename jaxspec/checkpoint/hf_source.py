@@ -1,4 +1,4 @@
-"""A Hugging Face checkpoint directory as a Source: config.json, safetensors weights, tokenizer files.
+"""A Hugging Face checkpoint directory as a Source: config.json, safetensors, tokenizer files.
 
 Weights come only from safetensors (`model.safetensors`, a sharded
 `model.safetensors.index.json`, or the `*.safetensors` files present). Pickled `.bin`/`.pt`

@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decode.sampling import SamplingValues, first_argmax, next_token, probabilities, uniforms
+from jaxspec.decode.sampling import (SamplingValues, first_argmax, next_token, probabilities,
+                                     uniforms)
 from jaxspec.decode.sizing import required_len
 from jaxspec.decode.state import DecodeState, LoopSpec, Stats
 from jaxspec.drafts.base import Observation
@@ -167,7 +168,8 @@ def run_static(spec: LoopSpec, target_params, draft_params, values, state, *,
 
 def generate_tokens(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengths, key,
                     values: SamplingValues, max_new_tokens) -> DecodeState:
-    """The whole generation as one pure function (prefill + dynamic loop); `jaxspec.generate_tokens`.
+    """The whole generation as one pure function (prefill + dynamic loop), public as
+    `jaxspec.generate_tokens`.
 
     Users may wrap it in their own `jax.jit` with `spec` static. Shapes: prompt [B, P]
     right-padded, prompt_lengths [B]; the result's tokens[b, prompt_lengths[b]:lengths[b]]

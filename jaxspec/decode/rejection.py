@@ -89,7 +89,8 @@ def _emit(draft_tokens: jax.Array, n: jax.Array, last: jax.Array) -> jax.Array:
 class Rejection:
     """One implementation of the rejection contract (hashable: part of the loop's static spec).
 
-    sampled(draft_tokens[B, γ], q[B, γ, V], p[B, γ+1, V], uniforms[B, γ+1]) -> (n[B], tokens[B, γ+1])
+    sampled(draft_tokens[B, γ], q[B, γ, V], p[B, γ+1, V], uniforms[B, γ+1])
+        -> (n[B], tokens[B, γ+1])
     greedy(draft_tokens[B, γ], target_tokens[B, γ+1]) -> (n[B], tokens[B, γ+1])
     """
 

@@ -24,7 +24,8 @@ class LoopSpec:
     draft: an object implementing jaxspec.drafts.base.Draft, or None for plain decoding;
     gamma: drafts per iteration, ≥ 1 with a draft and 0 without; max_len: token buffer and KV
     cache slots per row (see decode.sizing.loop_max_len); layout: the layout policy of the
-    caches (None: the default backend's, filled in when built); rejection: the rejection implementation.
+    caches (None: the default backend's, filled in when built); rejection: the rejection
+    implementation (jaxspec.kernels picks one per platform).
     """
 
     target: ModelConfig

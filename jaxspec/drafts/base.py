@@ -7,8 +7,9 @@ iteration the loop calls `propose`, verifies with the target, then calls `observ
 the target produced. Shapes: B rows, S buffer slots, γ drafts per iteration, V the target's
 vocabulary, C = len(hidden_layers), D the target's hidden size.
 
-Subclass `Draft` for the defaults (no hidden states, no-op prefill and observe), or implement
-the same methods on any frozen dataclass: the loop only calls them.
+Subclass `Draft` for the defaults (no hidden states, no-op prefill and observe), or give any
+frozen dataclass every member, `hidden_layers` included (the protocol is runtime-checkable:
+that is how the API tells a draft object from a loaded model).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class Draft(Protocol):
     def prefill(self, params, state: State, prompt: jax.Array, prompt_lengths: jax.Array,
                 hidden: jax.Array | None) -> State:
         """Take in prompt[B, P] (right-padded to P, prompt_lengths[B] real tokens) and the
-        target's hidden[B, P, C, D] at the prompt positions (None without hidden_layers)."""
+        target's hidden[B, P, C, D] at the prompt positions (None without hidden_layers).
+        Positions at or past prompt_lengths[b] are padding: their hidden states are not the
+        prompt's, and the buffer slots they occupy are overwritten later."""
         return state
 
     def propose(self, params, state: State, tokens: jax.Array, lengths: jax.Array, *,

@@ -29,7 +29,7 @@ class DraftName:
 def _number(spec: str, arg: str, default: int | None) -> int:
     if not arg and default is not None:
         return default
-    if not arg.isdigit():
+    if not (arg.isascii() and arg.isdigit()):
         raise UserError(f"draft {spec!r}: expected a number after ':'")
     return int(arg)
 
@@ -49,9 +49,9 @@ def parse(spec: str | None) -> DraftName:
 def build(draft, target):
     """(draft object for the loop, draft model holding its params, or None).
 
-    draft: None, a name that parse() accepts other than a model source, a loaded model
-    (anything with config and params) sharing the target's tokenizer, or an object that
-    already implements the Draft protocol (used as it is, with no params).
+    draft: None, a name that parse() accepts other than a model source, an object that
+    implements the Draft protocol (used as it is; its params, if any, come from the caller),
+    or a loaded model (config and params) sharing the target's tokenizer.
     """
     from jaxspec.drafts.base import Draft
     from jaxspec.drafts.compat import check_compatible
@@ -69,7 +69,7 @@ def build(draft, target):
         if name.kind == MODEL:
             raise TypeError("registry.build takes a loaded model, not a path: load it first")
         draft = layerskip(target, name.number)
-    elif isinstance(draft, Draft) and not hasattr(draft, "params"):
+    elif isinstance(draft, Draft):
         return draft, None
     check_compatible(target, draft)
     return ModelDraft(draft.config, vocab), draft

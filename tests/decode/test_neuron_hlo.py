@@ -22,6 +22,7 @@ from helpers import perturbed, tiny_model
 
 from jaxspec.decode import loop, sampling
 from jaxspec.drafts.model_draft import ModelDraft
+from jaxspec.models import layout
 
 ALLOWED_CUSTOM_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
 FORBIDDEN_OPS = {
@@ -216,13 +217,14 @@ def models():
 
 
 def _lowered(models, sampler_kwargs, *, draft=True, gamma=3):
-    """StableHLO text of (init_state, run_static, run_dynamic) for one spec, rbg PRNG key."""
+    """StableHLO text of (init_state, run_static, run_dynamic) for one spec, rbg PRNG key, in
+    the layouts the layout policy picks for Neuron."""
     target, draft_model = models
     sampler, values = sampling.make(**sampler_kwargs)
     spec = loop.LoopSpec(target=target.config,
                          draft=ModelDraft(draft_model.config, target.config.vocab_size)
                          if draft else None, gamma=gamma if draft else 0, sampler=sampler,
-                         max_len=128)
+                         max_len=128, layout=layout.for_platform("neuron"))
     draft_params = draft_model.params if draft else None
     args = (target.params, draft_params, jnp.zeros((2, 16), jnp.int32),
             jnp.asarray([3, 5], jnp.int32), jax.random.key(0, impl="rbg"), values,

@@ -1,0 +1,60 @@
+"""The layout policy: one decision per backend, an override for testing, and the suites that
+must pass with the accelerator layouts forced on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import REPO
+
+from jaxspec.models import layout
+
+# the parity, loop and GGUF tests, rerun with JAXSPEC_LAYOUT=accelerator
+ACCELERATOR_SUITES = ("tests/models/test_parity.py", "tests/models/test_decoder.py",
+                      "tests/decode/test_loop.py", "tests/checkpoint/test_gguf.py")
+
+
+@pytest.mark.parametrize("platform,expected", [
+    ("cpu", layout.CPU), ("gpu", layout.ACCELERATOR), ("cuda", layout.ACCELERATOR),
+    ("neuron", layout.ACCELERATOR), ("tpu", layout.ACCELERATOR)])
+def test_policy_per_platform(platform, expected, monkeypatch):
+    monkeypatch.delenv(layout.ENV, raising=False)
+    assert layout.for_platform(platform) == expected
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv(layout.ENV, "accelerator")
+    assert layout.for_platform("cpu") == layout.ACCELERATOR
+    monkeypatch.setenv(layout.ENV, "cpu")
+    assert layout.for_platform("neuron") == layout.CPU
+    monkeypatch.setenv(layout.ENV, "tpu-ish")
+    with pytest.raises(ValueError, match=layout.ENV):
+        layout.for_platform("cpu")
+
+
+def test_apply_adds_or_removes_the_output_copy_of_tied_models_only():
+    embed = jnp.arange(12.0).reshape(4, 3)  # [V, D]
+    tied = {"embed": embed}
+    with_copy = layout.apply(layout.CPU, tied, tied=True)
+    np.testing.assert_array_equal(with_copy["lm_head"], embed.T)
+    assert layout.apply(layout.ACCELERATOR, with_copy, tied=True) == tied
+    assert layout.apply(layout.CPU, with_copy, tied=True) is with_copy
+    untied = {"embed": embed, "lm_head": jnp.ones((3, 4))}
+    assert layout.apply(layout.ACCELERATOR, untied, tied=False) is untied
+
+
+@pytest.mark.skipif(os.environ.get(layout.ENV) == "accelerator", reason="already forced")
+def test_suites_pass_with_the_accelerator_layout_forced():
+    """Parity, cached decode, loop and GGUF tests with the non-CPU policy, on CPU."""
+    env = {**os.environ, layout.ENV: "accelerator"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow",
+                           "-p", "no:cacheprovider", *ACCELERATOR_SUITES],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    tail = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail
+    assert " passed" in tail and " failed" not in tail, tail
