@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Tests compile in fresh caches of their own (tests/test_compile_cache.py tests the cache).
+os.environ.setdefault("JAXSPEC_COMPILE_CACHE", "0")
 
 from jaxspec.checkpoint import default_model
 

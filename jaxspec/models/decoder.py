@@ -21,7 +21,9 @@ H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights 
 K or F without reshuffling (for sharding; see models.layout). The layer loop is unrolled in Python:
 each layer's weights are separate buffers that the matmuls read directly, with no per-layer
 slice of a stacked array (which XLA on CPU would copy, doubling weight traffic).
-Activations stay in the params' dtype; norms, attention softmax and logits are fp32.
+Activations stay in the params' dtype; norms, attention softmax and logits are fp32. Every
+product of fp32 operands asks for full fp32 precision explicitly (XLA on GPU would otherwise
+run them in TF32); bf16 products keep the backend's default.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ from jaxspec.models.cache import KVCache
 from jaxspec.models.config import ModelConfig
 
 Params = dict
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
+    """jnp.einsum at full precision when both operands are fp32, the default otherwise."""
+    fp32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
+    return jnp.einsum(spec, a, b, precision=precision, **kwargs)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -93,7 +102,7 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
     B, T, _ = x.shape
     G = config.num_groups
-    qkv = jnp.einsum("BTD,DKNH->BTKNH", x, layer["wqkv"])  # [B, T, K, G + 2, Dh]
+    qkv = einsum("BTD,DKNH->BTKNH", x, layer["wqkv"])  # [B, T, K, G + 2, Dh]
     if config.attention_bias:
         qkv = qkv + layer["bqkv"]
     q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # [B,T,K,G,Dh], [B,T,K,Dh]
@@ -104,18 +113,20 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     q, k = rope(q, cos[:, :, :, None], sin[:, :, :, None]), rope(k, cos, sin)
     cache = kv.write(cache, index, positions, k, v)
     keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]; [B, K, Dh, S] or [B, K, S, Dh]
-    scores = jnp.einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    scores = einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(config.head_dim)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     values_spec = "BKDS" if cache.values_slots_last else "BKSD"
-    out = jnp.einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
-    return out.reshape(B, T, config.num_heads * config.head_dim) @ layer["wo"], cache
+    out = einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
+    out = out.reshape(B, T, config.num_heads * config.head_dim)  # [B, T, H * Dh]
+    return einsum("BTI,ID->BTD", out, layer["wo"]), cache
 
 
 def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
-    gate_up = jnp.einsum("BTD,DCF->BTCF", x, layer["w_gate_up"])  # [B, T, 2, F]
-    return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ layer["w_down"]
+    gate_up = einsum("BTD,DCF->BTCF", x, layer["w_gate_up"])  # [B, T, 2, F]
+    return einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1],
+                  layer["w_down"])
 
 
 def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
@@ -154,9 +165,9 @@ def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache:
 def logits(params: Params, hidden: jax.Array) -> jax.Array:
     """Output layer: hidden[..., D] -> logits[..., V] in fp32."""
     if "lm_head" in params:
-        return jnp.einsum("...D,DV->...V", hidden, params["lm_head"],
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
+        return einsum("...D,DV->...V", hidden, params["lm_head"],
+                      preferred_element_type=jnp.float32)
+    return einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
 
 
 def forward(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):

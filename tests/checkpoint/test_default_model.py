@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 
 import pytest
 from helpers import tiny_torch_model, write_tiny_gguf
 
-from jaxspec.checkpoint import default_model
+from jaxspec.checkpoint import default_model, store
 from jaxspec.checkpoint import load_model
 from jaxspec.errors import UserError
 
@@ -62,3 +63,16 @@ def test_installed_package_is_found_without_import(tmp_path, monkeypatch):
 def test_cache_dir_default(monkeypatch):
     monkeypatch.delenv("JAXSPEC_CACHE", raising=False)
     assert default_model.cache_dir() == os.path.expanduser("~/.cache/jaxspec")
+
+
+def test_cached_copy_in_an_older_format_is_converted_again(fake_wheel):
+    path = load_model(default_model.NAME).path
+    meta_path = os.path.join(path, "config.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    meta[store.MARKER] = 1  # as a cache written before format 2
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    model = load_model(default_model.NAME)
+    assert model.path == path and store.read_meta(path)[1] == store.FORMAT_VERSION
+    assert sorted(os.listdir(os.path.dirname(path))) == sorted(["downloads", default_model.NAME])

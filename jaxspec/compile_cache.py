@@ -1,0 +1,39 @@
+"""JAX's persistent compilation cache under `$JAXSPEC_CACHE/xla`, so that a new process loads
+the programs an earlier one compiled instead of compiling them again.
+
+`enable()` is called by `load_model`, `SpeculativeDecoder` and the CLI before they compile
+anything. It leaves JAX alone when the user configured a cache directory of their own
+(`jax_compilation_cache_dir`) or set `JAXSPEC_COMPILE_CACHE=0`. Otherwise it caches every
+program the process compiles from then on (no minimum size or compile time: jaxspec's
+programs on small models compile in under a second, and they are what start-up waits for).
+JAX decides once per process, at its first compilation, whether the cache is used: a program
+compiled before `enable()` keeps the process uncached.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "JAXSPEC_COMPILE_CACHE"
+
+
+def directory() -> str:
+    """$JAXSPEC_CACHE/xla (default ~/.cache/jaxspec/xla)."""
+    from jaxspec.checkpoint.default_model import cache_dir
+
+    return os.path.join(cache_dir(), "xla")
+
+
+def enable() -> str | None:
+    """Turn the persistent cache on (idempotent); returns its directory, or None when off."""
+    import jax
+
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured
+    jax.config.update("jax_compilation_cache_dir", directory())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory()

@@ -1,0 +1,59 @@
+"""The persistent compilation cache: a second process compiles nothing that the first one did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import REPO, tiny_hf_model
+
+from jaxspec import compile_cache
+
+SCRIPT = r"""
+import json, sys
+import jax
+events = {}
+jax.monitoring.register_event_listener(lambda name, **kw: events.__setitem__(
+    name, events.get(name, 0) + 1))
+import jaxspec
+model = jaxspec.load_model(sys.argv[1])
+tokens = []
+for mode in ("dynamic", "static"):
+    dec = jaxspec.SpeculativeDecoder(model, "ngram", num_speculative_tokens=2, mode=mode)
+    tokens.append(dec.generate([[5, 6, 7, 5, 6]], max_new_tokens=6, temperature=0.7).tokens)
+print(json.dumps({"hits": events.get("/jax/compilation_cache/cache_hits", 0),
+                  "misses": events.get("/jax/compilation_cache/cache_misses", 0),
+                  "tokens": tokens, "dir": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+def _run(model_dir: str, cache: str) -> dict:
+    env = {**os.environ, "JAXSPEC_CACHE": cache, compile_cache.ENV: "1"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, model_dir], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_compiles_nothing(tmp_path):
+    model_dir = tiny_hf_model("llama", tmp_path)
+    cache = str(tmp_path / "cache")
+    first, second = _run(model_dir, cache), _run(model_dir, cache)
+    assert first["dir"] == second["dir"] == os.path.join(cache, "xla")
+    assert first["misses"] > 0 and first["hits"] == 0, first
+    assert second["misses"] == 0 and second["hits"] >= first["misses"], second
+    assert second["tokens"] == first["tokens"]
+
+
+def test_opt_out_and_a_users_own_cache_directory_are_respected(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV, "0")
+    assert compile_cache.enable() is None
+    code = ("import jax; jax.config.update('jax_compilation_cache_dir', sys.argv[1]); "
+            "from jaxspec import compile_cache; print(compile_cache.enable())")
+    env = {**os.environ, compile_cache.ENV: "1", "JAXSPEC_CACHE": str(tmp_path / "js")}
+    done = subprocess.run([sys.executable, "-c", "import sys; " + code, str(tmp_path / "mine")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "mine")
