@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import kernels
+from jaxspec import compile_cache, kernels, tuning
 from jaxspec.checkpoint import names
 from jaxspec.decode import loop, sampling
 from jaxspec.decode.sizing import loop_max_len, prompt_width
@@ -61,19 +61,22 @@ class SpeculativeDecoder:
         lookup), an object implementing jaxspec.drafts.base.Draft, or None.
       draft_params: the params pytree of a Draft object that has weights (e.g. a trained
         head); loaded and named drafts bring their own.
-      num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft).
+      num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft), or
+        "auto": chosen at the first generate call by measurement (jaxspec.tuning), possibly
+        0 (plain decoding) when no γ is predicted to pay; cached per model pair and device.
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
       static_iterations: iterations per call in static mode.
       prng_impl: PRNG implementation for `jax.random.key` (e.g. "rbg" on Trainium).
     """
 
-    def __init__(self, target, draft=None, *, num_speculative_tokens: int = 4,
+    def __init__(self, target, draft=None, *, num_speculative_tokens: int | str = 4,
                  mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None,
                  draft_params=None):
         if draft not in (None, "none"):
             check_speculative_tokens(num_speculative_tokens)
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+        compile_cache.enable()
         self.target = target
         self.draft, self.draft_model = resolve_draft(draft, target)
         self.draft_params = (self.draft_model.params if self.draft_model is not None
@@ -81,8 +84,30 @@ class SpeculativeDecoder:
         self.layout = getattr(target, "layout", None) or layouts.default()
         self.rejection = kernels.for_platform(jax.default_backend())
         self.gamma = num_speculative_tokens if self.draft is not None else 0
+        self.gamma_choice: tuning.Choice | None = None  # set when γ is "auto"
+        self._draft_name = draft if isinstance(draft, str) else repr(self.draft)
         self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
         self._compiled: dict = {}
+
+    def _choose_gamma(self, prompt: Sequence[int], max_new_tokens: int) -> None:
+        """Resolve γ = "auto": from the cache, or by profiling on `prompt` (jaxspec.tuning)."""
+        key = tuning.cache_key(self.target, self._draft_name, jax.default_backend())
+        choice = tuning.load_cached(key)
+        if choice is None:
+            draft = self.draft_model if self.draft_model is not None else self.draft
+
+            def run(gamma):
+                decoder = SpeculativeDecoder(self.target, draft, num_speculative_tokens=gamma,
+                                             draft_params=self.draft_params)
+                new = min(tuning.PROFILE_TOKENS, max_new_tokens)
+                return decoder.generate([prompt], max_new_tokens=new).stats["rows"][0]
+
+            choice = tuning.profile(self.target, self.draft_model, run,
+                                    prompt_length=len(prompt), max_new_tokens=max_new_tokens)
+            tuning.store(key, choice)
+        self.gamma_choice, self.gamma = choice, choice.gamma
+        if choice.gamma == 0:  # speculation is not predicted to pay: plain decoding
+            self.draft = self.draft_model = self.draft_params = None
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -114,15 +139,24 @@ class SpeculativeDecoder:
         return compiled, time.perf_counter() - start
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | Sequence[int] = 0,
                  on_update: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
         """Generate up to max_new_tokens new tokens after each prompt (a list of token ids).
 
         Rows stop at an EOS id of the target (kept in the output) or at max_new_tokens.
+        `seed`: one int for the batch (rows get distinct streams derived from it and their
+        index), or one int in 0..2**32-1 per prompt: a row's sampled tokens then depend only on
+        its prompt and seed, the same alone or in any batch.
         `on_update(tokens)` receives every row's new tokens so far, after each static chunk
         (once at the end in dynamic mode): the CLI streams text with it.
         """
+        if self.gamma == "auto":
+            if not prompts or not prompts[0]:
+                raise UserError("every prompt needs at least one token")
+            self._choose_gamma(prompts[0], max_new_tokens)
         self._check(prompts, max_new_tokens)
+        key = seed_key(seed, len(prompts), self.prng_impl)
         sampler, values = sampling.make(temperature, top_k, top_p)
         longest = max(len(p) for p in prompts)
         width = prompt_width(longest)
@@ -136,11 +170,13 @@ class SpeculativeDecoder:
             rejection=self.rejection)
         args = (self.target.params, self.draft_params, jnp.asarray(prompt),
                 jnp.asarray([len(p) for p in prompts], jnp.int32),
-                jax.random.key(seed, impl=self.prng_impl), values, jnp.int32(max_new_tokens))
+                key, values, jnp.int32(max_new_tokens))
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static
         state, compile_seconds, wall = run(spec, args, on_update)
         stats = summarize(state, gamma=self.gamma, draft=self.draft, wall_seconds=wall,
                           compile_seconds=compile_seconds)
+        if self.gamma_choice is not None:
+            stats["gamma_choice"] = self.gamma_choice.as_stats()
         return GenerateOutput(tokens=new_tokens(state), stats=stats)
 
     def _run_dynamic(self, spec, args, on_update):
@@ -155,10 +191,9 @@ class SpeculativeDecoder:
     def _run_static(self, spec, args, on_update):
         target_params, draft_params, *_, values, _ = args
         init, init_seconds = self._compile("init", loop.init_state, spec, *args)
-        state_shape = jax.eval_shape(functools.partial(loop.init_state, spec), *args)
         chunk_fn = functools.partial(loop.run_static, iterations=self.static_iterations)
         chunk, chunk_seconds = self._compile("static", chunk_fn, spec, target_params,
-                                             draft_params, values, state_shape, donate=(4,))
+                                             draft_params, values, init.out_info, donate=(4,))
         start = time.perf_counter()
         state = init(*args)
         while True:
@@ -175,3 +210,20 @@ def new_tokens(state: DecodeState) -> list[list[int]]:
     tokens = np.asarray(state.tokens)
     lengths, starts = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
     return [tokens[b, starts[b]: lengths[b]].tolist() for b in range(len(lengths))]
+
+
+def seed_key(seed: int | Sequence[int], batch: int, prng_impl: str | None = None) -> jax.Array:
+    """generate's `seed` as the loop's key: a PRNG key for one int, u32[B] for one per row."""
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.key(seed, impl=prng_impl)
+    try:
+        seeds = list(seed)
+    except TypeError:
+        raise UserError(f"seed must be an int or one int per prompt, got {seed!r}") from None
+    if len(seeds) != batch:
+        raise UserError(f"seed: got {len(seeds)} seeds for {batch} prompts (give one int, or "
+                        "one per prompt)")
+    bad = [s for s in seeds if not (isinstance(s, (int, np.integer)) and 0 <= s < 2**32)]
+    if bad:
+        raise UserError(f"seed: per-prompt seeds must be ints in 0..2**32-1, got {bad[0]!r}")
+    return jnp.asarray(np.asarray(seeds, np.uint32))

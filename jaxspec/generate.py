@@ -32,6 +32,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _gamma(text: str) -> int | str:
+    """--num-speculative-tokens: an integer or "auto" (range checked in validate)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jaxspec.generate",
                 description="Generate text with exact speculative decoding (jaxspec).")
@@ -44,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'ngram[:N]' "
                         "(prompt lookup), 'layerskip:K' (the target's first K layers), or "
                         "'none' (default)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="N",
-                   help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS} "
-                        "(default 4)")
+    p.add_argument("--num-speculative-tokens", type=_gamma, default=4, metavar="N",
+                   help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS}, or "
+                        "'auto' (chosen by measurement, cached; default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most new tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -126,10 +136,17 @@ class TextStream:
 
 
 def stats_lines(stats: dict, has_draft: bool) -> list[str]:
-    """One or two human-readable lines for stderr."""
+    """A few human-readable lines for stderr."""
     lines = [f"[jaxspec] {stats['new_tokens']} new tokens ({stats['prompt_tokens']} prompt) "
              f"in {stats['wall_seconds']:.2f} s: {stats['tokens_per_second']:.1f} tok/s; "
              f"compile {stats['compile_seconds']:.1f} s"]
+    choice = stats.get("gamma_choice")
+    if choice:
+        speedup = choice["predicted_speedup"][str(choice["gamma"])]
+        lines.append(f"[jaxspec] num_speculative_tokens auto: {choice['gamma']} ({choice['source']}"
+                     f"; α {choice['alpha']:.2f}, c {choice['c']:.2f}, predicted speedup "
+                     f"{speedup:.2f}x)")
+        has_draft = has_draft and choice["gamma"] > 0
     if has_draft:
         lines.append(f"[jaxspec] acceptance rate {stats['acceptance_rate']:.1%}, mean accepted "
                      f"length {stats['mean_accepted_length']:.2f}, accepted per position "

@@ -28,7 +28,10 @@ def check_max_new_tokens(max_new_tokens: int, *, flags: bool = False) -> None:
         raise UserError(f"{_name('max_new_tokens', flags)} must be >= 1, got {max_new_tokens}")
 
 
-def check_speculative_tokens(n: int, *, flags: bool = False) -> None:
-    if not 1 <= n <= MAX_SPECULATIVE_TOKENS:
+def check_speculative_tokens(n: int | str, *, flags: bool = False) -> None:
+    """1..MAX_SPECULATIVE_TOKENS, or "auto" (chosen by measurement: jaxspec.tuning)."""
+    if n == "auto":
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPECULATIVE_TOKENS:
         raise UserError(f"{_name('num_speculative_tokens', flags)} must be in "
-                        f"1..{MAX_SPECULATIVE_TOKENS}, got {n}")
+                        f"1..{MAX_SPECULATIVE_TOKENS} or 'auto', got {n!r}")

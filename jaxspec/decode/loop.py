@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode.sampling import (SamplingValues, first_argmax, next_token, probabilities,
-                                     uniforms)
+                                     row_seeds, uniforms)
 from jaxspec.decode.sizing import required_len
 from jaxspec.decode.state import DecodeState, LoopSpec, Stats
 from jaxspec.drafts.base import Observation
@@ -32,8 +32,10 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     """Prefill both models and take the first new token from the target.
 
     Args: prompt [B, P] right-padded, prompt_lengths [B] (≥ 1), max_new_tokens [] (≥ 1),
-    key a PRNG key: it seeds the loop's rng_bit_generator state (an "rbg" key keeps the
-    whole program free of threefry, for Trainium).
+    key a PRNG key (rows get distinct seeds derived from it and their row index; an "rbg"
+    key keeps the whole program free of threefry, for Trainium) or integer seeds [B], one
+    per row (sampling.row_seeds). Row b's uniforms depend only on its seed and the
+    iteration: the first token draws at counter 0, iteration `step` at step + 1.
     """
     B, P = prompt.shape
     _check_room(spec, P, max_new_tokens)
@@ -43,8 +45,8 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     hidden, captured, cache = decoder.run_layers(spec.target, target_params, prompt, positions,
                                                  cache, spec.hidden_layers)
     last_logits = decoder.logits(target_params, hidden[rows, prompt_lengths - 1])  # [B, V]
-    rng, first_uniforms = uniforms(jax.random.bits(key, (4,), jnp.uint32), (B,))
-    first = next_token(spec.sampler, values, last_logits, first_uniforms)
+    seeds = row_seeds(key, B)  # [B, 2]
+    first = next_token(spec.sampler, values, last_logits, uniforms(seeds, 0, 1)[:, 0])
     tokens = jnp.zeros((B, spec.max_len), jnp.int32).at[:, :P].set(prompt)
     tokens = tokens.at[rows, prompt_lengths].set(first)
     draft_state = None
@@ -59,7 +61,7 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     done = _is_eos(spec.target, first) | (max_new <= 1) | _full(spec, lengths)
     return DecodeState(tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths,
                        max_new_tokens=max_new, done=done, target_cache=cache,
-                       draft_state=draft_state, rng=rng, step=jnp.int32(0), stats=stats)
+                       draft_state=draft_state, seeds=seeds, step=jnp.int32(0), stats=stats)
 
 
 def _check_room(spec: LoopSpec, prompt_width: int, max_new_tokens) -> None:
@@ -92,9 +94,9 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
     """One iteration for every row: propose γ, verify γ+1 positions, accept, observe, commit."""
     B, gamma = state.lengths.shape[0], spec.gamma
     # uniforms [B, 2γ+1]: γ for the draft, γ + 1 to accept (greedy decoding draws none)
-    rng, u = state.rng, jnp.zeros((B, 2 * gamma + 1), jnp.float32)
+    u = jnp.zeros((B, 2 * gamma + 1), jnp.float32)
     if not spec.sampler.greedy:
-        rng, u = uniforms(state.rng, (B, 2 * gamma + 1))
+        u = uniforms(state.seeds, state.step + 1, 2 * gamma + 1)
     # 1. draft: γ tokens per row and their distributions q [B, γ, V]
     draft_tokens, q, draft_state = jnp.zeros((B, 0), jnp.int32), None, state.draft_state
     if spec.draft is not None:
@@ -120,7 +122,7 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
             n_accepted=n, tokens=verify, positions=positions, emitted=out,
             active=~state.done, hidden=captured))
     # 5. commit with masks; caches are not copied or rolled back
-    state = state.replace(target_cache=target_cache, draft_state=draft_state, rng=rng)
+    state = state.replace(target_cache=target_cache, draft_state=draft_state)
     return _commit(spec, state, n, out)
 
 
@@ -172,10 +174,13 @@ def generate_tokens(spec: LoopSpec, target_params, draft_params, prompt, prompt_
     `jaxspec.generate_tokens`.
 
     Users may wrap it in their own `jax.jit` with `spec` static. Shapes: prompt [B, P]
-    right-padded, prompt_lengths [B]; the result's tokens[b, prompt_lengths[b]:lengths[b]]
-    are row b's new tokens. spec.max_len must be at least
-    decode.sizing.required_len(P, max_new_tokens, spec.gamma): checked when max_new_tokens is
-    a Python int; a traced one that does not fit stops rows when their buffer is full.
+    right-padded, prompt_lengths [B]; key a PRNG key (rows get distinct streams derived from
+    it and their index) or integer seeds [B], one per row, so that a row's sampled tokens do
+    not depend on what else is in its batch (see init_state); the result's
+    tokens[b, prompt_lengths[b]:lengths[b]] are row b's new tokens. spec.max_len must be at
+    least decode.sizing.required_len(P, max_new_tokens, spec.gamma): checked when
+    max_new_tokens is a Python int; a traced one that does not fit stops rows when their
+    buffer is full.
     """
     state = init_state(spec, target_params, draft_params, prompt, prompt_lengths, key, values,
                        max_new_tokens)

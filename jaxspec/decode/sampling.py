@@ -50,15 +50,50 @@ def make(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
     return sampler, values
 
 
-def uniforms(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """(next rng, uniforms[shape] in [0, 1)) from a u32[4] `lax.rng_bit_generator` state.
+def _lowbias32(x: jax.Array) -> jax.Array:
+    """A bijection of u32 with near-ideal avalanche: lowbias32 with the constants
+    [16 21f0aaad 15 735a2d97 15] from Wellons' hash-prospector."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x21F0AAAD)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x735A2D97)
+    return x ^ (x >> 15)
 
-    One rng_bit_generator op per call and no threefry, which neuronx-cc does not fully
-    support: the loop carries the state and draws each iteration's uniforms with it.
+
+def row_seeds(key: jax.Array, batch: int) -> jax.Array:
+    """Seed words u32[B, 2] of the loop's rows, from a PRNG key or from one seed per row.
+
+    key: a PRNG key (`jax.random.key`; "rbg" keeps threefry out): two words k are drawn from
+    it and row b gets (k[0], k[1] + b), so rows differ and do not depend on the batch size;
+    or integer seeds [B]: row b gets (0, seeds[b]), its own stream whatever shares its batch.
     """
-    rng, bits = jax.lax.rng_bit_generator(rng, shape, dtype=jnp.uint32)
-    mantissa = (bits >> 9) | jnp.uint32(0x3F800000)  # a float in [1, 2)
-    return rng, jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        k = jax.random.bits(key, (2,), jnp.uint32)
+        rows = jnp.arange(batch, dtype=jnp.uint32)
+        return jnp.stack([jnp.broadcast_to(k[0], (batch,)), k[1] + rows], axis=1)
+    if not jnp.issubdtype(key.dtype, jnp.integer) or key.shape != (batch,):
+        raise ValueError(f"key must be a PRNG key (jax.random.key) or integer seeds [{batch}], "
+                         f"got {key.dtype}{list(key.shape)}")
+    return jnp.stack([jnp.zeros((batch,), jnp.uint32), key.astype(jnp.uint32)], axis=1)
+
+
+def uniforms(seeds: jax.Array, counter, n: int) -> jax.Array:
+    """The loop's uniforms u[..., n] in [0, 1): draws 0..n-1 of iteration `counter` for rows
+    with seed words seeds[..., 2] (u32, from `row_seeds`); counter broadcasts to seeds[..., 0].
+
+    Stateless and counter based: draw i is the top 23 bits of
+    h = L(L(L(L(0x9E3779B9 ^ s0) ^ s1) ^ counter) ^ i), L the lowbias32 hash (a bijection
+    of u32), placed in the mantissa of a float in [1, 2), minus 1. So a row's uniforms depend
+    only on its seed words, the counter and i (not on the batch, the row's place in it or the
+    other rows), and rows of a batch that share s0 never hash to equal h at the same
+    (counter, i). Only elementwise u32 xor, shift and multiply: no threefry (which neuronx-cc
+    does not fully support) and no rng_bit_generator (whose vmap draws every row from one
+    state).
+    """
+    h = jnp.uint32(0x9E3779B9)
+    counter = jnp.asarray(counter).astype(jnp.uint32)[..., None]
+    for word in (seeds[..., :1], seeds[..., 1:], counter, jnp.arange(n, dtype=jnp.uint32)):
+        h = _lowbias32(h ^ word)  # [..., 1] for the row's words, then [..., n]
+    mantissa = (h >> 9) | jnp.uint32(0x3F800000)  # a float in [1, 2)
+    return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
 
 
 def first_argmax(x: jax.Array) -> jax.Array:

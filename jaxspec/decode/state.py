@@ -71,6 +71,6 @@ class DecodeState:
     done: jax.Array  # [B] bool: EOS, max_new_tokens reached, or buffer full
     target_cache: KVCache
     draft_state: Any  # the draft's own pytree (None for plain decoding)
-    rng: jax.Array  # u32[4] lax.rng_bit_generator state, advanced once per sampled iteration
+    seeds: jax.Array  # u32[B, 2] per-row seed words; sampling.uniforms hashes them with step
     step: jax.Array  # [] i32 iterations run (any row active)
     stats: Stats

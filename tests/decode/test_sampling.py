@@ -275,16 +275,70 @@ def test_sample_follows_unnormalised_weights():
     assert stats.chisquare(counts[positive], expected).pvalue > 1e-3
 
 
-def test_uniforms_are_uniform_and_the_state_advances():
-    rng = jax.random.bits(jax.random.key(3, impl="rbg"), (4,), jnp.uint32)
-    rng2, u = sampling.uniforms(rng, (100_000,))
-    u = np.asarray(u)
-    assert u.dtype == np.float32 and u.min() >= 0.0 and u.max() < 1.0
-    assert stats.kstest(u, "uniform").pvalue > 1e-3
-    assert not np.array_equal(np.asarray(rng2), np.asarray(rng))
-    np.testing.assert_array_equal(np.asarray(sampling.uniforms(rng, (100_000,))[1]), u)  # pure
-    u2 = np.asarray(sampling.uniforms(rng2, (100_000,))[1])
-    assert abs(stats.pearsonr(u, u2)[0]) < 0.02  # the next draw is a fresh one
+def test_uniforms_are_uniform_and_pure():
+    seeds = sampling.row_seeds(jax.random.key(3, impl="rbg"), 1000)  # [1000, 2]
+    u = np.asarray(sampling.uniforms(seeds, 5, 100))  # [1000, 100]
+    assert u.dtype == np.float32 and u.shape == (1000, 100)
+    assert u.min() >= 0.0 and u.max() < 1.0
+    assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3
+    bits = (u.ravel() * 2**23).astype(np.int64)  # 23 random mantissa bits, each fair
+    np.testing.assert_array_equal(bits, u.ravel() * 2**23)
+    assert np.all(np.abs([((bits >> i) & 1).mean() - 0.5 for i in range(23)]) < 0.005)
+    np.testing.assert_array_equal(np.asarray(sampling.uniforms(seeds, 5, 100)), u)  # pure
+    u2 = np.asarray(sampling.uniforms(seeds, 6, 100))
+    assert abs(stats.pearsonr(u.ravel(), u2.ravel())[0]) < 0.02  # the next counter: fresh
+
+
+def _pairs_pvalue(a, b, bins=16) -> float:
+    """Chi-square p-value that (a, b) is uniform on the unit square."""
+    counts = np.histogram2d(a.ravel(), b.ravel(), bins=bins, range=[[0, 1], [0, 1]])[0]
+    return stats.chisquare(counts.ravel()).pvalue
+
+
+@pytest.mark.parametrize("source", ["key", "consecutive_row_seeds"])
+def test_uniforms_of_rows_draws_and_iterations_are_independent(source):
+    """Pooled over rows and iterations, and in pairs of neighbouring rows, draws and
+    iterations (the 2-D joint must be uniform, so neighbours carry no information)."""
+    rows, steps, n = 4000, 6, 7
+    key = jax.random.key(0) if source == "key" else jnp.arange(rows, dtype=jnp.uint32)
+    seeds = sampling.row_seeds(key, rows)
+    u = np.stack([np.asarray(sampling.uniforms(seeds, t, n)) for t in range(steps)], 1)
+    assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3  # [rows, steps, n] pooled
+    for a, b in [(u[:-1], u[1:]), (u[:, :-1], u[:, 1:]), (u[..., :-1], u[..., 1:])]:
+        assert _pairs_pvalue(a, b) > 1e-3
+        assert abs(stats.pearsonr(a.ravel(), b.ravel())[0]) < 0.01
+    assert len(np.unique(u)) > 0.99 * u.size  # no repeated streams
+
+
+def test_uniforms_of_a_row_depend_only_on_its_seed_and_the_counter():
+    seeds = sampling.row_seeds(jnp.asarray([7, 0, 2**32 - 1, 7], jnp.uint32), 4)
+    u = np.asarray(sampling.uniforms(seeds, 3, 9))
+    np.testing.assert_array_equal(u[0], u[3])  # equal seeds, equal draws
+    assert not np.any(u[0] == u[1]) and not np.any(u[0] == u[2])  # different seeds differ
+    alone = sampling.uniforms(seeds[2:3], 3, 9)  # the row on its own, or counters per row
+    np.testing.assert_array_equal(np.asarray(alone), u[2:3])
+    per_row = sampling.uniforms(seeds, jnp.asarray([3, 4, 3, 3]), 9)
+    np.testing.assert_array_equal(np.asarray(per_row)[[0, 2, 3]], u[[0, 2, 3]])
+    np.testing.assert_array_equal(np.asarray(per_row)[1],
+                                  np.asarray(sampling.uniforms(seeds, 4, 9))[1])
+    # a draw's value does not depend on how many are drawn
+    np.testing.assert_array_equal(np.asarray(sampling.uniforms(seeds, 3, 4)), u[:, :4])
+
+
+def test_row_seeds_from_a_key_do_not_depend_on_the_batch_size():
+    key = jax.random.key(11)
+    few, many = sampling.row_seeds(key, 3), sampling.row_seeds(key, 24_000)
+    assert few.dtype == jnp.uint32 and few.shape == (3, 2)
+    np.testing.assert_array_equal(np.asarray(few), np.asarray(many)[:3])
+    assert len(np.unique(np.asarray(many), axis=0)) == 24_000  # every row its own stream
+    assert not np.array_equal(np.asarray(sampling.row_seeds(jax.random.key(12), 3)), few)
+
+
+@pytest.mark.parametrize("key", [jnp.zeros((3,), jnp.uint32), jnp.zeros((4,), jnp.float32),
+                                 jnp.zeros((4, 1), jnp.uint32)])
+def test_row_seeds_reject_other_arrays(key):
+    with pytest.raises(ValueError, match="PRNG key"):
+        sampling.row_seeds(key, 4)
 
 
 def test_sample_rows_are_independent():

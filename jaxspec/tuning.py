@@ -1,0 +1,147 @@
+"""Choosing γ by measurement: `num_speculative_tokens="auto"`.
+
+With acceptance rate α (each draft accepted independently), a draft step costing c and a
+verify of γ + 1 tokens costing v_γ, both in target decode steps, one iteration yields
+E_γ = (1 − α^(γ+1)) / (1 − α) tokens for γ·c + v_γ steps. γ = 0 is plain decoding (E = 1,
+v_0 = 1 by definition), chosen whenever no γ ≥ 1 is predicted to beat it.
+
+The profile measures α on one short speculative run at the largest γ (the first prompt,
+greedy, the maximum-likelihood estimate below), c from the draft's one-token forward (0 for
+model-free drafts) and v_γ from the target's forward on γ + 1 tokens at a few widths
+(interpolated between them). The choice is cached in `$JAXSPEC_CACHE/gamma.json` per target,
+draft, platform and dtype, so later processes do not profile again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+MAX_AUTO_GAMMA = 8
+PROFILE_TOKENS = 32  # new tokens of the run that measures α
+MEASURED_WIDTHS = (1, 2, 3, 5, 9)  # verify widths γ + 1 that are timed; others interpolated
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """(1 − α^(γ+1)) / (1 − α): expected tokens per iteration (γ + 1 when α = 1)."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def predicted_speedups(alpha: float, c: float, v: dict[int, float]) -> dict[int, float]:
+    """{γ: predicted speedup over plain decoding} for every γ in v (v[0] must be 1)."""
+    return {g: expected_tokens(alpha, g) / (g * c + v[g]) for g in sorted(v)}
+
+
+def best_gamma(alpha: float, c: float, v: dict[int, float]) -> int:
+    """The γ in v with the largest predicted speedup (the smaller γ on a tie; 0 = plain)."""
+    speedups = predicted_speedups(alpha, c, v)
+    return max(sorted(speedups), key=lambda g: (speedups[g], -g))
+
+
+def alpha_estimate(iterations: int, accepted: int, all_accepted: int) -> float:
+    """Maximum-likelihood α of i.i.d. acceptances, from a run's counters: an iteration that
+    accepted n < γ drafts made n + 1 trials, one that accepted all γ made γ trials."""
+    trials = accepted + iterations - all_accepted
+    return accepted / trials if trials else 0.0
+
+
+def interpolate(measured: dict[int, float], max_gamma: int) -> dict[int, float]:
+    """v_γ for γ = 0..max_gamma, linear between the measured γ (γ beyond them: the last)."""
+    known = sorted(measured)
+    out = {}
+    for g in range(max_gamma + 1):
+        lower = max(k for k in known if k <= g)
+        upper = min((k for k in known if k >= g), default=lower)
+        t = 0.0 if upper == lower else (g - lower) / (upper - lower)
+        out[g] = (1 - t) * measured[lower] + t * measured[upper]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    gamma: int
+    alpha: float
+    c: float
+    v: dict[int, float]
+    source: str  # "profiled" or "cache"
+
+    def as_stats(self) -> dict:
+        return {"gamma": self.gamma, "alpha": self.alpha, "c": self.c,
+                "v": {str(g): x for g, x in self.v.items()}, "source": self.source,
+                "predicted_speedup": {str(g): s for g, s in
+                                      predicted_speedups(self.alpha, self.c, self.v).items()}}
+
+
+def _cache_path() -> str:
+    from jaxspec.checkpoint.default_model import cache_dir
+
+    return os.path.join(cache_dir(), "gamma.json")
+
+
+def cache_key(target, draft_name: str, platform: str) -> str:
+    """Per target (its path and config), draft, platform and dtype."""
+    dtype = str(target.params["embed"].dtype)
+    ident = repr((target.path, target.config, draft_name, platform, dtype))
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def load_cached(key: str) -> Choice | None:
+    try:
+        with open(_cache_path(), encoding="utf-8") as f:
+            entry = json.load(f)[key]
+        v = {int(g): float(x) for g, x in entry["v"].items()}
+        return Choice(int(entry["gamma"]), float(entry["alpha"]), float(entry["c"]), v, "cache")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(key: str, choice: Choice) -> None:
+    """Add the choice to the cache file (written atomically; a failure only costs a profile)."""
+    path = _cache_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {k: v for k, v in choice.as_stats().items()
+                    if k in ("gamma", "alpha", "c", "v")}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int,
+            max_gamma: int = MAX_AUTO_GAMMA, steps: int = 8) -> Choice:
+    """Measure α, c and v_γ and choose γ (see the module docstring).
+
+    run(γ) -> the statistics of one row generated greedily at that γ (the API's decoder);
+    draft_model: the draft's model (config + params) or None for a model-free draft (c = 0).
+    """
+    from jaxspec import bench
+    from jaxspec.decode.sizing import loop_max_len
+
+    row = run(max_gamma)
+    alpha = alpha_estimate(row["target_forward_calls"] - 1, row["draft_tokens_accepted"],
+                           row["accepted_per_position"][-1])
+    max_len = loop_max_len(prompt_length, max_new_tokens, max_gamma)
+    position = min(prompt_length, max_len - max_gamma - 2)
+
+    def seconds(model, width: int, last_only: bool = False) -> float:
+        timer = bench.StepTimer(model, width=width, max_len=max_len, position=position,
+                                steps=steps, last_only=last_only)
+        return min(timer() for _ in range(3))
+
+    decode = seconds(target, 1)
+    v = {w - 1: seconds(target, w) / decode for w in MEASURED_WIDTHS if 1 < w <= max_gamma + 1}
+    v = interpolate({0: 1.0, **v}, max_gamma)
+    c = seconds(draft_model, 1, True) / decode if draft_model is not None else 0.0
+    return Choice(best_gamma(alpha, c, v), alpha, c, v, "profiled")
