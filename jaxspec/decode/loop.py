@@ -116,33 +116,42 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
         p = probabilities(spec.sampler, values, logits)
         q = q if q is not None else jnp.zeros((B, 0, p.shape[-1]), p.dtype)
         n, out = spec.rejection.sampled(draft_tokens, q, p, u[:, gamma:])
+    count, eos_stop = _appended(spec, state, n, out)
     # 4. the draft sees what the target made of its proposals
     if spec.draft is not None:
         draft_state = spec.draft.observe(draft_params, draft_state, Observation(
             n_accepted=n, tokens=verify, positions=positions, emitted=out,
-            active=~state.done, hidden=captured))
+            committed=count, active=~state.done, hidden=captured))
     # 5. commit with masks; caches are not copied or rolled back
     state = state.replace(target_cache=target_cache, draft_state=draft_state)
-    return _commit(spec, state, n, out)
+    return _commit(spec, state, n, out, count, eos_stop)
 
 
-def _commit(spec: LoopSpec, state: DecodeState, n, out) -> DecodeState:
-    """Append up to n + 1 tokens per row, cut at the first EOS and at max_new_tokens."""
-    B, width = out.shape
+def _appended(spec: LoopSpec, state: DecodeState, n, out):
+    """(count [B], eos_stop [B]): each row appends up to n + 1 of out's tokens, cut after its
+    first EOS and at max_new_tokens (0 for rows already done); eos_stop: the cut was an EOS."""
+    width = out.shape[1]
     iota = jnp.arange(width, dtype=jnp.int32)[None]  # [1, γ+1]
-    active = ~state.done
     eos = _is_eos(spec.target, out) & (iota <= n[:, None])
     first_eos = jnp.min(jnp.where(eos, iota, width), axis=-1)
     room = state.max_new_tokens - (state.lengths - state.prompt_lengths)
     count = jnp.minimum(jnp.minimum(n + 1, first_eos + 1), room)
-    count = jnp.where(active, count, 0)  # [B] tokens appended
+    count = jnp.where(state.done, 0, count)
+    return count, first_eos < count
+
+
+def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop) -> DecodeState:
+    """Append count[b] of out's tokens to row b; update lengths, done flags and statistics."""
+    B, width = out.shape
+    iota = jnp.arange(width, dtype=jnp.int32)[None]  # [1, γ+1]
+    active = ~state.done
     rows = jnp.arange(B)[:, None]
     slots = state.lengths[:, None] + iota  # [B, γ+1] where this iteration's tokens go
     tokens = state.tokens.at[rows, slots].set(
         jnp.where(iota < count[:, None], out, state.tokens[rows, slots]))
     lengths = state.lengths + count
     generated = lengths - state.prompt_lengths
-    done = (state.done | (first_eos < count) | (generated >= state.max_new_tokens)
+    done = (state.done | eos_stop | (generated >= state.max_new_tokens)
             | _full(spec, lengths))
     stats = state.stats
     stats = Stats(

@@ -30,7 +30,9 @@ class Observation:
     tokens: jax.Array  # [B, γ+1] verified inputs: the last committed token, then the γ drafts
     positions: jax.Array  # [B, γ+1] positions of `tokens`
     emitted: jax.Array  # [B, γ+1] output: emitted[b, :n+1] are the accepted drafts, then the
-    #                     target's replacement or bonus token (cut at EOS/max_new_tokens later)
+    #                     target's replacement or bonus token
+    committed: jax.Array  # [B] how many of `emitted` the row keeps (≤ n + 1: cut after an EOS
+    #                       and at max_new_tokens; 0 for rows that were already done)
     active: jax.Array  # [B] rows that were still generating in this iteration
     hidden: jax.Array | None  # [B, γ+1, C, D] target residual streams at `positions` entering
     #                           each layer in `hidden_layers` (None when it asks for none).

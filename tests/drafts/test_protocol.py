@@ -39,7 +39,8 @@ class HiddenEcho(Draft):
         C, D = len(self.hidden_layers), self.hidden
         return {"last": jnp.zeros((batch, C, D), jnp.float32),
                 "record": jnp.zeros((batch, max_len, C, D), jnp.float32),
-                "seen": jnp.zeros((batch, max_len), bool)}
+                "seen": jnp.zeros((batch, max_len), bool),
+                "committed": jnp.zeros((batch,), jnp.int32)}  # tokens the loop kept, summed
 
     def _store(self, state, positions, hidden, mask):
         """Record hidden[B, T, C, D] at positions[B, T] where mask[B, T]; rows elementwise."""
@@ -56,7 +57,7 @@ class HiddenEcho(Draft):
         positions = jnp.broadcast_to(jnp.arange(P), (B, P))
         record, seen = self._store(state, positions, hidden, positions < prompt_lengths[:, None])
         last = hidden[jnp.arange(B), prompt_lengths - 1]  # [B, C, D]
-        return {"last": last, "record": record, "seen": seen}
+        return {**state, "last": last, "record": record, "seen": seen}
 
     def propose(self, params, state, tokens, lengths, *, gamma, sampler, values, uniforms):
         stream = state["last"][:, 1]  # [B, D] entering layer 2
@@ -76,7 +77,8 @@ class HiddenEcho(Draft):
         record, seen = self._store(state, obs.positions, obs.hidden, mask)
         newest = obs.hidden[jnp.arange(B), obs.n_accepted]  # [B, C, D]
         last = jnp.where(obs.active[:, None, None], newest, state["last"])
-        return {"last": last, "record": record, "seen": seen}
+        return {"last": last, "record": record, "seen": seen,
+                "committed": state["committed"] + obs.committed}
 
     def forward_calls(self, gamma, iterations):
         return 0  # no forward passes of its own
@@ -125,6 +127,8 @@ def test_protocol_draft_keeps_greedy_output(gamma):
     got = [tokens[b, starts[b]: lengths[b]].tolist() for b in range(len(PROMPTS))]
     assert got == greedy_reference(_target(), PROMPTS, MAX_NEW)
     assert np.asarray(state.stats.accepted).all()  # every row accepted drafts
+    # observe's committed counts add up to every new token but the prefill's first one
+    np.testing.assert_array_equal(state.draft_state["committed"], lengths - starts - 1)
 
 
 @pytest.mark.parametrize("gamma", [2, 3])
