@@ -6,19 +6,29 @@ tokens[B, γ+1]), and its greedy limit. An implementation is a `Rejection` (name
 greedy) that the loop's static spec names (`LoopSpec.rejection`); each is tested against the
 pure jax.numpy reference on identical inputs, uniforms included.
 
-Only the reference ships today: every platform uses it. A Trainium (NKI) implementation will
-register here and be picked for the "neuron" platform.
+Implementations: the reference (every platform), and "nki" (`nki_rejection`, a Trainium NKI
+kernel, picked for the "neuron" platform) registered only where the real `nki` package of
+the Neuron SDK imports. The NKI kernel is written for NKI 0.6 and tested through its NumPy
+model (`numpy_model`) on CPU; it has not yet run on Trainium hardware. Importing this package
+never needs nki.
 """
 
 from __future__ import annotations
 
 from jaxspec.decode.rejection import REFERENCE, Rejection
 
+from . import nki_rejection
+
 IMPLEMENTATIONS: dict[str, Rejection] = {REFERENCE.name: REFERENCE}
+if nki_rejection.NKI is not None:
+    IMPLEMENTATIONS[nki_rejection.NKI.name] = nki_rejection.NKI
 
 
 def for_platform(platform: str) -> Rejection:
-    """The rejection implementation for a JAX platform name ("cpu", "gpu", "neuron", ...)."""
+    """The rejection implementation for a JAX platform name ("cpu", "gpu", "neuron", ...):
+    the NKI kernel on "neuron" when nki is installed, the reference otherwise."""
+    if platform == "neuron" and "nki" in IMPLEMENTATIONS:
+        return IMPLEMENTATIONS["nki"]
     return REFERENCE
 
 
