@@ -22,7 +22,7 @@ from jaxspec.decode.sampling import (SamplingValues, first_argmax, next_token, p
 from jaxspec.decode.sizing import required_len
 from jaxspec.decode.state import DecodeState, LoopSpec, Stats
 from jaxspec.drafts.base import Observation
-from jaxspec.models import decoder
+from jaxspec.models import decoder, sharding
 from jaxspec.models.cache import init_cache
 from jaxspec.models.config import ModelConfig
 
@@ -42,6 +42,8 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     rows = jnp.arange(B)
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
     cache = init_cache(spec.target, B, spec.max_len, spec.dtype, spec.layout)
+    if spec.mesh is not None:
+        cache = sharding.constrain_cache(cache, spec.mesh)
     hidden, captured, cache = decoder.run_layers(spec.target, target_params, prompt, positions,
                                                  cache, spec.hidden_layers)
     last_logits = decoder.logits(target_params, hidden[rows, prompt_lengths - 1])  # [B, V]
@@ -49,6 +51,8 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     first = next_token(spec.sampler, values, last_logits, uniforms(seeds, 0, 1)[:, 0])
     tokens = jnp.zeros((B, spec.max_len), jnp.int32).at[:, :P].set(prompt)
     tokens = tokens.at[rows, prompt_lengths].set(first)
+    if spec.mesh is not None:
+        tokens = jax.lax.with_sharding_constraint(tokens, sharding.rows(spec.mesh))
     draft_state = None
     if spec.draft is not None:
         draft_state = spec.draft.init_state(B, spec.max_len, spec.dtype, spec.layout)

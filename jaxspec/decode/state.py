@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from jaxspec.decode.rejection import REFERENCE, Rejection
 from jaxspec.decode.sampling import Sampler
@@ -25,7 +26,8 @@ class LoopSpec:
     gamma: drafts per iteration, ≥ 1 with a draft and 0 without; max_len: token buffer and KV
     cache slots per row (see decode.sizing.loop_max_len); layout: the layout policy of the
     caches (None: the default backend's, filled in when built); rejection: the rejection
-    implementation (jaxspec.kernels picks one per platform).
+    implementation (jaxspec.kernels picks one per platform); mesh: the ("data", "model") mesh
+    the params are sharded on, to which the target's KV cache and the token buffer are pinned.
     """
 
     target: ModelConfig
@@ -36,6 +38,7 @@ class LoopSpec:
     dtype: Any = jnp.float32  # KV cache dtype
     layout: Layout | None = None
     rejection: Rejection = REFERENCE
+    mesh: Mesh | None = None  # tensor/data parallelism (models.sharding); None: one device
 
     def __post_init__(self):
         if self.draft is None and self.gamma != 0:

@@ -1,0 +1,74 @@
+"""Run by test_sharding.py in a process with 8 CPU devices: generate on several meshes and
+print the tokens and the shardings found, as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from helpers import perturbed, tiny_model
+
+import jaxspec
+from jaxspec.decode import sampling
+from jaxspec.drafts.model_draft import ModelDraft
+from jaxspec.drafts.ngram import NgramDraft
+from jaxspec.models import sharding
+
+PROMPTS = [[5, 17, 3, 9], [40, 2], [7, 7, 7, 1, 2], [12, 44, 30]]  # B = 4
+MESHES = {"single": None, "tp2": (2, 1), "tp4": (4, 1), "dp2_tp2": (2, 2)}
+
+
+def run(target, draft, draft_kind, mesh, temperature):
+    sampler, values = sampling.make(temperature)
+    draft_obj = {"none": None, "model": ModelDraft(draft.config, target.config.vocab_size),
+                 "ngram": NgramDraft(3, target.config.vocab_size)}[draft_kind]
+    gamma = 0 if draft_obj is None else 3
+    spec = jaxspec.LoopSpec(target=target.config, draft=draft_obj, gamma=gamma,
+                            sampler=sampler, max_len=64, mesh=mesh)
+    target_params, draft_params = target.params, draft.params if draft_kind == "model" else None
+    prompt = np.zeros((len(PROMPTS), 8), np.int32)
+    for b, p in enumerate(PROMPTS):
+        prompt[b, : len(p)] = p
+    prompt, lengths = jnp.asarray(prompt), jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
+    if mesh is not None:
+        target_params = sharding.shard_params(target_params, mesh)
+        if draft_params is not None:
+            draft_params = sharding.shard_params(draft_params, mesh)
+        prompt, lengths = (jax.device_put(x, sharding.rows(mesh)) for x in (prompt, lengths))
+    state = jax.jit(jaxspec.generate_tokens, static_argnums=0)(
+        spec, target_params, draft_params, prompt, lengths, jax.random.key(3), values,
+        jnp.int32(16))
+    tokens = np.asarray(state.tokens)
+    new = [tokens[b, len(p): int(state.lengths[b])].tolist() for b, p in enumerate(PROMPTS)]
+    arrays = {"cache": state.target_cache.k, "values": state.target_cache.v,
+              "tokens": state.tokens, "wqkv": target_params["layers"][0]["wqkv"],
+              "embed": target_params["embed"], "norm": target_params["final_norm"]}
+    return new, {name: _spec(a) if mesh else None for name, a in arrays.items()}
+
+
+def _spec(array) -> list:
+    """The array's PartitionSpec as a list, trailing unsplit axes dropped."""
+    spec = list(array.sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return spec
+
+
+def main():
+    target = tiny_model(0, std=0.5, vocab=48, hidden=64, heads=8, kv_heads=4, intermediate=128)
+    draft = perturbed(target, noise=0.02)
+    out = {}
+    for name, shape in MESHES.items():
+        mesh = None if shape is None else sharding.make_mesh(*shape)
+        for kind in ("none", "model", "ngram"):
+            for temperature in (0.0, 0.8):
+                key = f"{name}/{kind}/{temperature}"
+                out[key] = run(target, draft, kind, mesh, temperature)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Tensor and data parallelism on 8 CPU devices (a subprocess with
+--xla_force_host_platform_device_count=8): every mesh gives the unsharded output, greedy and
+sampled, plain and with model and n-gram drafts; params and caches carry the intended splits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, tiny_model
+
+from jaxspec.errors import UserError
+from jaxspec.models import sharding
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": os.path.join(REPO, "tests")}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tests", "models",
+                                                        "sharding_worker.py")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("mesh", ["tp2", "tp4", "dp2_tp2"])
+@pytest.mark.parametrize("kind", ["none", "model", "ngram"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_every_mesh_gives_the_unsharded_tokens(results, mesh, kind, temperature):
+    single, _ = results[f"single/{kind}/{temperature}"]
+    sharded, _ = results[f"{mesh}/{kind}/{temperature}"]
+    assert sharded == single
+    assert all(len(row) == 16 for row in single)
+
+
+def test_arrays_carry_the_intended_shardings(results):
+    _, found = results["dp2_tp2/model/0.8"]
+    assert found["cache"] == found["values"] == [None, "data", "model"]  # [L, B, K, ., .]
+    assert found["tokens"] == ["data"]  # [B, S]
+    assert found["wqkv"] == [None, "model"]  # [D, K, G + 2, Dh]
+    assert found["embed"] == ["model"]  # [V, D]
+    assert found["norm"] == []  # replicated
+
+
+@pytest.mark.parametrize("tp,dp,message", [
+    (3, 1, "does not divide the model's key/value heads (2)"),
+    (2, 4, "needs 8 devices; 4 available"),
+    (0, 1, "must be >= 1"),
+])
+def test_bad_meshes_are_refused_in_one_line(tp, dp, message):
+    config = tiny_model(kv_heads=2).config
+    with pytest.raises(UserError) as info:
+        sharding.check(config, tp=tp, dp=dp, devices=4)
+    assert message in str(info.value) and "\n" not in str(info.value)
