@@ -1,6 +1,7 @@
 """Public Python API: `SpeculativeDecoder(target, draft, ...).generate(prompts, ...)`.
 
-The decoder validates input, pads the batch into bucketed shapes (so new prompt lengths rarely
+The decoder validates input, checks that the run fits in its device's memory
+(jaxspec.memory), pads the batch into bucketed shapes (so new prompt lengths rarely
 recompile), compiles the loop once per shape and sampling mode, runs it, and returns new tokens
 plus statistics. The pure function underneath is `jaxspec.generate_tokens`
 (`jaxspec.decode.loop.generate_tokens`).
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import compile_cache, kernels, tuning
+from jaxspec import compile_cache, devices, kernels, memory, tuning
 from jaxspec.checkpoint import names
 from jaxspec.decode import loop, sampling
 from jaxspec.decode.sizing import loop_max_len, prompt_width
@@ -26,7 +27,7 @@ from jaxspec.decode.stats import summarize
 from jaxspec.drafts import registry
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
-from jaxspec.validation import check_max_new_tokens, check_speculative_tokens
+from jaxspec.validation import check_max_new_tokens, check_sampling, check_speculative_tokens
 
 MODES = ("dynamic", "static")
 
@@ -37,18 +38,33 @@ class GenerateOutput:
     stats: dict
 
 
-def resolve_draft(draft, target):
+def resolve_draft(draft, target, device=None, layout=None):
     """(draft object for the loop, draft model holding its params, or None).
 
     A path or model name is loaded here (in the target's dtype); names like "ngram:3" and
-    "layerskip:8", loaded models and Draft objects go to the draft registry.
+    "layerskip:8", loaded models and Draft objects go to the draft registry. With a `device`
+    (a jax.Device), a loaded or given draft model is placed there in `layout`.
     """
+    from jaxspec.models.loaded import Model
+
     if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
         from jaxspec.checkpoint.load import load_model
 
         names.check_exists(draft, "draft")
-        draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name)
+        draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name,
+                           device=device)
+    if isinstance(draft, Model):
+        draft = placed(draft, device, layout)
     return registry.build(draft, target)
+
+
+def placed(model, device, layout):
+    """`model` with its params on `device` in `layout` (device None: the model as it is)."""
+    if device is None:
+        return model
+    from jaxspec.checkpoint.load import place
+
+    return place(model, layout, device)
 
 
 class SpeculativeDecoder:
@@ -64,25 +80,36 @@ class SpeculativeDecoder:
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft), or
         "auto": chosen at the first generate call by measurement (jaxspec.tuning), possibly
         0 (plain decoding) when no γ is predicted to pay; cached per model pair and device.
-      mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium).
+      mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium);
+        None: static on Trainium ("neuron", which refuses "dynamic"), dynamic elsewhere.
       static_iterations: iterations per call in static mode.
-      prng_impl: PRNG implementation for `jax.random.key` (e.g. "rbg" on Trainium).
+      prng_impl: PRNG implementation for `jax.random.key`; None: "rbg" on Trainium, JAX's
+        default elsewhere.
+      device: where params live and programs run: None (JAX's default backend, the params
+        where they are), "auto" (neuron, else gpu, else cpu), "cpu", "gpu", "neuron" or a
+        jax.Device (jaxspec.devices). A device's platform picks the layout policy (the models'
+        params are placed there in it) and the rejection kernel (the NKI one on "neuron").
     """
 
     def __init__(self, target, draft=None, *, num_speculative_tokens: int | str = 4,
-                 mode: str = "dynamic", static_iterations: int = 8, prng_impl: str | None = None,
-                 draft_params=None):
+                 mode: str | None = None, static_iterations: int = 8,
+                 prng_impl: str | None = None, draft_params=None, device=None):
         if draft not in (None, "none"):
             check_speculative_tokens(num_speculative_tokens)
+        self.device = devices.resolve(device)
+        platform = devices.platform(self.device)
+        mode, prng_impl = devices.loop_defaults(platform, mode, prng_impl)
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         compile_cache.enable()
-        self.target = target
-        self.draft, self.draft_model = resolve_draft(draft, target)
+        self.layout = (layouts.for_platform(platform) if self.device is not None
+                       else getattr(target, "layout", None) or layouts.default())
+        self.target = target = placed(target, self.device, self.layout)
+        self.draft, self.draft_model = resolve_draft(draft, target, self.device, self.layout)
         self.draft_params = (self.draft_model.params if self.draft_model is not None
-                             else draft_params)
-        self.layout = getattr(target, "layout", None) or layouts.default()
-        self.rejection = kernels.for_platform(jax.default_backend())
+                             else devices.put(draft_params, self.device))
+        self.platform = platform
+        self.rejection = kernels.for_platform(platform)
         self.gamma = num_speculative_tokens if self.draft is not None else 0
         self.gamma_choice: tuning.Choice | None = None  # set when γ is "auto"
         self._draft_name = draft if isinstance(draft, str) else repr(self.draft)
@@ -91,14 +118,15 @@ class SpeculativeDecoder:
 
     def _choose_gamma(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         """Resolve γ = "auto": from the cache, or by profiling on `prompt` (jaxspec.tuning)."""
-        key = tuning.cache_key(self.target, self._draft_name, jax.default_backend())
+        key = tuning.cache_key(self.target, self._draft_name, self.platform)
         choice = tuning.load_cached(key)
         if choice is None:
             draft = self.draft_model if self.draft_model is not None else self.draft
 
             def run(gamma):
                 decoder = SpeculativeDecoder(self.target, draft, num_speculative_tokens=gamma,
-                                             draft_params=self.draft_params)
+                                             draft_params=self.draft_params, device=self.device,
+                                             prng_impl=self.prng_impl)
                 new = min(tuning.PROFILE_TOKENS, max_new_tokens)
                 return decoder.generate([prompt], max_new_tokens=new).stats["rows"][0]
 
@@ -134,9 +162,39 @@ class SpeculativeDecoder:
             return self._compiled[key], 0.0
         start = time.perf_counter()
         jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate)
-        compiled = jitted.lower(spec, *args).compile()
+        with devices.on(self.device):
+            compiled = jitted.lower(spec, *args).compile()
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - start
+
+    def _loop_spec(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   sampler: sampling.Sampler) -> LoopSpec:
+        longest = max(len(p) for p in prompts)
+        return LoopSpec(
+            target=self.target.config, draft=self.draft, gamma=self.gamma, sampler=sampler,
+            max_len=loop_max_len(longest, max_new_tokens, self.gamma),
+            dtype=self.target.params["embed"].dtype, layout=self.layout,
+            rejection=self.rejection)
+
+    def _resolve_gamma(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if self.gamma == "auto":
+            if not prompts or not prompts[0]:
+                raise UserError("every prompt needs at least one token")
+            self._choose_gamma(prompts[0], max_new_tokens)
+
+    def memory_plan(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                    temperature: float = 0.0) -> memory.Plan:
+        """The bytes that generate(prompts, max_new_tokens=..., temperature=...) needs on the
+        device, by term (jaxspec.memory), computed without allocating anything. With γ "auto",
+        γ is chosen first (as generate would)."""
+        self._resolve_gamma(prompts, max_new_tokens)
+        self._check(prompts, max_new_tokens)
+        spec = self._loop_spec(prompts, max_new_tokens, sampling.Sampler(greedy=temperature == 0))
+        return memory.plan(spec, len(prompts), self.target.params, self.draft_params)
+
+    def memory_capacity(self) -> memory.Capacity | None:
+        """What the decoder's device offers (jaxspec.memory.capacity; None: unknown)."""
+        return memory.capacity(devices.or_default(self.device))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -151,26 +209,20 @@ class SpeculativeDecoder:
         `on_update(tokens)` receives every row's new tokens so far, after each static chunk
         (once at the end in dynamic mode): the CLI streams text with it.
         """
-        if self.gamma == "auto":
-            if not prompts or not prompts[0]:
-                raise UserError("every prompt needs at least one token")
-            self._choose_gamma(prompts[0], max_new_tokens)
-        self._check(prompts, max_new_tokens)
+        check_sampling(temperature, top_k, top_p)
+        # refuse what does not fit before anything is compiled or allocated (jaxspec.memory)
+        memory.check(self.memory_plan(prompts, max_new_tokens, temperature=temperature),
+                     self.memory_capacity())
         key = seed_key(seed, len(prompts), self.prng_impl)
         sampler, values = sampling.make(temperature, top_k, top_p)
-        longest = max(len(p) for p in prompts)
-        width = prompt_width(longest)
+        width = prompt_width(max(len(p) for p in prompts))
         prompt = np.zeros((len(prompts), width), np.int32)  # [B, P] right-padded
         for b, p in enumerate(prompts):
             prompt[b, : len(p)] = p
-        spec = LoopSpec(
-            target=self.target.config, draft=self.draft, gamma=self.gamma, sampler=sampler,
-            max_len=loop_max_len(longest, max_new_tokens, self.gamma),
-            dtype=self.target.params["embed"].dtype, layout=self.layout,
-            rejection=self.rejection)
-        args = (self.target.params, self.draft_params, jnp.asarray(prompt),
-                jnp.asarray([len(p) for p in prompts], jnp.int32),
-                key, values, jnp.int32(max_new_tokens))
+        spec = self._loop_spec(prompts, max_new_tokens, sampler)
+        args = devices.put((self.target.params, self.draft_params, jnp.asarray(prompt),
+                            jnp.asarray([len(p) for p in prompts], jnp.int32),
+                            key, values, jnp.int32(max_new_tokens)), self.device)
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static
         state, compile_seconds, wall = run(spec, args, on_update)
         stats = summarize(state, gamma=self.gamma, draft=self.draft, wall_seconds=wall,

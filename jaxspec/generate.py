@@ -3,7 +3,10 @@
 Flags follow vLLM (`--model`, `--draft`, `--num-speculative-tokens`, `--temperature`, `--top-p`,
 `--top-k`, `--seed`, `--max-new-tokens`). Text streams chunk by chunk (static loop mode, a few
 iterations per compiled call); statistics go to stderr. `--json` prints one JSON object with
-`text`, `tokens` and `stats` instead. Bad input prints one line `error: ...` and exits 2.
+`text`, `tokens` and `stats` instead. `--device` picks the backend (default auto: neuron,
+then gpu, then cpu); `--verbose` also prints the device and the memory plan to stderr. Bad
+input (a missing device and a run that does not fit in memory included) prints one line
+`error: ...` and exits 2.
 
 Heavy imports (jax, the checkpoint loaders) happen inside `run`, so `--help` and argument
 errors answer quickly.
@@ -16,7 +19,7 @@ import json
 import os
 import sys
 
-from jaxspec import validation
+from jaxspec import devices, validation
 from jaxspec.checkpoint.names import DEFAULT_MODEL, check_exists
 from jaxspec.drafts import registry
 from jaxspec.errors import UserError
@@ -68,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter dtype (default float32)")
+    p.add_argument("--device", choices=devices.CHOICES, default="auto",
+                   help="backend: auto (neuron, else gpu, else cpu; default), cpu, gpu or neuron")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the device and the memory plan to stderr")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, stats) instead of streaming")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
@@ -155,16 +162,32 @@ def stats_lines(stats: dict, has_draft: bool) -> list[str]:
     return lines
 
 
+def plan_lines(decoder, prompt: list[int], args: argparse.Namespace) -> list[str]:
+    """--verbose: the device, then the memory plan, one term per line (for stderr)."""
+    from jaxspec import memory
+
+    plan = decoder.memory_plan([prompt], args.max_new_tokens, temperature=args.temperature)
+    device = devices.or_default(decoder.device)
+    lines = [f"device {device} ({device.platform})", "memory plan:"]
+    lines += ["  " + line for line in memory.lines(plan, decoder.memory_capacity())]
+    return [f"[jaxspec] {line}" for line in lines]
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, encode, generate; stream or print JSON. Raises UserError on bad input."""
     from jaxspec.api import SpeculativeDecoder
     from jaxspec.checkpoint.load import load_model
 
-    target = load_model(args.model, dtype=args.dtype)
+    device = devices.resolve(args.device)
+    target = load_model(args.model, dtype=args.dtype, device=device)
     prompt = encode_prompt(target, args.prompt, args.chat_template)
     draft = None if args.draft == "none" else args.draft
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
-                                 mode="static", static_iterations=STATIC_ITERATIONS)
+                                 mode="static", static_iterations=STATIC_ITERATIONS,
+                                 device=device)
+    if args.verbose:
+        for line in plan_lines(decoder, prompt, args):
+            print(line, file=sys.stderr, flush=True)
     stream = TextStream(target.tokenizer, target.config.eos_token_ids, sys.stdout)
     on_update = None if args.json else (lambda rows: stream.update(rows[0]))
     out = decoder.generate([prompt], max_new_tokens=args.max_new_tokens,

@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from jaxspec import compile_cache
+from jaxspec import compile_cache, devices
 from jaxspec.checkpoint import default_model, keymap, names, store
 from jaxspec.checkpoint.conversion import open_source, source_kind
 from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
@@ -30,15 +30,19 @@ def _load_in_memory(path: str, dtype: str) -> Model:
     return Model(config=source.config, params=params, tokenizer=tokenizer, path=path)
 
 
-def load_model(source: str, *, dtype: str = "float32") -> Model:
+def load_model(source: str, *, dtype: str = "float32", device=None) -> Model:
     """Load a model from a jaxspec checkpoint dir, a Hugging Face dir, a .gguf file or a name.
 
     The only name is "smollm2-135m-instruct" (downloaded and converted once into the cache).
     Hugging Face and GGUF sources are converted in memory, nothing is written.
-    dtype: "float32" or "bfloat16" (the params' dtype after loading). The params are placed
-    on JAX's default device, in the layout that the layout policy picks for its platform.
+    dtype: "float32" or "bfloat16" (the params' dtype after loading).
+    device: None (JAX's default device), "auto", "cpu", "gpu", "neuron" or a jax.Device (see
+    jaxspec.devices; a platform JAX does not see raises UserError before anything is read).
+    The params are placed on that device, in the layout that the layout policy picks for its
+    platform.
     """
     store.numpy_dtype(dtype)
+    device = devices.resolve(device)
     compile_cache.enable()  # before anything here compiles (see jaxspec.compile_cache)
     source = os.fspath(source)
     names.check_exists(source)
@@ -46,10 +50,13 @@ def load_model(source: str, *, dtype: str = "float32") -> Model:
         source = default_model.ensure_converted()
     path = os.path.abspath(source)
     load = _load_converted if source_kind(path) == "jaxspec" else _load_in_memory
-    return place(load(path, dtype), layouts.default())
+    layout = layouts.for_platform(devices.platform(device))
+    return place(load(path, dtype), layout, device)
 
 
-def place(model: Model, layout: layouts.Layout) -> Model:
-    """The model with its params on the default device, laid out by `layout` (one copy)."""
-    params = layouts.apply(layout, jax.device_put(model.params), model.config.tie_word_embeddings)
+def place(model: Model, layout: layouts.Layout, device=None) -> Model:
+    """The model with its params on `device` (a jax.Device; None: the default device), laid
+    out by `layout` (one copy)."""
+    params = layouts.apply(layout, jax.device_put(model.params, device),
+                           model.config.tie_word_embeddings)
     return dataclasses.replace(model, params=params, layout=layout)

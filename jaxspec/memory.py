@@ -1,0 +1,207 @@
+"""The memory planner: what one generate call needs on its device, checked before allocating.
+
+`plan(spec, batch, target_params, draft_params)` counts the bytes per device of
+
+  target params      every leaf of the target's params tree
+  draft params       the draft's leaves that the target does not already hold (a layerskip
+                     draft shares the target's arrays: 0)
+  target KV cache    keys and values, 2 x [L, B, K, S, Dh] in the cache dtype (the layout
+                     policy orders the axes; it does not change the size)
+  draft state        the draft's own state (a model draft's KV cache), from the shapes that
+                     its `init_state` would allocate (`jax.eval_shape`: nothing is allocated)
+  token buffer       [B, S] int32
+  activations        the largest one: the verify logits [B, γ+1, V] fp32 and, when sampling,
+                     the draft's q [B, γ, V] and the target's p [B, γ+1, V] (fp32)
+
+as a `Plan` with a `total`. `capacity(device)` is what the device offers: the allocator's
+`bytes_limit` where `memory_stats` reports one (GPU), the host's MemAvailable on CPU (the
+params, already loaded, are then not counted again), None where unknown (e.g. Neuron: no check).
+`check` refuses a plan that does not fit with one line naming every term and the capacity.
+The plan is an estimate of what the loop holds, not XLA's exact peak (compiler scratch and
+temporaries smaller than the logits are not counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxspec.errors import UserError
+
+FP32 = 4
+INT32 = 4
+MEMINFO = "/proc/meminfo"
+LABELS = {
+    "target_params": "target params",
+    "draft_params": "draft params",
+    "target_cache": "target KV cache",
+    "draft_state": "draft state",
+    "token_buffer": "token buffer",
+    "activations": "activations",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device of each term (see the module docstring)."""
+
+    target_params: int
+    draft_params: int
+    target_cache: int
+    draft_state: int
+    token_buffer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return sum(bytes_ for _, bytes_ in self.terms())
+
+    @property
+    def params(self) -> int:
+        return self.target_params + self.draft_params
+
+    def terms(self) -> list[tuple[str, int]]:
+        """[(label, bytes)] in a fixed order."""
+        return [(LABELS[f.name], getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """Bytes a device offers. counts_params: the params must fit inside `bytes` (a device's
+    whole pool); False when `bytes` is free memory measured after the params were loaded."""
+
+    bytes: int
+    source: str
+    counts_params: bool = True
+
+
+def leaf_bytes(leaf) -> int:
+    """Bytes of an array or a jax.ShapeDtypeStruct."""
+    import numpy as np
+
+    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+
+
+def _buffer(leaf) -> int:
+    """An identity for the memory behind an array: two Array objects over one buffer match."""
+    try:
+        return leaf.unsafe_buffer_pointer()
+    except Exception:  # abstract shapes, sharded or deleted arrays
+        return id(leaf)
+
+
+def tree_bytes(tree, *, exclude=None) -> int:
+    """Bytes of the distinct arrays in `tree`, leaving out those that `exclude` holds too."""
+    import jax
+
+    seen = {_buffer(leaf) for leaf in jax.tree.leaves(exclude)}
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if _buffer(leaf) not in seen:
+            seen.add(_buffer(leaf))
+            total += leaf_bytes(leaf)
+    return total
+
+
+def cache_bytes(config, batch: int, max_len: int, dtype) -> int:
+    """Keys and values of a KV cache (models.cache.init_cache) for `config`."""
+    import numpy as np
+
+    slots = config.num_layers * batch * config.num_kv_heads * max_len * config.head_dim
+    return 2 * slots * np.dtype(dtype).itemsize
+
+
+def draft_state_bytes(spec, batch: int) -> int:
+    """Bytes of the draft's state for `batch` rows (0 without a draft), from its shapes."""
+    import jax
+
+    if spec.draft is None:
+        return 0
+    shapes = jax.eval_shape(lambda: spec.draft.init_state(batch, spec.max_len, spec.dtype,
+                                                          spec.layout))
+    return tree_bytes(shapes)
+
+
+def activation_bytes(batch: int, gamma: int, vocab: int, sampled: bool) -> int:
+    """Verify logits [B, γ+1, V] fp32, plus q [B, γ, V] and p [B, γ+1, V] fp32 when sampling."""
+    logits = batch * (gamma + 1) * vocab * FP32
+    if not sampled:
+        return logits
+    return logits + batch * gamma * vocab * FP32 + batch * (gamma + 1) * vocab * FP32
+
+
+def plan(spec, batch: int, target_params, draft_params) -> Plan:
+    """The plan of a loop with static spec `spec` (a decode.state.LoopSpec) over `batch` rows."""
+    return Plan(
+        target_params=tree_bytes(target_params),
+        draft_params=tree_bytes(draft_params, exclude=target_params),
+        target_cache=cache_bytes(spec.target, batch, spec.max_len, spec.dtype),
+        draft_state=draft_state_bytes(spec, batch),
+        token_buffer=batch * spec.max_len * INT32,
+        activations=activation_bytes(batch, spec.gamma, spec.target.vocab_size,
+                                     sampled=not spec.sampler.greedy),
+    )
+
+
+def mem_available(path: str = MEMINFO) -> int | None:
+    """The host's MemAvailable in bytes (Linux), or None when unknown."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    value, unit = line.split()[1:3]
+                    return int(value) * (1024 if unit.lower() == "kb" else 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def capacity(device) -> Capacity | None:
+    """What `device` (a jax.Device) offers, or None when unknown (then nothing is checked)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not implemented by every backend
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return Capacity(int(stats["bytes_limit"]), f"bytes_limit of {device}")
+    if device.platform == "cpu":
+        free = mem_available()
+        if free is not None:
+            return Capacity(free, "host MemAvailable, params already loaded not counted",
+                            counts_params=False)
+    return None
+
+
+def needed(p: Plan, cap: Capacity) -> int:
+    """Bytes of `p` that must fit in `cap`."""
+    return p.total if cap.counts_params else p.total - p.params
+
+
+def human(n: int) -> str:
+    """Bytes in binary units: 512 B, 1.5 KiB, 3.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check(p: Plan, cap: Capacity | None) -> None:
+    """Raise UserError (one line: every term and the capacity) when `p` does not fit."""
+    if cap is None or needed(p, cap) <= cap.bytes:
+        return
+    terms = ", ".join(f"{label} {human(b)}" for label, b in p.terms())
+    besides = "" if cap.counts_params else " besides the loaded params"
+    raise UserError(f"not enough memory: generation needs {human(needed(p, cap))}{besides} "
+                    f"({terms}; total {human(p.total)}) but the device has {human(cap.bytes)} "
+                    f"({cap.source}); use fewer prompts, a smaller max_new_tokens or a "
+                    "smaller model")
+
+
+def lines(p: Plan, cap: Capacity | None) -> list[str]:
+    """The plan for humans: one line per term, the total and the capacity."""
+    out = [f"{label:<16} {human(b):>10}" for label, b in p.terms()]
+    out.append(f"{'total':<16} {human(p.total):>10}")
+    out.append(f"{'capacity':<16} {human(cap.bytes):>10} ({cap.source})" if cap is not None
+               else f"{'capacity':<16} {'unknown':>10} (not checked)")
+    return out
