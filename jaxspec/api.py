@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxspec import compile_cache, devices, kernels, memory, tuning
 from jaxspec.checkpoint import names
@@ -27,6 +28,7 @@ from jaxspec.decode.stats import summarize
 from jaxspec.drafts import registry
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
+from jaxspec.models import sharding
 from jaxspec.validation import check_max_new_tokens, check_sampling, check_speculative_tokens
 
 MODES = ("dynamic", "static")
@@ -89,11 +91,16 @@ class SpeculativeDecoder:
         where they are), "auto" (neuron, else gpu, else cpu), "cpu", "gpu", "neuron" or a
         jax.Device (jaxspec.devices). A device's platform picks the layout policy (the models'
         params are placed there in it) and the rejection kernel (the NKI one on "neuron").
+      tp, dp: tensor and data parallelism over tp × dp devices of that platform
+        (models.sharding): params split along key/value heads, MLP columns and vocabulary,
+        the batch's rows over dp (the number of prompts must be a multiple of dp). A target
+        loaded with load_model(tp=, dp=) brings its mesh.
     """
 
     def __init__(self, target, draft=None, *, num_speculative_tokens: int | str = 4,
                  mode: str | None = None, static_iterations: int = 8,
-                 prng_impl: str | None = None, draft_params=None, device=None):
+                 prng_impl: str | None = None, draft_params=None, device=None, tp: int = 1,
+                 dp: int = 1):
         if draft not in (None, "none"):
             check_speculative_tokens(num_speculative_tokens)
         self.device = devices.resolve(device)
@@ -104,8 +111,15 @@ class SpeculativeDecoder:
         compile_cache.enable()
         self.layout = (layouts.for_platform(platform) if self.device is not None
                        else getattr(target, "layout", None) or layouts.default())
-        self.target = target = placed(target, self.device, self.layout)
+        self.mesh = getattr(target, "mesh", None) or sharding.mesh_for(
+            target.config, tp=tp, dp=dp, platform=platform)
+        target = placed(target, self.device, self.layout)
+        if self.mesh is not None:  # before drafts: layerskip shares the sharded arrays
+            target = sharding.shard_model(target, self.mesh)
+        self.target = target
         self.draft, self.draft_model = resolve_draft(draft, target, self.device, self.layout)
+        if self.mesh is not None and self.draft_model is not None:
+            self.draft_model = sharding.shard_model(self.draft_model, self.mesh)
         self.draft_params = (self.draft_model.params if self.draft_model is not None
                              else devices.put(draft_params, self.device))
         self.platform = platform
@@ -174,7 +188,7 @@ class SpeculativeDecoder:
             target=self.target.config, draft=self.draft, gamma=self.gamma, sampler=sampler,
             max_len=loop_max_len(longest, max_new_tokens, self.gamma),
             dtype=self.target.params["embed"].dtype, layout=self.layout,
-            rejection=self.rejection)
+            rejection=self.rejection, mesh=self.mesh)
 
     def _resolve_gamma(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if self.gamma == "auto":
@@ -210,9 +224,14 @@ class SpeculativeDecoder:
         (once at the end in dynamic mode): the CLI streams text with it.
         """
         check_sampling(temperature, top_k, top_p)
-        # refuse what does not fit before anything is compiled or allocated (jaxspec.memory)
-        memory.check(self.memory_plan(prompts, max_new_tokens, temperature=temperature),
-                     self.memory_capacity())
+        if self.mesh is not None and len(prompts) % self.mesh.shape[sharding.DATA]:
+            raise UserError(f"{len(prompts)} prompts do not split over dp="
+                            f"{self.mesh.shape[sharding.DATA]}: give a multiple of dp")
+        # refuse what does not fit before anything is compiled or allocated (jaxspec.memory;
+        # the plan is per device only without a mesh)
+        if self.mesh is None:
+            memory.check(self.memory_plan(prompts, max_new_tokens, temperature=temperature),
+                         self.memory_capacity())
         key = seed_key(seed, len(prompts), self.prng_impl)
         sampler, values = sampling.make(temperature, top_k, top_p)
         width = prompt_width(max(len(p) for p in prompts))
@@ -220,9 +239,8 @@ class SpeculativeDecoder:
         for b, p in enumerate(prompts):
             prompt[b, : len(p)] = p
         spec = self._loop_spec(prompts, max_new_tokens, sampler)
-        args = devices.put((self.target.params, self.draft_params, jnp.asarray(prompt),
-                            jnp.asarray([len(p) for p in prompts], jnp.int32),
-                            key, values, jnp.int32(max_new_tokens)), self.device)
+        args = self._inputs(jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts], jnp.int32),
+                            key, values, jnp.int32(max_new_tokens))
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static
         state, compile_seconds, wall = run(spec, args, on_update)
         stats = summarize(state, gamma=self.gamma, draft=self.draft, wall_seconds=wall,
@@ -230,6 +248,18 @@ class SpeculativeDecoder:
         if self.gamma_choice is not None:
             stats["gamma_choice"] = self.gamma_choice.as_stats()
         return GenerateOutput(tokens=new_tokens(state), stats=stats)
+
+    def _inputs(self, prompt, prompt_lengths, key, values, max_new_tokens) -> tuple:
+        """generate_tokens' arguments after spec, committed to the device (or, with a mesh:
+        rows split over "data", the rest replicated)."""
+        rest = (key, values, max_new_tokens)
+        if self.mesh is None:
+            return devices.put((self.target.params, self.draft_params, prompt, prompt_lengths,
+                                *rest), self.device)
+        rows, everywhere = sharding.rows(self.mesh), NamedSharding(self.mesh, PartitionSpec())
+        return (self.target.params, self.draft_params, *jax.device_put((prompt, prompt_lengths),
+                                                                       rows),
+                *jax.device_put(rest, everywhere))
 
     def _run_dynamic(self, spec, args, on_update):
         compiled, compile_seconds = self._compile("dynamic", loop.generate_tokens, spec, *args)

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (default float32)")
     p.add_argument("--device", choices=devices.CHOICES, default="auto",
                    help="backend: auto (neuron, else gpu, else cpu; default), cpu, gpu or neuron")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: split the models over N devices (default 1)")
+    p.add_argument("--dp", type=int, default=1, metavar="M",
+                   help="data parallelism over M more device groups (the CLI's one prompt "
+                        "needs 1; default 1)")
     p.add_argument("--verbose", action="store_true",
                    help="also print the device and the memory plan to stderr")
     p.add_argument("--json", action="store_true",
@@ -91,6 +96,9 @@ def validate(args: argparse.Namespace) -> None:
     validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    if args.tp < 1 or args.dp != 1:
+        raise UserError(f"--tp must be >= 1 and --dp 1 for the CLI's single prompt, got "
+                        f"--tp {args.tp} --dp {args.dp}")
     check_exists(args.model, "--model")
     draft = registry.parse(args.draft)
     if draft.kind == registry.MODEL:
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxspec.checkpoint.load import load_model
 
     device = devices.resolve(args.device)
-    target = load_model(args.model, dtype=args.dtype, device=device)
+    target = load_model(args.model, dtype=args.dtype, device=device, tp=args.tp)
     prompt = encode_prompt(target, args.prompt, args.chat_template)
     draft = None if args.draft == "none" else args.draft
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,

@@ -13,24 +13,29 @@ from jaxspec.checkpoint import default_model, keymap, names, store
 from jaxspec.checkpoint.conversion import open_source, source_kind
 from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
 from jaxspec.models import layout as layouts
+from jaxspec.models import sharding
 from jaxspec.models.loaded import Model
 
 
-def _load_converted(path: str, dtype: str) -> Model:
+def _load_converted(path: str, dtype: str, mesh_of) -> Model:
     config, version = store.read_meta(path)
-    params = store.restore_params(path, config, version, dtype)
-    return Model(config=config, params=params, tokenizer=load_tokenizer(path), path=path)
+    mesh = mesh_of(config)
+    params = store.restore_params(path, config, version, dtype, mesh)
+    return Model(config=config, params=params, tokenizer=load_tokenizer(path), path=path,
+                 mesh=mesh)
 
 
-def _load_in_memory(path: str, dtype: str) -> Model:
+def _load_in_memory(path: str, dtype: str, mesh_of) -> Model:
     np_dtype = store.numpy_dtype(dtype)
     with open_source(path) as source:
         params = keymap.build_params(source.config, source.get, np_dtype)
         tokenizer = tokenizer_from_files(source.tokenizer_files)
-    return Model(config=source.config, params=params, tokenizer=tokenizer, path=path)
+    return Model(config=source.config, params=params, tokenizer=tokenizer, path=path,
+                 mesh=mesh_of(source.config))
 
 
-def load_model(source: str, *, dtype: str = "float32", device=None) -> Model:
+def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
+               dp: int = 1) -> Model:
     """Load a model from a jaxspec checkpoint dir, a Hugging Face dir, a .gguf file or a name.
 
     The only name is "smollm2-135m-instruct" (downloaded and converted once into the cache).
@@ -39,7 +44,9 @@ def load_model(source: str, *, dtype: str = "float32", device=None) -> Model:
     device: None (JAX's default device), "auto", "cpu", "gpu", "neuron" or a jax.Device (see
     jaxspec.devices; a platform JAX does not see raises UserError before anything is read).
     The params are placed on that device, in the layout that the layout policy picks for its
-    platform.
+    platform. tp, dp > 1: split over a tp × dp mesh of that platform's devices instead
+    (models.sharding); a converted checkpoint is restored shard by shard, each onto its
+    device, without gathering the whole model on one.
     """
     store.numpy_dtype(dtype)
     device = devices.resolve(device)
@@ -50,13 +57,18 @@ def load_model(source: str, *, dtype: str = "float32", device=None) -> Model:
         source = default_model.ensure_converted()
     path = os.path.abspath(source)
     load = _load_converted if source_kind(path) == "jaxspec" else _load_in_memory
-    layout = layouts.for_platform(devices.platform(device))
-    return place(load(path, dtype), layout, device)
+    platform = devices.platform(device)
+    model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,
+                                                               platform=platform))
+    return place(model, layouts.for_platform(platform), device)
 
 
 def place(model: Model, layout: layouts.Layout, device=None) -> Model:
-    """The model with its params on `device` (a jax.Device; None: the default device), laid
-    out by `layout` (one copy)."""
-    params = layouts.apply(layout, jax.device_put(model.params, device),
-                           model.config.tie_word_embeddings)
+    """The model with its params on `device` (a jax.Device; None: the default device), or on
+    its mesh when it has one, laid out by `layout` (one copy)."""
+    if model.mesh is not None:
+        params = sharding.shard_params(model.params, model.mesh)
+    else:
+        params = jax.device_put(model.params, device)
+    params = layouts.apply(layout, params, model.config.tie_word_embeddings)
     return dataclasses.replace(model, params=params, layout=layout)

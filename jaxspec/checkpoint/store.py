@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from jaxspec.checkpoint import keymap
 from jaxspec.checkpoint.source import one_line
 from jaxspec.errors import UserError
-from jaxspec.models import decoder
+from jaxspec.models import decoder, sharding
 from jaxspec.models.config import ModelConfig
 
 MARKER = "jaxspec_checkpoint"
@@ -102,10 +102,14 @@ def _v1_shapes(config: ModelConfig, params):
     return {**params, "layers": [flat(layer) for layer in params["layers"]]}
 
 
-def restore_params(path: str, config: ModelConfig, version: int, dtype: str):
-    """Restore params from path/params as numpy arrays of dtype (cast from the stored dtype)."""
+def restore_params(path: str, config: ModelConfig, version: int, dtype: str, mesh=None):
+    """Restore params from path/params in dtype (cast from the stored dtype): numpy arrays, or
+    with a mesh jax arrays split by models.sharding, each shard read onto its own device."""
     np_dtype = numpy_dtype(dtype)
     target = jax.eval_shape(lambda: decoder.init_params(config, jax.random.key(0), np_dtype))
+    if mesh is not None and version != 1:
+        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+                              target, sharding.param_shardings(target, mesh))
     if version == 1:
         target = _v1_shapes(config, target)
     params_dir = os.path.join(os.path.abspath(path), "params")

@@ -19,3 +19,4 @@ class Model:
     tokenizer: Any = None  # transformers PreTrainedTokenizerFast, or None (id-only use)
     path: str | None = None
     layout: Layout | None = None  # None: the default backend's policy (models.layout.default)
+    mesh: Any = None  # the jax.sharding.Mesh its params are split on (models.sharding), or None

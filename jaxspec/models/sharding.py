@@ -48,6 +48,15 @@ def check(config: ModelConfig, *, tp: int, dp: int, devices: int, what: str = "m
                             f"that divides {size}")
 
 
+def mesh_for(config: ModelConfig, *, tp: int, dp: int, platform: str) -> Mesh | None:
+    """A checked mesh of tp × dp devices of `platform` ("cpu", "gpu", ...); None for 1 × 1."""
+    if tp == 1 and dp == 1:
+        return None
+    available = jax.devices(platform)
+    check(config, tp=tp, dp=dp, devices=len(available), what="target")
+    return make_mesh(tp, dp, available)
+
+
 def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
     """A ("data", "model") mesh of dp × tp devices (the first ones of `devices`)."""
     devices = list(devices if devices is not None else jax.devices())[: dp * tp]
@@ -84,3 +93,19 @@ def constrain_cache(kv, mesh: Mesh):
     split = cache(mesh)
     return kv.replace(k=jax.lax.with_sharding_constraint(kv.k, split),
                       v=jax.lax.with_sharding_constraint(kv.v, split))
+
+
+def shard_model(model, mesh: Mesh):
+    """`model` with its params on the mesh: split by PARAM_SPECS where its shapes allow (see
+    check), else replicated (e.g. a draft with fewer key/value heads than tp). Carries `mesh`."""
+    import dataclasses
+
+    if getattr(model, "mesh", None) == mesh:
+        return model
+    tp = mesh.shape[MODEL]
+    try:
+        check(model.config, tp=tp, dp=1, devices=tp)
+        params = shard_params(model.params, mesh)
+    except UserError:
+        params = jax.device_put(model.params, NamedSharding(mesh, P()))
+    return dataclasses.replace(model, params=params, mesh=mesh)

@@ -57,10 +57,32 @@ def _spec(array) -> list:
     return spec
 
 
+def through_the_api(directory: str) -> dict:
+    """load_model(tp=2) restores a converted checkpoint shard by shard; SpeculativeDecoder
+    takes its mesh (and tp/dp itself); tokens as on one device."""
+    from helpers import tiny_hf_model
+
+    from jaxspec.checkpoint import convert
+
+    path = convert(tiny_hf_model("qwen2", directory), f"{directory}/converted")
+    prompts = [[5, 6, 7, 5, 6], [9, 1, 2, 3]]
+    single = jaxspec.load_model(path)
+    sharded = jaxspec.load_model(path, tp=2)
+    out = {"restored": {name: _spec(a) for name, a in (
+        ("embed", sharded.params["embed"]), ("wqkv", sharded.params["layers"][0]["wqkv"]),
+        ("w_down", sharded.params["layers"][1]["w_down"]))}}
+    for name, model, kwargs in (("single", single, {}), ("loaded_tp2", sharded, {}),
+                                ("decoder_tp2_dp2", single, dict(tp=2, dp=2))):
+        dec = jaxspec.SpeculativeDecoder(model, "layerskip:1", num_speculative_tokens=2,
+                                         **kwargs)
+        out[name] = dec.generate(prompts, max_new_tokens=10, temperature=0.7, seed=5).tokens
+    return out
+
+
 def main():
     target = tiny_model(0, std=0.5, vocab=48, hidden=64, heads=8, kv_heads=4, intermediate=128)
     draft = perturbed(target, noise=0.02)
-    out = {}
+    out = {"api": through_the_api(sys.argv[1])}
     for name, shape in MESHES.items():
         mesh = None if shape is None else sharding.make_mesh(*shape)
         for kind in ("none", "model", "ngram"):

@@ -17,11 +17,11 @@ from jaxspec.models import sharding
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(tmp_path_factory):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": os.path.join(REPO, "tests")}
-    done = subprocess.run([sys.executable, os.path.join(REPO, "tests", "models",
-                                                        "sharding_worker.py")],
+    worker = os.path.join(REPO, "tests", "models", "sharding_worker.py")
+    done = subprocess.run([sys.executable, worker, str(tmp_path_factory.mktemp("sharding"))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
@@ -46,6 +46,12 @@ def test_arrays_carry_the_intended_shardings(results):
     assert found["norm"] == []  # replicated
 
 
+def test_api_restores_shards_and_decodes_alike(results):
+    api = results["api"]
+    assert api["restored"] == {"embed": ["model"], "wqkv": [None, "model"], "w_down": ["model"]}
+    assert api["loaded_tp2"] == api["single"] and api["decoder_tp2_dp2"] == api["single"]
+
+
 @pytest.mark.parametrize("tp,dp,message", [
     (3, 1, "does not divide the model's key/value heads (2)"),
     (2, 4, "needs 8 devices; 4 available"),
@@ -56,3 +62,19 @@ def test_bad_meshes_are_refused_in_one_line(tp, dp, message):
     with pytest.raises(UserError) as info:
         sharding.check(config, tp=tp, dp=dp, devices=4)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tp", "2"], "tp × dp = 2 needs 2 devices; 1 available"),
+    (["--dp", "2"], "--dp 1 for the CLI's single prompt"),
+])
+def test_cli_refuses_meshes_it_cannot_build(tmp_path, capsys, flags, message):
+    from helpers import tiny_hf_model
+
+    from jaxspec.generate import main
+
+    model = tiny_hf_model("llama", tmp_path)
+    capsys.readouterr()  # transformers' own progress output while saving
+    assert main(["hi", "--model", model, "--max-new-tokens", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
