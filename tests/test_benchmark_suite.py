@@ -1,0 +1,137 @@
+"""`scripts/benchmark.py --suite` (jaxspec.bench_suite, jaxspec.bench_report).
+
+One end-to-end run on a tiny random Hugging Face llama (every draft kind, transformers greedy,
+prompt lookup and an assistant model) checks the JSON, the Markdown and the PNGs; a malformed
+prompts file is checked in a real subprocess (exit 2, one line naming the line number); the
+rest is cheap and in-process.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, tiny_hf_model
+
+from jaxspec import bench_suite
+from jaxspec.decode.sizing import loop_max_len
+from jaxspec.errors import UserError
+
+SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
+SUITE_PROMPTS = os.path.join(REPO, "scripts", "prompts", "suite.jsonl")
+CATEGORY_KEYS = {"prompts", "new_tokens", "seconds_best", "seconds_median", "tok_s",
+                 "tok_s_median", "identical_to_plain", "speedup", "vs_jaxspec_plain"}
+DRAFT_KEYS = {"acceptance_rate", "mean_accepted_length", "accepted_per_position",
+              "predicted_speedup", "measured_over_predicted"}
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_set_has_eight_per_category():
+    prompts = bench_suite.load_prompts(SUITE_PROMPTS)
+    counts = collections.Counter(p.category for p in prompts)
+    assert set(counts) == set(bench_suite.CATEGORIES), counts
+    assert min(counts.values()) >= 8, counts
+
+
+def test_suite_end_to_end(script, tmp_path, capsys):
+    model = tiny_hf_model("llama", tmp_path)
+    out_json, out_png = tmp_path / "suite.json", tmp_path / "suite.png"
+    rc = script.main([
+        "--suite", "--model", model, "--draft", model, "--drafts", "ngram,layerskip:1",
+        "--gammas", "1,2", "--categories", "code,chat", "--prompts-per-category", "1",
+        "--max-new-tokens", "6", "--cost-steps", "2", "--copy-mb", "512",
+        "--out-json", str(out_json), "--out-png", str(out_png)])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert {"machine", "settings", "prompts", "hardware", "costs", "configs",
+            "peak_rss_mib", "notes"} <= set(result)
+    assert {"cpu_model", "cpu_count", "backend", "jax", "jaxlib", "date"} <= set(
+        result["machine"])
+    assert set(result["hardware"]["floor_tok_s"]) == {
+        "copy_1_thread", "copy_all_cores", "read_1_thread", "read_all_cores"}
+    configs = {c["name"]: c for c in result["configs"]}
+    name = os.path.basename(model)
+    for gamma in (1, 2):
+        for draft in ("ngram", "layerskip:1", name):
+            config = configs[f"jaxspec {draft} γ={gamma}"]
+            assert {"c", "v", "compile_seconds", "peak_rss_growth_mib"} <= set(config)
+            for category in ("code", "chat", "all"):
+                numbers = config["categories"][category]
+                assert CATEGORY_KEYS | DRAFT_KEYS <= set(numbers), category
+                assert len(numbers["accepted_per_position"]) == gamma
+                assert numbers["identical_to_plain"] == numbers["prompts"]  # exact greedy
+    assert configs[f"jaxspec {name} γ=2"]["categories"]["all"]["acceptance_rate"] == 1.0
+    assert {"transformers greedy", "transformers prompt lookup γ=2",
+            "transformers assistant γ=2"} <= set(configs)
+    out = capsys.readouterr().out
+    assert "| configuration |" in out and "| jaxspec ngram γ=2 |" in out
+    for suffix in ("_speedup.png", "_acceptance.png"):
+        with open(tmp_path / f"suite{suffix}", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_malformed_prompts_line_fails_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "code", "prompt": "Write a loop."}\n\n'
+                   '{"category": "chat", "prompt": "Hi"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, SCRIPT, "--suite", "--prompts", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("benchmark: error: "), done.stderr
+    assert f"{bad} line 3:" in lines[0]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('["code", "x"]', "expected a JSON object"),
+    ('{"category": "code"}', '"prompt" must be a non-empty string'),
+    ('{"category": "", "prompt": "x"}', '"category" must be a non-empty string'),
+    ('{"category": "code", "prompt": 3}', '"prompt" must be a non-empty string'),
+])
+def test_prompt_line_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"category": "code", "prompt": "ok"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"line 2: {message}"):
+        bench_suite.load_prompts(str(path))
+
+
+def test_select_prompts_per_category_and_unknown_category():
+    prompts = bench_suite.load_prompts(SUITE_PROMPTS)
+    chosen = bench_suite.select_prompts(prompts, ["chat", "code"], 2)
+    assert [p.category for p in chosen] == ["chat", "chat", "code", "code"]
+    with pytest.raises(UserError, match="no prompts in category 'poetry'"):
+        bench_suite.select_prompts(prompts, ["poetry"], 2)
+
+
+def test_ar_and_spec_defaults_unchanged_and_suite_options_need_suite(script):
+    spec = script.parse_args(["--spec"])
+    assert (spec.draft, spec.gammas, spec.max_new_tokens, spec.repeats, spec.out_json,
+            spec.out_png) == ("layerskip:8", [1, 2, 3, 4, 6, 8], 128, 3, "bench.json",
+                              "bench.png")
+    suite = script.parse_args(["--suite"])
+    assert (suite.gammas, suite.drafts, suite.max_new_tokens, suite.hf_gammas) == (
+        list(range(1, 9)), ["ngram", "layerskip:8"], 64, [2, 4, 8])
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--ar", "--categories", "code"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("prompt_length, n, gamma", [(100, 64, 1), (100, 64, 8), (5, 200, 3)])
+def test_warmup_uses_the_same_buffer_size(prompt_length, n, gamma):
+    k = bench_suite.warmup_tokens(prompt_length, n, gamma)
+    assert loop_max_len(prompt_length, k, gamma) == loop_max_len(prompt_length, n, gamma)
+    assert k == 1 or loop_max_len(prompt_length, k - 1, gamma) < loop_max_len(
+        prompt_length, n, gamma)
