@@ -18,7 +18,7 @@ import sys
 import pytest
 from helpers import REPO, tiny_hf_model
 
-from jaxspec import bench_suite
+from jaxspec import bench_prompts, bench_suite
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -39,7 +39,7 @@ def script():
 
 
 def test_prompt_set_has_eight_per_category():
-    prompts = bench_suite.load_prompts(SUITE_PROMPTS)
+    prompts = bench_prompts.load_prompts(SUITE_PROMPTS)
     counts = collections.Counter(p.category for p in prompts)
     assert set(counts) == set(bench_suite.CATEGORIES), counts
     assert min(counts.values()) >= 8, counts
@@ -105,15 +105,15 @@ def test_prompt_line_errors_name_the_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text('{"category": "code", "prompt": "ok"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=f"line 2: {message}"):
-        bench_suite.load_prompts(str(path))
+        bench_prompts.load_prompts(str(path))
 
 
 def test_select_prompts_per_category_and_unknown_category():
-    prompts = bench_suite.load_prompts(SUITE_PROMPTS)
-    chosen = bench_suite.select_prompts(prompts, ["chat", "code"], 2)
+    prompts = bench_prompts.load_prompts(SUITE_PROMPTS)
+    chosen = bench_prompts.select_prompts(prompts, ["chat", "code"], 2)
     assert [p.category for p in chosen] == ["chat", "chat", "code", "code"]
     with pytest.raises(UserError, match="no prompts in category 'poetry'"):
-        bench_suite.select_prompts(prompts, ["poetry"], 2)
+        bench_prompts.select_prompts(prompts, ["poetry"], 2)
 
 
 def test_ar_and_spec_defaults_unchanged_and_suite_options_need_suite(script):
