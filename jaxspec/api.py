@@ -203,7 +203,10 @@ class SpeculativeDecoder:
         γ is chosen first (as generate would)."""
         self._resolve_gamma(prompts, max_new_tokens)
         self._check(prompts, max_new_tokens)
-        spec = self._loop_spec(prompts, max_new_tokens, sampling.Sampler(greedy=temperature == 0))
+        return self._plan(prompts, max_new_tokens, sampling.Sampler(greedy=temperature == 0))
+
+    def _plan(self, prompts, max_new_tokens: int, sampler: sampling.Sampler) -> memory.Plan:
+        spec = self._loop_spec(prompts, max_new_tokens, sampler)
         return memory.plan(spec, len(prompts), self.target.params, self.draft_params)
 
     def memory_capacity(self) -> memory.Capacity | None:
@@ -224,14 +227,16 @@ class SpeculativeDecoder:
         (once at the end in dynamic mode): the CLI streams text with it.
         """
         check_sampling(temperature, top_k, top_p)
+        sampler = sampling.Sampler(greedy=temperature == 0)  # enough for the memory plan
+        self._resolve_gamma(prompts, max_new_tokens)
+        self._check(prompts, max_new_tokens)
         if self.mesh is not None and len(prompts) % self.mesh.shape[sharding.DATA]:
             raise UserError(f"{len(prompts)} prompts do not split over dp="
                             f"{self.mesh.shape[sharding.DATA]}: give a multiple of dp")
         # refuse what does not fit before anything is compiled or allocated (jaxspec.memory;
         # the plan is per device only without a mesh)
         if self.mesh is None:
-            memory.check(self.memory_plan(prompts, max_new_tokens, temperature=temperature),
-                         self.memory_capacity())
+            memory.check(self._plan(prompts, max_new_tokens, sampler), self.memory_capacity())
         key = seed_key(seed, len(prompts), self.prng_impl)
         sampler, values = sampling.make(temperature, top_k, top_p)
         width = prompt_width(max(len(p) for p in prompts))

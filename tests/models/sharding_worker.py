@@ -15,6 +15,7 @@ import jaxspec
 from jaxspec.decode import sampling
 from jaxspec.drafts.model_draft import ModelDraft
 from jaxspec.drafts.ngram import NgramDraft
+from jaxspec.errors import UserError
 from jaxspec.models import sharding
 
 PROMPTS = [[5, 17, 3, 9], [40, 2], [7, 7, 7, 1, 2], [12, 44, 30]]  # B = 4
@@ -76,6 +77,10 @@ def through_the_api(directory: str) -> dict:
         dec = jaxspec.SpeculativeDecoder(model, "layerskip:1", num_speculative_tokens=2,
                                          **kwargs)
         out[name] = dec.generate(prompts, max_new_tokens=10, temperature=0.7, seed=5).tokens
+    try:  # a mesh skips the memory plan, not the input checks
+        dec.generate([[5, 10**6], [1, 2]], max_new_tokens=4)
+    except UserError as e:
+        out["bad_token_error"] = str(e)
     return out
 
 
