@@ -103,12 +103,15 @@ def tree_bytes(tree, *, exclude=None) -> int:
     return total
 
 
-def cache_bytes(config, batch: int, max_len: int, dtype) -> int:
-    """Keys and values of a KV cache (models.cache.init_cache) for `config`."""
-    import numpy as np
+def cache_bytes(spec, batch: int) -> int:
+    """Keys and values of the target's KV cache, from the shapes models.cache.init_cache
+    would allocate (`jax.eval_shape`: nothing is allocated)."""
+    import jax
 
-    slots = config.num_layers * batch * config.num_kv_heads * max_len * config.head_dim
-    return 2 * slots * np.dtype(dtype).itemsize
+    from jaxspec.models.cache import init_cache
+
+    return tree_bytes(jax.eval_shape(lambda: init_cache(spec.target, batch, spec.max_len,
+                                                        spec.dtype, spec.layout)))
 
 
 def draft_state_bytes(spec, batch: int) -> int:
@@ -135,7 +138,7 @@ def plan(spec, batch: int, target_params, draft_params) -> Plan:
     return Plan(
         target_params=tree_bytes(target_params),
         draft_params=tree_bytes(draft_params, exclude=target_params),
-        target_cache=cache_bytes(spec.target, batch, spec.max_len, spec.dtype),
+        target_cache=cache_bytes(spec, batch),
         draft_state=draft_state_bytes(spec, batch),
         token_buffer=batch * spec.max_len * INT32,
         activations=activation_bytes(batch, spec.gamma, spec.target.vocab_size,
