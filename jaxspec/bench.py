@@ -377,18 +377,3 @@ def interleaved(calls: dict[str, Callable], rounds: int,
         for name, call in calls.items():
             seen[name].append(call())
     return seen
-
-
-# ---------------------------------------------------------------------------- predictions
-
-
-def predicted_speedup(tokens_per_iteration: float, gamma: int, c: float, v: float) -> float:
-    """Speedup over plain decoding: tokens per iteration ÷ iteration cost in decode steps."""
-    return tokens_per_iteration / (gamma * c + v)
-
-
-def iid_tokens_per_iteration(alpha: float, gamma: int) -> float:
-    """(1 − α^(γ+1)) / (1 − α): expected tokens per iteration for i.i.d. acceptances."""
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1 - alpha ** (gamma + 1)) / (1 - alpha)

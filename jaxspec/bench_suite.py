@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from jaxspec import bench_report
+from jaxspec import bench_report, tuning
 from jaxspec.bench_prompts import (PeakRss, Prompt, encode, fit, load_prompts, machine_info,
                                    select_prompts)
 from jaxspec.bench_report import ALL, draft_label
@@ -367,9 +367,7 @@ def add_speedups(row: dict, own_plain: Config | None, jax_plain: Config | None,
             cat["vs_jaxspec_plain"] = (cat["tok_s"] /
                                        category_summary(jax_plain, groups[name], None)["tok_s"])
         if "c" in row and "mean_accepted_length" in cat:
-            from jaxspec import bench
-
-            cat["predicted_speedup"] = bench.predicted_speedup(
+            cat["predicted_speedup"] = tuning.predicted_speedup(
                 cat["mean_accepted_length"], row["gamma"], row["c"], row["v"])
             cat["measured_over_predicted"] = cat["speedup"] / cat["predicted_speedup"]
 

@@ -31,9 +31,14 @@ def expected_tokens(alpha: float, gamma: int) -> float:
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
+def predicted_speedup(tokens_per_iteration: float, gamma: int, c: float, v: float) -> float:
+    """Speedup over plain decoding: tokens per iteration ÷ iteration cost in decode steps."""
+    return tokens_per_iteration / (gamma * c + v)
+
+
 def predicted_speedups(alpha: float, c: float, v: dict[int, float]) -> dict[int, float]:
     """{γ: predicted speedup over plain decoding} for every γ in v (v[0] must be 1)."""
-    return {g: expected_tokens(alpha, g) / (g * c + v[g]) for g in sorted(v)}
+    return {g: predicted_speedup(expected_tokens(alpha, g), g, c, v[g]) for g in sorted(v)}
 
 
 def best_gamma(alpha: float, c: float, v: dict[int, float]) -> int:

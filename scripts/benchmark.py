@@ -28,7 +28,7 @@ import sys
 
 from tqdm import tqdm
 
-from jaxspec import bench, bench_suite
+from jaxspec import bench, bench_suite, tuning
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -318,14 +318,14 @@ def spec_row(g, runs, ar, ar_tokens, costs, prompt_length, n) -> dict:
     stats = runs[0][1]
     spec = bench.best_median([s["tokens_per_second"] for _, s in runs])
     alpha, mal = stats["acceptance_rate"], stats["mean_accepted_length"]
-    predicted = bench.predicted_speedup(mal, g, c, v)
+    predicted = tuning.predicted_speedup(mal, g, c, v)
     measured = spec["best"] / ar["best"]
     return {"gamma": g, "acceptance_rate": alpha, "mean_accepted_length": mal,
             "iterations": stats["target_forward_calls"] - 1, "c": c, "c_first_2_tokens": c2,
             "v": v, "predicted_2_token_first": mal / (c2 + (g - 1) * c + v),
             "spec_tok_s": spec, "speedup": measured,
             "speedup_median": spec["median"] / ar["median"], "predicted": predicted,
-            "predicted_iid": bench.predicted_speedup(bench.iid_tokens_per_iteration(alpha, g),
+            "predicted_iid": tuning.predicted_speedup(tuning.expected_tokens(alpha, g),
                                                      g, c, v),
             "measured_over_predicted": measured / predicted,
             "pass": measured / predicted >= PREDICTION_TARGET,
