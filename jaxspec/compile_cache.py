@@ -19,7 +19,7 @@ ENV = "JAXSPEC_COMPILE_CACHE"
 
 def directory() -> str:
     """$JAXSPEC_CACHE/xla (default ~/.cache/jaxspec/xla)."""
-    from jaxspec.checkpoint.default_model import cache_dir
+    from jaxspec.paths import cache_dir
 
     return os.path.join(cache_dir(), "xla")
 

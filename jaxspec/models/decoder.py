@@ -28,6 +28,7 @@ run them in TF32); bf16 products keep the backend's default.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,6 +38,7 @@ import numpy as np
 from jaxspec.models import cache as kv
 from jaxspec.models.cache import KVCache
 from jaxspec.models.config import ModelConfig
+from jaxspec.models.layout import Layout
 
 Params = dict
 
@@ -46,6 +48,33 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
     fp32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
     precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
     return jnp.einsum(spec, a, b, precision=precision, **kwargs)
+
+
+def dense(x: jax.Array, w: jax.Array, layout: Layout | None = None) -> jax.Array:
+    """x[..., I] @ w[I, *O] -> [..., *O]: a projection.
+
+    Through the CPU small-M kernel (jaxspec.kernels.cpu_matmul) when the layout policy asks for
+    it, the product fits it (fp32, at most 16 rows) and it is available; XLA's dot otherwise (and
+    on any non-CPU platform the program is lowered for).
+    """
+    xla = functools.partial(_xla_dense, w_dims=w.ndim - 1)
+    if layout is None or not layout.small_m_matmul:
+        return xla(x, w)
+    from jaxspec.kernels import cpu_matmul
+
+    if not (cpu_matmul.fits(x, w) and cpu_matmul.available()):
+        return xla(x, w)
+    rows = x.reshape(-1, x.shape[-1])  # [M, I]
+    columns = w.reshape(w.shape[0], -1)  # [I, N]
+    out = jax.lax.platform_dependent(rows, columns, cpu=cpu_matmul.matmul,
+                                     default=functools.partial(_xla_dense, w_dims=1))
+    return out.reshape(x.shape[:-1] + w.shape[1:])
+
+
+def _xla_dense(x, w, *, w_dims: int):
+    fp32 = x.dtype == jnp.float32 and w.dtype == jnp.float32
+    precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
+    return jnp.tensordot(x, w, axes=1, precision=precision)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -102,7 +131,7 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
     B, T, _ = x.shape
     G = config.num_groups
-    qkv = einsum("BTD,DKNH->BTKNH", x, layer["wqkv"])  # [B, T, K, G + 2, Dh]
+    qkv = dense(x, layer["wqkv"], cache.layout)  # [B, T, K, G + 2, Dh]
     if config.attention_bias:
         qkv = qkv + layer["bqkv"]
     q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # [B,T,K,G,Dh], [B,T,K,Dh]
@@ -120,13 +149,12 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     values_spec = "BKDS" if cache.values_slots_last else "BKSD"
     out = einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
     out = out.reshape(B, T, config.num_heads * config.head_dim)  # [B, T, H * Dh]
-    return einsum("BTI,ID->BTD", out, layer["wo"]), cache
+    return dense(out, layer["wo"], cache.layout), cache
 
 
-def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
-    gate_up = einsum("BTD,DCF->BTCF", x, layer["w_gate_up"])  # [B, T, 2, F]
-    return einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1],
-                  layer["w_down"])
+def mlp(config: ModelConfig, layer, x: jax.Array, layout: Layout) -> jax.Array:
+    gate_up = dense(x, layer["w_gate_up"], layout)  # [B, T, 2, F]
+    return dense(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], layer["w_down"], layout)
 
 
 def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
@@ -147,7 +175,8 @@ def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KV
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
         x = x + out
-        x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps),
+                    cache.layout)
     streams[len(params["layers"])] = x
     captured = None
     if capture:
@@ -162,9 +191,12 @@ def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache:
     return hidden, cache
 
 
-def logits(params: Params, hidden: jax.Array) -> jax.Array:
-    """Output layer: hidden[..., D] -> logits[..., V] in fp32."""
+def logits(params: Params, hidden: jax.Array, layout: Layout | None = None) -> jax.Array:
+    """Output layer: hidden[..., D] -> logits[..., V] in fp32 (layout: the policy's kernel
+    choice, as in `dense`)."""
     if "lm_head" in params:
+        if hidden.dtype == jnp.float32 and params["lm_head"].dtype == jnp.float32:
+            return dense(hidden, params["lm_head"], layout)
         return einsum("...D,DV->...V", hidden, params["lm_head"],
                       preferred_element_type=jnp.float32)
     return einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
@@ -173,7 +205,7 @@ def logits(params: Params, hidden: jax.Array) -> jax.Array:
 def forward(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):
     """tokens[B, T], positions[B, T] -> (logits[B, T, V] fp32, hidden[B, T, D], cache)."""
     hidden, cache = hidden_states(config, params, tokens, positions, cache)
-    return logits(params, hidden), hidden, cache
+    return logits(params, hidden, cache.layout), hidden, cache
 
 
 def forward_capture(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
@@ -181,7 +213,7 @@ def forward_capture(config: ModelConfig, params: Params, tokens, positions, cach
     """forward, plus the residual streams entering the layers in `capture` (see run_layers):
     -> (logits[B, T, V], hidden[B, T, D], captured[B, T, C, D] or None, cache)."""
     hidden, captured, cache = run_layers(config, params, tokens, positions, cache, capture)
-    return logits(params, hidden), hidden, captured, cache
+    return logits(params, hidden, cache.layout), hidden, captured, cache
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

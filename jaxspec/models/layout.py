@@ -11,13 +11,17 @@ One place decides, from the platform the params will live on, what differs betwe
                       XLA:CPU's weights-times-values product reads; stored slots-first it
                       transposed every layer's values at every step) or [L, B, K, S, Dh], the
                       layout GPU and Trainium attention kernels expect.
+  small_m_matmul      fp32 products of at most 16 rows (decode steps, verifies, drafts) go
+                      through jaxspec.kernels.cpu_matmul, which reads each weight once for up to
+                      6 rows, where XLA:CPU's 2-16-row path costs 1.5-3 one-row steps; XLA's dot
+                      when the kernel is unavailable. CPU only ("cpu-xla" is CPU without it).
 
 Projections are stored the same way on every backend, fused and split-friendly at once:
 `wqkv` [D, K, G + 2, Dh] (per key/value head: its G query heads, its key, its value) and
 `w_gate_up` [D, 2, F]. Each is one matmul (XLA sees a [D, N] operand), and a `jax.sharding`
 mesh splits them along K (whole attention groups) and F (MLP columns) without reshuffling.
 
-`JAXSPEC_LAYOUT` (cpu or accelerator) forces a policy, e.g. to test the accelerator layouts on CPU.
+`JAXSPEC_LAYOUT` (cpu, cpu-xla or accelerator) forces a policy, e.g. to test the accelerator layouts on CPU.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ class Layout:
     name: str
     output_copy: bool  # tied models carry lm_head [D, V] = embed.T
     values_slots_last: bool  # value cache [L, B, K, Dh, S] instead of [L, B, K, S, Dh]
+    small_m_matmul: bool = False  # few-row fp32 products through kernels.cpu_matmul
 
 
-CPU = Layout("cpu", output_copy=True, values_slots_last=True)
+CPU = Layout("cpu", output_copy=True, values_slots_last=True, small_m_matmul=True)
+CPU_XLA = Layout("cpu-xla", output_copy=True, values_slots_last=True, small_m_matmul=False)
 ACCELERATOR = Layout("accelerator", output_copy=False, values_slots_last=False)
-_BY_NAME = {layout.name: layout for layout in (CPU, ACCELERATOR)}
+_BY_NAME = {layout.name: layout for layout in (CPU, CPU_XLA, ACCELERATOR)}
 
 
 def for_platform(platform: str) -> Layout:
@@ -58,6 +64,14 @@ def default() -> Layout:
     import jax
 
     return for_platform(jax.default_backend())
+
+
+def for_mesh(layout: Layout) -> Layout:
+    """The policy for params sharded on a mesh: the small-M kernel is one device's custom call
+    (XLA would gather a sharded weight for it), so sharded products stay XLA's."""
+    if not layout.small_m_matmul:
+        return layout
+    return CPU_XLA if layout == CPU else dataclasses.replace(layout, small_m_matmul=False)
 
 
 def apply(layout: Layout, params: dict, tied: bool) -> dict:

@@ -11,22 +11,45 @@ import jax.numpy as jnp
 import pytest
 from helpers import tiny_model
 
+from jaxspec.kernels import cpu_matmul
 from jaxspec.models import decoder, layout
 from jaxspec.models.cache import init_cache
 
 
 @pytest.mark.parametrize("dtype,expected", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")])
-@pytest.mark.parametrize("policy", [layout.CPU, layout.ACCELERATOR], ids=lambda x: x.name)
+@pytest.mark.parametrize("policy", [layout.CPU_XLA, layout.ACCELERATOR], ids=lambda x: x.name)
 def test_every_product_states_its_precision(dtype, expected, policy):
+    text = lowered_forward(policy, dtype)
+    precisions = re.findall(r"stablehlo\.dot_general .*?precision = \[(\w+), (\w+)\]", text)
+    assert len(precisions) == 6 * 2 + 1  # qkv, scores, values, wo, gate/up, down; the logits
+    assert set(precisions) == {(expected, expected)}
+
+
+def lowered_forward(policy, dtype, tokens_per_row=3):
+    """The StableHLO text of a tiny 2-layer forward of 2 rows in `policy`."""
     m = tiny_model(layers=2, tied=True)
     params = layout.apply(policy, jax.tree.map(lambda a: a.astype(dtype), m.params), tied=True)
     cache = init_cache(m.config, 2, 32, dtype, policy)  # [L, B=2, K, S=32, Dh]
-    tokens, positions = jnp.ones((2, 3), jnp.int32), jnp.broadcast_to(jnp.arange(3), (2, 3))
+    shape = (2, tokens_per_row)
+    tokens, positions = jnp.ones(shape, jnp.int32), jnp.broadcast_to(jnp.arange(shape[1]), shape)
 
     def forward(params, cache):
         return decoder.forward(m.config, params, tokens, positions, cache)[0]
 
-    text = jax.jit(forward).lower(params, cache).as_text()
-    precisions = re.findall(r"stablehlo\.dot_general .*?precision = \[(\w+), (\w+)\]", text)
-    assert len(precisions) == 6 * 2 + 1  # qkv, scores, values, wo, gate/up, down; the logits
-    assert set(precisions) == {(expected, expected)}
+    return jax.jit(forward).lower(params, cache).as_text()
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")
+@pytest.mark.parametrize("tokens_per_row,kernel_calls", [(3, 4 * 2 + 1), (9, 0)])
+def test_cpu_policy_sends_few_row_fp32_projections_to_the_kernel(tokens_per_row, kernel_calls):
+    """2 rows x 3 tokens = 6 rows: every projection and the output layer go through the kernel
+    and attention stays XLA's; 2 x 9 = 18 rows (a prefill) is over MAX_ROWS: all XLA."""
+    text = lowered_forward(layout.CPU, jnp.float32, tokens_per_row)
+    assert text.count(f"@{cpu_matmul.TARGET}") == kernel_calls
+    products = re.findall(r"stablehlo\.dot_general", text)
+    assert len(products) == 6 * 2 + 1 - kernel_calls
+
+
+def test_bf16_and_other_policies_never_use_the_kernel():
+    assert cpu_matmul.TARGET not in lowered_forward(layout.CPU, jnp.bfloat16)
+    assert cpu_matmul.TARGET not in lowered_forward(layout.ACCELERATOR, jnp.float32)

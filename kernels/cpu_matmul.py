@@ -1,0 +1,131 @@
+"""The small-M matmul kernel for CPU (`cpu_matmul.cc`), built on first use and called by XLA
+through JAX's FFI.
+
+`x[M, K] @ w[K, N]` in fp32 for the few rows a decode step or a verify has: w is read once for
+every 6 rows instead of XLA:CPU's slower path for 2-16 rows, and a row's result is bit-identical
+whatever M is. The decoder uses it on the CPU layout policy (`models.layout`) for products of
+at most `MAX_ROWS` fp32 rows; longer products (prefill) keep XLA's dot.
+
+The library is compiled once with the system C++ compiler (`$CXX`, else `c++`) into
+`$JAXSPEC_CACHE/kernels/`, under a name that hashes the source, the jaxlib version and the
+compiler, so an upgrade rebuilds it. Without a compiler, on a CPU without AVX2 + FMA, or when
+building or loading fails, `available()` is False, one line on stderr says why, and the decoder
+uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla` turns the kernel off; `JAXSPEC_MATMUL_THREADS` sets its
+threads (default: the CPUs this process may use, at most 8).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ENV = "JAXSPEC_CPU_MATMUL"
+THREADS_ENV = "JAXSPEC_MATMUL_THREADS"
+TARGET = "jaxspec_small_m_matmul"
+MAX_ROWS = 16
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with ($CXX, else c++, g++ or clang++ on PATH), or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library_path(cxx: str) -> str:
+    """Where the library built from this source, jaxlib and compiler lives."""
+    import jaxlib
+
+    from jaxspec.paths import cache_dir
+
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode()).hexdigest()
+    return os.path.join(cache_dir(), "kernels", f"cpu_matmul-{key[:16]}.so")
+
+
+def build(cxx: str, path: str) -> None:
+    """Compile the library to `path` (atomically: a failed build leaves nothing there)."""
+    import jax
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"jaxspec: building the CPU matmul kernel (once, a few seconds) into {path}",
+          file=sys.stderr, flush=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        command = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
+                   f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial, "-lpthread"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"{os.path.basename(cxx)} failed: {last}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def default_threads() -> int:
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        return max(1, int(value))
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+@functools.cache
+def available() -> bool:
+    """Build (if needed), load and register the kernel; False (said once) when it cannot be."""
+    if os.environ.get(ENV, "kernel") == "xla":
+        return False
+    try:
+        _load()
+        return True
+    except Exception as e:  # any failure means the fallback, never a broken generation
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"jaxspec: the CPU matmul kernel is unavailable ({reason}); using XLA's dot",
+              file=sys.stderr, flush=True)
+        return False
+
+
+def _load() -> None:
+    import jax
+
+    cxx = compiler()
+    if cxx is None:
+        raise OSError("no C++ compiler found; set CXX")
+    path = library_path(cxx)
+    if not os.path.exists(path):
+        build(cxx, path)
+    library = ctypes.CDLL(path)
+    if library.jaxspec_small_m_isa() == 0:
+        raise OSError("this CPU lacks AVX2/FMA")
+    library.jaxspec_small_m_set_threads(default_threads())
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.jaxspec_small_m_matmul),
+                                platform="cpu")
+
+
+def fits(x, w) -> bool:
+    """Whether x[..., K] @ w[K, ...] is a product the kernel takes (shapes and dtypes only)."""
+    import jax.numpy as jnp
+
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= size
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and 1 <= rows <= MAX_ROWS
+            and x.shape[-1] == w.shape[0])
+
+
+def matmul(x, w):
+    """x[M, K] @ w[K, N] -> [M, N] (fp32) through the kernel; call only when `available()`."""
+    import jax
+
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+    return jax.ffi.ffi_call(TARGET, out)(x, w)

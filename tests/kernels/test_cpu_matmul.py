@@ -1,0 +1,179 @@
+"""The CPU small-M matmul kernel (kernels/cpu_matmul.cc through jax.ffi).
+
+It must equal XLA's fp32 dot to rounding for any shape the decoder gives it, give each row the
+same bits whatever the number of rows (so a verify computes what single steps compute), and
+fall back to XLA's dot, with one line on stderr, whenever it cannot be built or loaded.
+Generation with it on and off is checked here; the rest of the suite runs with it on (the CPU
+layout policy's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import greedy_reference, perturbed, tiny_model
+
+import jaxspec
+from jaxspec.kernels import cpu_matmul
+from jaxspec.models import layout
+
+needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
+kernel = jax.jit(cpu_matmul.matmul)
+
+
+def operands(m: int, k: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", range(1, 17))
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 64), (130, 67), (33, 300), (576, 1000)])
+def test_equals_xla_dot_to_fp32_rounding(m, k, n):
+    """Shapes off the vector width (8 or 16 lanes), the 4-vector strip and the 64-deep chunk."""
+    x, w = operands(m, k, n)
+    expected = np.dot(x.astype(np.float64), w.astype(np.float64))
+    got = np.asarray(kernel(x, w))
+    xla = np.asarray(jnp.dot(x, w, precision="highest"))
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)  # error bound's scale
+    tolerance = 4 * k * np.finfo(np.float32).eps * scale + 1e-30
+    assert np.all(np.abs(got - expected) <= tolerance)
+    assert np.all(np.abs(xla - expected) <= tolerance)  # the same bound holds for XLA's dot
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(130, 67), (576, 3072)])
+def test_each_row_is_bit_identical_whatever_the_number_of_rows(k, n):
+    x, w = operands(16, k, n, seed=1)
+    alone = np.concatenate([np.asarray(kernel(x[i:i + 1], w)) for i in range(16)])
+    for m in (2, 5, 7, 16):
+        np.testing.assert_array_equal(np.asarray(kernel(x[:m], w)), alone[:m])
+
+
+@needs_kernel
+def test_threads_do_not_change_the_bits(tmp_path):
+    """One thread in a subprocess (this process uses up to 8) gives the same bits; the columns
+    are split across threads only above 16 vectors, so n = 4099 is split here."""
+    x, w = operands(5, 300, 4099, seed=2)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    script = ("import sys, numpy as np, jax; from jaxspec.kernels import cpu_matmul as c; "
+              "assert c.available(); d = sys.argv[1]; "
+              "np.save(d + '/out.npy', np.asarray(jax.jit(c.matmul)("
+              "np.load(d + '/x.npy'), np.load(d + '/w.npy'))))")
+    env = {**os.environ, cpu_matmul.THREADS_ENV: "1"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(kernel(x, w)))
+
+
+# --- fallback --------------------------------------------------------------------------------
+
+FALLBACK_SCRIPT = """
+import jax.numpy as jnp, numpy as np
+from jaxspec.kernels import cpu_matmul
+from jaxspec.models import decoder, layout
+ok = cpu_matmul.available()
+x, w = np.ones((3, 8), np.float32), np.ones((8, 5), np.float32)
+out = decoder.dense(jnp.asarray(x), jnp.asarray(w), layout.CPU)  # must work either way
+assert np.array_equal(np.asarray(out), x @ w)
+print("available" if ok else "fallback")
+"""
+
+
+def run_fallback(tmp_path, **env):
+    """FALLBACK_SCRIPT in a fresh process with its own (empty) kernel cache."""
+    full = {**os.environ, "JAXSPEC_CACHE": str(tmp_path / "cache"), **env}
+    result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=full,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    messages = [line for line in result.stderr.splitlines() if line.startswith("jaxspec:")]
+    return result.stdout.strip(), messages
+
+
+def test_no_compiler_falls_back_with_one_line(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    out, messages = run_fallback(tmp_path, PATH=str(bin_dir), CXX="")
+    assert out == "fallback"
+    assert len(messages) == 1 and "no C++ compiler" in messages[0] and "XLA's dot" in messages[0]
+
+
+def test_failing_build_falls_back_with_one_line(tmp_path):
+    out, messages = run_fallback(tmp_path, CXX="false")
+    assert out == "fallback"
+    assert [m for m in messages if "unavailable" in m] == [messages[-1]]
+    assert "false failed" in messages[-1]
+    assert not any(name.endswith(".so") for _, _, files in os.walk(tmp_path / "cache")
+                   for name in files)  # no half-written library left behind
+
+
+def test_corrupt_library_falls_back_with_one_line(tmp_path):
+    cxx = cpu_matmul.compiler()
+    if cxx is None:
+        pytest.skip("no compiler")
+    env = {"JAXSPEC_CACHE": str(tmp_path / "cache")}
+    path = subprocess.run(
+        [sys.executable, "-c", "from jaxspec.kernels import cpu_matmul as c; "
+         f"print(c.library_path({cxx!r}))"], env={**os.environ, **env}, capture_output=True,
+        text=True, check=True).stdout.strip()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"not a shared library")
+    out, messages = run_fallback(tmp_path)
+    assert out == "fallback" and len(messages) == 1 and "unavailable" in messages[0]
+
+
+def test_env_turns_the_kernel_off_silently(tmp_path):
+    out, messages = run_fallback(tmp_path, **{cpu_matmul.ENV: "xla"})
+    assert (out, messages) == ("fallback", [])
+
+
+@needs_kernel
+def test_first_use_builds_once_with_a_progress_line(tmp_path):
+    out, messages = run_fallback(tmp_path)
+    assert out == "available" and len(messages) == 1 and "building" in messages[0]
+    out, messages = run_fallback(tmp_path)  # the second process loads the cached library
+    assert (out, messages) == ("available", [])
+
+
+# --- generation with the kernel on and off ------------------------------------------------------
+
+PROMPTS = [[5, 17, 3], [40, 2, 9, 33, 21, 8, 11], [7]]
+MAX_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_model(0, std=0.5, vocab=48, layers=2)
+    return target, perturbed(target, noise=0.02)
+
+
+@pytest.mark.parametrize("policy", [layout.CPU, layout.CPU_XLA], ids=lambda p: p.name)
+def test_greedy_speculative_equals_autoregressive_and_reference(models, policy):
+    """The reference runs 32-token teacher-forced forwards (over MAX_ROWS: XLA's dot)."""
+    target, draft = (dataclasses.replace(m, layout=policy) for m in models)
+    reference = greedy_reference(target, PROMPTS, MAX_NEW)
+    plain = jaxspec.SpeculativeDecoder(target).generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert plain.tokens == reference
+    for mode in ("dynamic", "static"):
+        spec = jaxspec.SpeculativeDecoder(target, draft, num_speculative_tokens=3, mode=mode,
+                                          static_iterations=4)
+        assert spec.generate(PROMPTS, max_new_tokens=MAX_NEW).tokens == reference
+
+
+@pytest.mark.parametrize("policy", [layout.CPU, layout.CPU_XLA], ids=lambda p: p.name)
+def test_sampled_static_equals_dynamic(models, policy):
+    target, draft = (dataclasses.replace(m, layout=policy) for m in models)
+    outs = [jaxspec.SpeculativeDecoder(target, draft, num_speculative_tokens=3, mode=mode,
+                                       static_iterations=4).generate(
+        PROMPTS, max_new_tokens=MAX_NEW, temperature=0.9, top_k=20, seed=3).tokens
+            for mode in ("dynamic", "static")]
+    assert outs[0] == outs[1]
