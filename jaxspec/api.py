@@ -61,9 +61,12 @@ def resolve_draft(draft, target, device=None, layout=None):
 
 
 def placed(model, device, layout):
-    """`model` with its params on `device` in `layout` (device None: the model as it is)."""
+    """`model` with its params on `device` (None: where they are) in `layout`."""
     if device is None:
-        return model
+        if getattr(model, "mesh", None) is not None:
+            return model  # sharded by load_model, in its layout
+        params = layouts.apply(layout, model.params, model.config.tie_word_embeddings)
+        return dataclasses.replace(model, params=params, layout=layout)
     from jaxspec.checkpoint.load import place
 
     return place(model, layout, device)
@@ -109,10 +112,11 @@ class SpeculativeDecoder:
         if mode not in MODES:
             raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         compile_cache.enable()
-        self.layout = (layouts.for_platform(platform) if self.device is not None
-                       else getattr(target, "layout", None) or layouts.default())
         self.mesh = getattr(target, "mesh", None) or sharding.mesh_for(
             target.config, tp=tp, dp=dp, platform=platform)
+        layout = (layouts.for_platform(platform) if self.device is not None
+                  else getattr(target, "layout", None) or layouts.default())
+        self.layout = layouts.for_mesh(layout) if self.mesh is not None else layout
         target = placed(target, self.device, self.layout)
         if self.mesh is not None:  # before drafts: layerskip shares the sharded arrays
             target = sharding.shard_model(target, self.mesh)

@@ -301,8 +301,7 @@ class StepTimer:
                 tokens = jnp.broadcast_to(token, (1, width))  # [1, T]
                 hidden, cache = decoder.hidden_states(config, params, tokens, position + offsets,
                                                       cache)
-                logits = decoder.logits(params, hidden[:, -1:] if last_only else hidden,
-                                        cache.layout)
+                logits = decoder.logits(params, hidden[:, -1:] if last_only else hidden)
                 return cache, first_argmax(logits)[:, -1:]
 
             return jax.lax.fori_loop(0, steps, body, (cache, token))

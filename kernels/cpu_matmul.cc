@@ -1,30 +1,29 @@
-// Small-M matmul for CPU: out[M, N] = x[M, K] @ w[K, N], fp32, row-major; built and loaded by
-// cpu_matmul.py, called by XLA through its FFI (custom call "jaxspec_small_m_matmul").
+// Small-M matmul for CPU: out[M, N] = x[M, K] @ w[K, N] in fp32, with w packed in column
+// panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
+// (models.layout.Panels). Built and loaded by cpu_matmul.py; XLA calls it through its FFI
+// (custom call "jaxspec_small_m_matmul").
 //
 // Decoding reads every weight once per step, and verifying gamma + 1 tokens should cost about
-// the same. XLA:CPU streams one row at copy bandwidth but takes a slower path for 2-16 rows;
-// this kernel reads w once for up to kMaxRows rows. It walks w in chunks of kDepth rows (k)
-// across all its columns: each chunk is kDepth sequential streams, and for every strip of
-// columns the MR x NV partial sums stay in vector registers while k runs through the chunk
-// (one broadcast of x[m, k] per row and k), then wait in `out` for the next chunk.
+// the same. XLA:CPU streams one row at copy bandwidth but takes a slower path for 2-16 rows.
+// Here each panel is one contiguous stream: for a block of up to kMaxRows rows, the 64 columns'
+// partial sums stay in vector registers while k runs through the panel (one broadcast of
+// x[m, k] per row and k), so w is read once per block of rows and in address order.
 //
 // Every output element accumulates its K products with fused multiply-adds in k order, whatever
-// M, the strip, the chunk or the thread, so a row's result is bit-identical whether it is
-// computed alone or with other rows: a verify of gamma + 1 tokens computes exactly what gamma + 1
-// single-token steps would.
+// M, the row block or the thread, so a row's result is bit-identical whether it is computed
+// alone or with other rows: a verify of gamma + 1 tokens computes exactly what gamma + 1
+// single-token steps through this kernel compute.
 //
 // ISA: AVX-512F or AVX2 + FMA, chosen at run time (jaxspec_small_m_isa says which; Python falls
-// back to XLA's dot when it is 0). Columns are split into contiguous ranges across a small pool
-// of threads (jaxspec_small_m_set_threads, before the first product).
+// back to XLA's dot when it is 0). Panels are shared between the caller and XLA's intra-op
+// thread pool (at most jaxspec_small_m_set_threads threads in all).
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
-#include <thread>
-#include <vector>
+#include <memory>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,40 +31,41 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+constexpr int64_t kPanel = 64;  // columns per panel (models.layout.PANEL)
+constexpr int kMaxRows = 6;     // rows per register block
+
 struct Problem {
-  const float* x;  // [M, K]
-  const float* w;  // [K, N]
-  float* out;      // [M, N]
+  const float* x;       // [M, K]
+  const float* panels;  // [N / kPanel, K, kPanel]
+  float* out;           // [M, N]
   int64_t M, K, N;
 };
 
-constexpr int64_t kDepth = 64;  // rows of w per chunk (measured: 32 and 16 were slower)
-constexpr int kMaxRows = 6;     // rows per register block: 6 x 4 accumulators + 4 weights + 1
-
-// ---------------------------------------------------------------- register blocks
-
-// out[m0 : m0 + MR, n0 : n0 + NV * lanes] += x[m0 : m0 + MR, k0 : k1] @ w[k0 : k1, same columns]
-// (starting from zero when k0 == 0). One instantiation per ISA via the macro below.
-#define JAXSPEC_BLOCK(NAME, TARGET, VEC, LANES, ZERO, LOAD, STORE, FMA, SET1)                 \
-  template <int MR, int NV>                                                                 \
-  __attribute__((target(TARGET))) void NAME(const Problem& p, int64_t m0, int64_t n0,       \
-                                            int64_t k0, int64_t k1) {                       \
-    VEC acc[MR][NV];                                                                        \
-    float* out = p.out + m0 * p.N + n0;                                                     \
-    for (int r = 0; r < MR; ++r)                                                            \
-      for (int v = 0; v < NV; ++v) acc[r][v] = k0 == 0 ? ZERO : LOAD(out + r * p.N + LANES * v); \
-    const float* w = p.w + k0 * p.N + n0;                                                   \
-    const float* x = p.x + m0 * p.K;                                                        \
-    for (int64_t k = k0; k < k1; ++k, w += p.N) {                                           \
-      VEC wv[NV];                                                                           \
-      for (int v = 0; v < NV; ++v) wv[v] = LOAD(w + LANES * v);                             \
-      for (int r = 0; r < MR; ++r) {                                                        \
-        VEC b = SET1(x[r * p.K + k]);                                                       \
-        for (int v = 0; v < NV; ++v) acc[r][v] = FMA(b, wv[v], acc[r][v]);                  \
-      }                                                                                     \
-    }                                                                                       \
-    for (int r = 0; r < MR; ++r)                                                            \
-      for (int v = 0; v < NV; ++v) STORE(out + r * p.N + LANES * v, acc[r][v]);             \
+// out[m0 : m0 + MR, columns of panel j] = x[m0 : m0 + MR] @ that panel. NV vectors of LANES
+// floats cover kPanel / STRIPS columns; STRIPS passes cover the panel.
+#define JAXSPEC_BLOCK(NAME, TARGET, VEC, LANES, ZERO, LOAD, STORE, FMA, SET1)                  \
+  template <int MR>                                                                          \
+  __attribute__((target(TARGET))) void NAME(const Problem& p, int64_t m0, int64_t j) {       \
+    constexpr int NV = LANES == 16 ? 4 : 2;                                                  \
+    constexpr int STRIPS = kPanel / (NV * LANES);                                            \
+    const float* x = p.x + m0 * p.K;                                                         \
+    for (int s = 0; s < STRIPS; ++s) {                                                       \
+      VEC acc[MR][NV];                                                                       \
+      for (int r = 0; r < MR; ++r)                                                           \
+        for (int v = 0; v < NV; ++v) acc[r][v] = ZERO;                                       \
+      const float* w = p.panels + j * p.K * kPanel + s * NV * LANES;                         \
+      for (int64_t k = 0; k < p.K; ++k, w += kPanel) {                                       \
+        VEC wv[NV];                                                                          \
+        for (int v = 0; v < NV; ++v) wv[v] = LOAD(w + LANES * v);                            \
+        for (int r = 0; r < MR; ++r) {                                                       \
+          VEC b = SET1(x[r * p.K + k]);                                                      \
+          for (int v = 0; v < NV; ++v) acc[r][v] = FMA(b, wv[v], acc[r][v]);                 \
+        }                                                                                    \
+      }                                                                                      \
+      float* out = p.out + m0 * p.N + j * kPanel + s * NV * LANES;                           \
+      for (int r = 0; r < MR; ++r)                                                           \
+        for (int v = 0; v < NV; ++v) STORE(out + r * p.N + LANES * v, acc[r][v]);            \
+    }                                                                                        \
   }
 
 JAXSPEC_BLOCK(block512, "avx512f", __m512, 16, _mm512_setzero_ps(), _mm512_loadu_ps,
@@ -73,22 +73,19 @@ JAXSPEC_BLOCK(block512, "avx512f", __m512, 16, _mm512_setzero_ps(), _mm512_loadu
 JAXSPEC_BLOCK(block256, "avx2,fma", __m256, 8, _mm256_setzero_ps(), _mm256_loadu_ps,
               _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_set1_ps)
 
-using Block = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t);
-
-#define JAXSPEC_ROWS(F, NV) {F<1, NV>, F<2, NV>, F<3, NV>, F<4, NV>, F<5, NV>, F<6, NV>}
+using Block = void (*)(const Problem&, int64_t, int64_t);
 
 struct Isa {
-  int level;        // 2: AVX-512F, 1: AVX2 + FMA, 0: neither (the kernel refuses to run)
-  int lanes;        // floats per vector
-  int wide;         // vectors per strip (then strips of one vector, then single columns)
-  Block wide_blocks[kMaxRows];
-  Block one_blocks[kMaxRows];
+  int level;  // 2: AVX-512F, 1: AVX2 + FMA, 0: neither (the kernel refuses to run)
+  Block blocks[kMaxRows];
 };
 
-// AVX-512 has 32 registers (6 x 4 accumulators fit), AVX2 16 (6 x 2).
-const Isa kAvx512{2, 16, 4, JAXSPEC_ROWS(block512, 4), JAXSPEC_ROWS(block512, 1)};
-const Isa kAvx2{1, 8, 2, JAXSPEC_ROWS(block256, 2), JAXSPEC_ROWS(block256, 1)};
-const Isa kNone{0, 8, 2, {}, {}};
+// AVX-512 has 32 registers (6 rows x 4 accumulators + 4 weights + 1), AVX2 16 (6 x 2 + 2 + 1).
+const Isa kAvx512{2, {block512<1>, block512<2>, block512<3>, block512<4>, block512<5>,
+                      block512<6>}};
+const Isa kAvx2{1, {block256<1>, block256<2>, block256<3>, block256<4>, block256<5>,
+                    block256<6>}};
+const Isa kNone{0, {}};
 
 const Isa& detect() {
   __builtin_cpu_init();
@@ -99,129 +96,63 @@ const Isa& detect() {
 
 const Isa& kIsa = detect();
 
-// Columns past the last whole vector: one fused multiply-add per term, in the same k order.
-void tail_columns(const Problem& p, int64_t n_begin, int64_t n_end) {
-  for (int64_t m = 0; m < p.M; ++m)
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < p.K; ++k) acc = __builtin_fmaf(p.x[m * p.K + k], p.w[k * p.N + n], acc);
-      p.out[m * p.N + n] = acc;
-    }
-}
-
-// Columns [n_begin, n_end) of every row; n_begin is a multiple of the lane count.
-void run_columns(const Problem& p, int64_t n_begin, int64_t n_end) {
-  const int64_t lanes = kIsa.lanes;
-  const int64_t n_vec_end = n_begin + (n_end - n_begin) / lanes * lanes;
-  for (int64_t k0 = 0; k0 < p.K; k0 += kDepth) {
-    const int64_t k1 = k0 + kDepth < p.K ? k0 + kDepth : p.K;
-    for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
-      const int rows = static_cast<int>(p.M - m0 < kMaxRows ? p.M - m0 : kMaxRows);
-      int64_t n = n_begin;
-      const Block wide = kIsa.wide_blocks[rows - 1], one = kIsa.one_blocks[rows - 1];
-      for (; n + kIsa.wide * lanes <= n_vec_end; n += kIsa.wide * lanes) wide(p, m0, n, k0, k1);
-      for (; n + lanes <= n_vec_end; n += lanes) one(p, m0, n, k0, k1);
-    }
-  }
-  if (n_vec_end < n_end) tail_columns(p, n_vec_end, n_end);
+// Panels [j_begin, j_end) for every row, row blocks inside each panel (the panel is read from
+// memory once, then from cache for the next blocks).
+void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
+  for (int64_t j = j_begin; j < j_end; ++j)
+    for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows)
+      kIsa.blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
 }
 
 // ---------------------------------------------------------------- threads
 
-// A decode step issues a few hundred products back to back, each a few tens of microseconds:
-// workers spin briefly between products (waking a sleeping thread costs more than some of
-// them take), then sleep until the next one so an idle process uses no CPU.
-class Pool {
- public:
-  explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
-  }
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
+// Ranges of panels claimed by the caller and by helpers scheduled on XLA's own intra-op
+// thread pool (a second pool would fight XLA's threads for the same cores between products).
+// A helper that starts late finds every range claimed and returns at once; the caller waits
+// only for ranges in progress.
+struct Shared {
+  Problem p;
+  int64_t per_range;
+  int64_t ranges;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
 
-  // Runs p on every thread; when another product holds the pool (XLA may run independent
-  // products concurrently), the caller computes p alone instead.
-  void run(const Problem& p) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock()) return run_columns(p, 0, p.N);
-    problem_ = &p;
-    pending_.store(size() - 1, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
-    share(p, 0);
-    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
-  }
-
- private:
-  static constexpr int kSpins = 20000;  // about 0.1-1 ms of pause instructions
-
-  void share(const Problem& p, int index) {
-    const int64_t lanes = kIsa.lanes;
-    const int64_t per = ((p.N + lanes - 1) / lanes + size() - 1) / size() * lanes;
-    const int64_t begin = index * per, end = begin + per < p.N ? begin + per : p.N;
-    if (begin < end) run_columns(p, begin, end);
-  }
-
-  void work(int index) {
-    uint64_t seen = 0;
-    for (;;) {
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      for (int spins = 0; now == seen && spins < kSpins; ++spins) {
-        _mm_pause();
-        now = generation_.load(std::memory_order_acquire);
-      }
-      if (now == seen) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        sleepers_.fetch_add(1, std::memory_order_acq_rel);
-        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
-        now = generation_.load(std::memory_order_acquire);
-      }
-      seen = now;
-      share(*problem_, index);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+  void claim_all() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ranges;) {
+      run_panels(p, i * per_range, std::min((i + 1) * per_range, p.N / kPanel));
+      finished.fetch_add(1, std::memory_order_release);
     }
   }
-
-  std::vector<std::thread> workers_;
-  const Problem* problem_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<int> sleepers_{0};
-  std::mutex mutex_;  // guards sleeping
-  std::condition_variable wake_;
-  std::mutex busy_;  // held by the product being computed
 };
 
-int requested_threads = 1;
+int max_threads = 8;
 
-Pool& pool() {
-  static Pool* instance = new Pool(requested_threads);  // never destroyed: workers live on
-  return *instance;
+void run(const Problem& p, ffi::ThreadPool& pool) {
+  const int64_t panels = p.N / kPanel;
+  const int64_t threads = std::min<int64_t>(pool.num_threads() + 1, max_threads);
+  // Fewer than 4 panels per thread: synchronising costs more than it saves.
+  if (threads <= 1 || panels < 4 * threads) return run_panels(p, 0, panels);
+  auto shared = std::make_shared<Shared>();
+  shared->p = p;
+  shared->per_range = (panels + threads - 1) / threads;
+  shared->ranges = (panels + shared->per_range - 1) / shared->per_range;
+  for (int64_t i = 1; i < shared->ranges; ++i) pool.Schedule([shared] { shared->claim_all(); });
+  shared->claim_all();
+  while (shared->finished.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
 }
 
-ffi::Error SmallMMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("jaxspec small-M matmul: expected x[M, K] and w[K, N]");
+  auto pd = panels.dimensions();
+  if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[1] || pd[2] != kPanel)
+    return ffi::Error::InvalidArgument(
+        "jaxspec small-M matmul: expected x[M, K] and panels[N / 64, K, 64]");
   if (kIsa.level == 0) return ffi::Error::Internal("jaxspec small-M matmul: no AVX2/FMA");
-  Problem p{x.typed_data(), w.typed_data(), out->typed_data(), xd[0], xd[1], wd[1]};
+  Problem p{x.typed_data(), panels.typed_data(), out->typed_data(), xd[0], xd[1],
+            pd[0] * kPanel};
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  if (p.K == 0) {
-    for (int64_t i = 0; i < p.M * p.N; ++i) p.out[i] = 0.0f;
-    return ffi::Error::Success();
-  }
-  Pool& threads = pool();
-  // Splitting fewer than 16 vectors of columns costs more in synchronisation than it saves.
-  if (threads.size() == 1 || p.N < 16 * kIsa.lanes) {
-    run_columns(p, 0, p.N);
-  } else {
-    threads.run(p);
-  }
+  run(p, pool);
   return ffi::Error::Success();
 }
 
@@ -229,14 +160,15 @@ ffi::Error SmallMMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul, SmallMMatmul,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int jaxspec_small_m_isa() { return kIsa.level; }
 
-// Threads for the products (including the caller's); takes effect before the first product.
+// At most this many threads (the caller's included) share one product.
 extern "C" int jaxspec_small_m_set_threads(int threads) {
-  requested_threads = threads < 1 ? 1 : (threads > 64 ? 64 : threads);
-  return pool().size();
+  max_threads = threads < 1 ? 1 : threads;
+  return max_threads;
 }

@@ -1,10 +1,12 @@
 """The small-M matmul kernel for CPU (`cpu_matmul.cc`), built on first use and called by XLA
 through JAX's FFI.
 
-`x[M, K] @ w[K, N]` in fp32 for the few rows a decode step or a verify has: w is read once for
-every 6 rows instead of XLA:CPU's slower path for 2-16 rows, and a row's result is bit-identical
-whatever M is. The decoder uses it on the CPU layout policy (`models.layout`) for products of
-at most `MAX_ROWS` fp32 rows; longer products (prefill) keep XLA's dot.
+`x[M, K] @ w[K, N]` in fp32 for the few rows a decode step or a verify has, with w packed in
+column panels (`models.layout.Panels`: [N / 64, K, 64]): each panel is read once, in address
+order, for up to 6 rows, where XLA:CPU's dot on [K, N] takes a slower path for 2-16 rows; and a
+row's result is bit-identical whatever M is. The CPU layout policy packs fp32 weights when the
+kernel is available, and the decoder sends products of at most `MAX_ROWS` rows to it; longer
+products (prefill) take XLA's dot on the same panels.
 
 The library is compiled once with the system C++ compiler (`$CXX`, else `c++`) into
 `$JAXSPEC_CACHE/kernels/`, under a name that hashes the source, the jaxlib version and the
@@ -29,6 +31,7 @@ ENV = "JAXSPEC_CPU_MATMUL"
 THREADS_ENV = "JAXSPEC_MATMUL_THREADS"
 TARGET = "jaxspec_small_m_matmul"
 MAX_ROWS = 16
+PANEL = 64  # columns per panel (kPanel in the source; models.layout.PANEL)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 
 
@@ -112,20 +115,19 @@ def _load() -> None:
                                 platform="cpu")
 
 
-def fits(x, w) -> bool:
-    """Whether x[..., K] @ w[K, ...] is a product the kernel takes (shapes and dtypes only)."""
+def fits(x, panels) -> bool:
+    """Whether x[M, K] @ panels[J, K, 64] is a product the kernel takes (shapes and dtypes)."""
     import jax.numpy as jnp
 
-    rows = 1
-    for size in x.shape[:-1]:
-        rows *= size
-    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and 1 <= rows <= MAX_ROWS
-            and x.shape[-1] == w.shape[0])
+    return (x.dtype == jnp.float32 and panels.dtype == jnp.float32 and x.ndim == 2
+            and 1 <= x.shape[0] <= MAX_ROWS and panels.ndim == 3
+            and panels.shape[1:] == (x.shape[1], PANEL))
 
 
-def matmul(x, w):
-    """x[M, K] @ w[K, N] -> [M, N] (fp32) through the kernel; call only when `available()`."""
+def matmul(x, panels):
+    """x[M, K] @ panels[J, K, 64] -> [M, J * 64] (fp32) through the kernel, the panels being a
+    [K, J * 64] weight's columns (models.layout.pack); call only when `available()`."""
     import jax
 
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    return jax.ffi.ffi_call(TARGET, out)(x, w)
+    out = jax.ShapeDtypeStruct((x.shape[0], panels.shape[0] * PANEL), x.dtype)
+    return jax.ffi.ffi_call(TARGET, out)(x, panels)

@@ -286,6 +286,12 @@ def transformers_gguf_model(path: str):
 DENSE = ("embed", "lm_head", "wqkv", "wo", "w_gate_up", "w_down")
 
 
+def plain_params(model: Model) -> dict:
+    """A loaded model's params with every weight a plain array (CPU panels unpacked)."""
+    return layout.apply(layout.CPU_XLA if (model.layout or layout.default()).output_copy
+                        else layout.ACCELERATOR, model.params, model.config.tie_word_embeddings)
+
+
 def tiny_config(*, vocab: int = 48, hidden: int = 32, layers: int = 1, heads: int = 4,
                 kv_heads: int = 2, intermediate: int = 64, max_positions: int = 256,
                 eos: tuple[int, ...] = (), tied: bool = False) -> ModelConfig:

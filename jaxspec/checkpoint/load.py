@@ -67,6 +67,7 @@ def place(model: Model, layout: layouts.Layout, device=None) -> Model:
     """The model with its params on `device` (a jax.Device; None: the default device), or on
     its mesh when it has one, laid out by `layout` (one copy)."""
     if model.mesh is not None:
+        layout = layouts.for_mesh(layout)
         params = sharding.shard_params(model.params, model.mesh)
     else:
         params = jax.device_put(model.params, device)

@@ -49,8 +49,6 @@ class LoopSpec:
             raise ValueError(f"LoopSpec: max_len={self.max_len} leaves no room for a token")
         if self.layout is None:
             object.__setattr__(self, "layout", layouts.default())
-        if self.mesh is not None:
-            object.__setattr__(self, "layout", layouts.for_mesh(self.layout))
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ class ModelDraft(Draft):
     def _logits(self, params, tokens, positions, cache):
         """Draft logits over the target vocabulary: ids the draft lacks get -inf."""
         hidden, cache = decoder.hidden_states(self.config, params, tokens, positions, cache)
-        logits = decoder.logits(params, hidden[:, -1], cache.layout)[:, : self.target_vocab]
+        logits = decoder.logits(params, hidden[:, -1])[:, : self.target_vocab]  # [B, ≤V_t]
         missing = self.target_vocab - logits.shape[-1]
         if missing:
             logits = jnp.pad(logits, ((0, 0), (0, missing)), constant_values=-jnp.inf)

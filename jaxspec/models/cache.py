@@ -28,12 +28,7 @@ BUCKET = 128  # S_max is a multiple of this, so new prompt lengths rarely recomp
 class KVCache:
     k: jax.Array  # [L, B, K, S_max, Dh]
     v: jax.Array  # [L, B, K, Dh, S_max] (values_slots_last) or [L, B, K, S_max, Dh]
-    # the layout policy the cache was made in; the decoder also takes its products' kernel from it
-    layout: Layout = struct.field(pytree_node=False)
-
-    @property
-    def values_slots_last(self) -> bool:
-        return self.layout.values_slots_last
+    values_slots_last: bool = struct.field(pytree_node=False, default=True)
 
     @property
     def max_len(self) -> int:
@@ -50,7 +45,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: Lay
     keys = heads + (max_len, config.head_dim)
     values = heads + (config.head_dim, max_len) if layout.values_slots_last else keys
     return KVCache(k=jnp.zeros(keys, dtype), v=jnp.zeros(values, dtype),
-                   layout=layout)
+                   values_slots_last=layout.values_slots_last)
 
 
 def write(cache: KVCache, layer: int, positions: jax.Array, k: jax.Array,

@@ -17,7 +17,8 @@ the differences. Params are a plain pytree (what Orbax saves and the loop receiv
                                                   layout policy adds embed.T (models.layout)
 
 H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights are stored
-[in, out] so a projection is `x @ w`; the fused projections are one matmul each and split along
+[in, out] so a projection is `x @ w` (on the CPU layout, fp32 projections and lm_head are
+`models.layout.Panels` of these shapes; `dense` takes either); the fused projections are one matmul each and split along
 K or F without reshuffling (for sharding; see models.layout). The layer loop is unrolled in Python:
 each layer's weights are separate buffers that the matmuls read directly, with no per-layer
 slice of a stacked array (which XLA on CPU would copy, doubling weight traffic).
@@ -37,44 +38,47 @@ import numpy as np
 
 from jaxspec.models import cache as kv
 from jaxspec.models.cache import KVCache
+from jaxspec.models import layout as layouts
 from jaxspec.models.config import ModelConfig
-from jaxspec.models.layout import Layout
 
 Params = dict
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
     """jnp.einsum at full precision when both operands are fp32, the default otherwise."""
-    fp32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
-    precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
-    return jnp.einsum(spec, a, b, precision=precision, **kwargs)
+    return jnp.einsum(spec, a, b, precision=_precision(a, b), **kwargs)
 
 
-def dense(x: jax.Array, w: jax.Array, layout: Layout | None = None) -> jax.Array:
-    """x[..., I] @ w[I, *O] -> [..., *O]: a projection.
+def dense(x: jax.Array, w) -> jax.Array:
+    """x[..., K] @ w[K, *O] -> [..., *O]: a projection (w an array, or Panels on the CPU layout).
 
-    Through the CPU small-M kernel (jaxspec.kernels.cpu_matmul) when the layout policy asks for
-    it, the product fits it (fp32, at most 16 rows) and it is available; XLA's dot otherwise (and
-    on any non-CPU platform the program is lowered for).
+    Panels of fp32 weights go through the CPU small-M kernel (jaxspec.kernels.cpu_matmul) for
+    products of at most its MAX_ROWS rows, and through XLA's dot otherwise (prefill), as does any
+    platform other than CPU the program is lowered for.
     """
-    xla = functools.partial(_xla_dense, w_dims=w.ndim - 1)
-    if layout is None or not layout.small_m_matmul:
-        return xla(x, w)
+    if not isinstance(w, layouts.Panels):
+        return jnp.tensordot(x, w, axes=1, precision=_precision(x, w))
     from jaxspec.kernels import cpu_matmul
 
-    if not (cpu_matmul.fits(x, w) and cpu_matmul.available()):
-        return xla(x, w)
-    rows = x.reshape(-1, x.shape[-1])  # [M, I]
-    columns = w.reshape(w.shape[0], -1)  # [I, N]
-    out = jax.lax.platform_dependent(rows, columns, cpu=cpu_matmul.matmul,
-                                     default=functools.partial(_xla_dense, w_dims=1))
-    return out.reshape(x.shape[:-1] + w.shape[1:])
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    xla = functools.partial(_panels_dot, precision=_precision(x, w))
+    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():
+        out = jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul, default=xla)
+    else:
+        out = xla(rows, w.data)
+    N = math.prod(w.shape[1:])
+    return out[:, :N].reshape(x.shape[:-1] + w.shape[1:])
 
 
-def _xla_dense(x, w, *, w_dims: int):
-    fp32 = x.dtype == jnp.float32 and w.dtype == jnp.float32
-    precision = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
-    return jnp.tensordot(x, w, axes=1, precision=precision)
+def _panels_dot(rows, data, *, precision):
+    """rows[M, K] @ panels data[J, K, P] -> [M, J * P]."""
+    out = jnp.einsum("MK,JKP->MJP", rows, data, precision=precision)
+    return out.reshape(rows.shape[0], -1)
+
+
+def _precision(a, b):
+    fp32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -131,7 +135,7 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
     B, T, _ = x.shape
     G = config.num_groups
-    qkv = dense(x, layer["wqkv"], cache.layout)  # [B, T, K, G + 2, Dh]
+    qkv = dense(x, layer["wqkv"])  # [B, T, K, G + 2, Dh]
     if config.attention_bias:
         qkv = qkv + layer["bqkv"]
     q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # [B,T,K,G,Dh], [B,T,K,Dh]
@@ -149,12 +153,12 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index:
     values_spec = "BKDS" if cache.values_slots_last else "BKSD"
     out = einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
     out = out.reshape(B, T, config.num_heads * config.head_dim)  # [B, T, H * Dh]
-    return dense(out, layer["wo"], cache.layout), cache
+    return dense(out, layer["wo"]), cache
 
 
-def mlp(config: ModelConfig, layer, x: jax.Array, layout: Layout) -> jax.Array:
-    gate_up = dense(x, layer["w_gate_up"], layout)  # [B, T, 2, F]
-    return dense(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], layer["w_down"], layout)
+def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
+    gate_up = dense(x, layer["w_gate_up"])  # [B, T, 2, F]
+    return dense(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], layer["w_down"])
 
 
 def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
@@ -175,8 +179,7 @@ def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KV
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
         x = x + out
-        x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps),
-                    cache.layout)
+        x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
     streams[len(params["layers"])] = x
     captured = None
     if capture:
@@ -191,21 +194,20 @@ def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache:
     return hidden, cache
 
 
-def logits(params: Params, hidden: jax.Array, layout: Layout | None = None) -> jax.Array:
-    """Output layer: hidden[..., D] -> logits[..., V] in fp32 (layout: the policy's kernel
-    choice, as in `dense`)."""
-    if "lm_head" in params:
-        if hidden.dtype == jnp.float32 and params["lm_head"].dtype == jnp.float32:
-            return dense(hidden, params["lm_head"], layout)
-        return einsum("...D,DV->...V", hidden, params["lm_head"],
-                      preferred_element_type=jnp.float32)
+def logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Output layer: hidden[..., D] -> logits[..., V] in fp32."""
+    head = params.get("lm_head")
+    if isinstance(head, layouts.Panels):  # fp32 (only fp32 weights are packed)
+        return dense(hidden, head)
+    if head is not None:
+        return einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
     return einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)
 
 
 def forward(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):
     """tokens[B, T], positions[B, T] -> (logits[B, T, V] fp32, hidden[B, T, D], cache)."""
     hidden, cache = hidden_states(config, params, tokens, positions, cache)
-    return logits(params, hidden, cache.layout), hidden, cache
+    return logits(params, hidden), hidden, cache
 
 
 def forward_capture(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
@@ -213,7 +215,7 @@ def forward_capture(config: ModelConfig, params: Params, tokens, positions, cach
     """forward, plus the residual streams entering the layers in `capture` (see run_layers):
     -> (logits[B, T, V], hidden[B, T, D], captured[B, T, C, D] or None, cache)."""
     hidden, captured, cache = run_layers(config, params, tokens, positions, cache, capture)
-    return logits(params, hidden, cache.layout), hidden, captured, cache
+    return logits(params, hidden), hidden, captured, cache
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

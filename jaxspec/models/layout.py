@@ -11,25 +11,36 @@ One place decides, from the platform the params will live on, what differs betwe
                       XLA:CPU's weights-times-values product reads; stored slots-first it
                       transposed every layer's values at every step) or [L, B, K, S, Dh], the
                       layout GPU and Trainium attention kernels expect.
-  small_m_matmul      fp32 products of at most 16 rows (decode steps, verifies, drafts) go
-                      through jaxspec.kernels.cpu_matmul, which reads each weight once for up to
-                      6 rows, where XLA:CPU's 2-16-row path costs 1.5-3 one-row steps; XLA's dot
-                      when the kernel is unavailable. CPU only ("cpu-xla" is CPU without it).
+  panels              fp32 projections and the output layer are stored packed in column panels
+                      (`Panels`: [N / 64, K, 64] for a [K, N] weight), the layout of the CPU
+                      small-M kernel (jaxspec.kernels.cpu_matmul): it reads each panel as one
+                      contiguous stream, so products of 1-16 rows (decode steps, verifies,
+                      drafts) cost about one weight read, where XLA:CPU's dot on [K, N] costs
+                      1.5-3 one-row steps for 2-16 rows. Only when the kernel is available; the
+                      decoder takes XLA's dot for longer products (prefill) on the same panels.
 
-Projections are stored the same way on every backend, fused and split-friendly at once:
+Checkpoints store projections one way for every backend, fused and split-friendly at once:
 `wqkv` [D, K, G + 2, Dh] (per key/value head: its G query heads, its key, its value) and
 `w_gate_up` [D, 2, F]. Each is one matmul (XLA sees a [D, N] operand), and a `jax.sharding`
 mesh splits them along K (whole attention groups) and F (MLP columns) without reshuffling.
+Sharded params are never packed into panels (`for_mesh`).
 
-`JAXSPEC_LAYOUT` (cpu, cpu-xla or accelerator) forces a policy, e.g. to test the accelerator layouts on CPU.
+`JAXSPEC_LAYOUT` (cpu, cpu-xla = cpu without panels, or accelerator) forces a policy, e.g. to test the accelerator layouts on CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
+import jax
+import jax.numpy as jnp
+from flax import struct
+
 ENV = "JAXSPEC_LAYOUT"
+PANEL = 64  # columns per panel (kernels/cpu_matmul.cc's kPanel)
+PACKED = ("wqkv", "wo", "w_gate_up", "w_down")  # per layer; and lm_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +48,42 @@ class Layout:
     name: str
     output_copy: bool  # tied models carry lm_head [D, V] = embed.T
     values_slots_last: bool  # value cache [L, B, K, Dh, S] instead of [L, B, K, S, Dh]
-    small_m_matmul: bool = False  # few-row fp32 products through kernels.cpu_matmul
+    panels: bool = False  # fp32 projections packed as Panels for the CPU small-M kernel
 
 
-CPU = Layout("cpu", output_copy=True, values_slots_last=True, small_m_matmul=True)
-CPU_XLA = Layout("cpu-xla", output_copy=True, values_slots_last=True, small_m_matmul=False)
+CPU = Layout("cpu", output_copy=True, values_slots_last=True, panels=True)
+CPU_XLA = Layout("cpu-xla", output_copy=True, values_slots_last=True, panels=False)
 ACCELERATOR = Layout("accelerator", output_copy=False, values_slots_last=False)
 _BY_NAME = {layout.name: layout for layout in (CPU, CPU_XLA, ACCELERATOR)}
+
+
+@struct.dataclass
+class Panels:
+    """A [K, *O] weight packed in column panels: data[j, k, c] = w2[k, PANEL * j + c], w2 the
+    weight viewed as [K, N] (N = prod(O), zero-padded to a multiple of PANEL)."""
+
+    data: jax.Array  # [ceil(N / PANEL), K, PANEL]
+    shape: tuple[int, ...] = struct.field(pytree_node=False)  # the weight's own shape [K, *O]
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+
+def pack(w: jax.Array) -> Panels:
+    """w[K, *O] -> Panels."""
+    flat = w.reshape(w.shape[0], -1)  # [K, N]
+    pad = -flat.shape[1] % PANEL
+    flat = jnp.pad(flat, ((0, 0), (0, pad)))
+    data = flat.reshape(flat.shape[0], -1, PANEL).transpose(1, 0, 2)  # [N / PANEL, K, PANEL]
+    return Panels(data=data, shape=tuple(w.shape))
+
+
+def unpack(p: Panels) -> jax.Array:
+    """Panels -> the weight [K, *O]."""
+    K = p.shape[0]
+    flat = p.data.transpose(1, 0, 2).reshape(K, -1)  # [K, N padded]
+    return flat[:, : math.prod(p.shape[1:])].reshape(p.shape)
 
 
 def for_platform(platform: str) -> Layout:
@@ -68,17 +108,37 @@ def default() -> Layout:
 
 def for_mesh(layout: Layout) -> Layout:
     """The policy for params sharded on a mesh: the small-M kernel is one device's custom call
-    (XLA would gather a sharded weight for it), so sharded products stay XLA's."""
-    if not layout.small_m_matmul:
+    (XLA would gather a sharded weight for it), so sharded params are not packed."""
+    if not layout.panels:
         return layout
-    return CPU_XLA if layout == CPU else dataclasses.replace(layout, small_m_matmul=False)
+    return CPU_XLA if layout == CPU else dataclasses.replace(layout, panels=False)
 
 
 def apply(layout: Layout, params: dict, tied: bool) -> dict:
-    """params with the policy's output layer: adds lm_head = embed.T to tied models where the
-    policy wants a copy, removes a copy where it does not (untied models keep their own)."""
-    import jax.numpy as jnp
+    """params in the policy's layout: its output layer (adds lm_head = embed.T to tied models
+    where the policy wants a copy, removes a copy where it does not; untied models keep their
+    own), then fp32 projections packed into Panels where it wants panels and the kernel is
+    available (jaxspec.kernels.cpu_matmul), unpacked where it does not."""
+    params = _output_layer(layout, params, tied)
+    from jaxspec.kernels import cpu_matmul
 
+    packed = layout.panels and cpu_matmul.available()
+
+    def convert(w):
+        if isinstance(w, Panels):
+            return w if packed else unpack(w)
+        return pack(w) if packed and w.dtype == jnp.float32 else w
+
+    params = dict(params)
+    if "layers" in params:
+        params["layers"] = [{k: convert(v) if k in PACKED else v for k, v in layer.items()}
+                            for layer in params["layers"]]
+    if "lm_head" in params:
+        params["lm_head"] = convert(params["lm_head"])
+    return params
+
+
+def _output_layer(layout: Layout, params: dict, tied: bool) -> dict:
     has_copy = "lm_head" in params
     if not tied or has_copy == layout.output_copy:
         return params

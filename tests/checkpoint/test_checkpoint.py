@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import REPO, read_json, tiny_hf_model, tiny_torch_model, write_tiny_gguf
+from helpers import (REPO, plain_params, read_json, tiny_hf_model, tiny_torch_model,
+                     write_tiny_gguf)
 from safetensors.numpy import load_file, save_file
 
 from jaxspec.checkpoint import conversion, convert, load_model, store
@@ -65,7 +66,7 @@ def _as_format_1(config, params):
 def test_format_1_checkpoint_is_upgraded_on_load(tmp_path, monkeypatch):
     src = tiny_hf_model("qwen2", tmp_path)  # qkv bias too
     direct = load_model(src)
-    old = _as_format_1(direct.config, jax.tree.map(np.asarray, direct.params))
+    old = _as_format_1(direct.config, jax.tree.map(np.asarray, plain_params(direct)))
     dst = str(tmp_path / "v1")
     os.mkdir(dst)
     monkeypatch.setattr(store, "FORMAT_VERSION", 1)
@@ -79,13 +80,14 @@ def test_bfloat16_load_and_convert(tmp_path):
     f32 = load_model(src)
     bf16 = load_model(src, dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16.params))
-    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32.params)
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), plain_params(f32))
     assert leaves_equal(rounded, bf16.params)
     dst = convert(src, str(tmp_path / "bf16"), dtype="bfloat16")
     assert read_json(os.path.join(dst, "config.json"))["dtype"] == "bfloat16"
     assert leaves_equal(load_model(dst, dtype="bfloat16").params, bf16.params)
     widened = load_model(dst)  # stored bf16, restored as float32
-    assert leaves_equal(jax.tree.map(lambda x: x.astype(jnp.float32), bf16.params), widened.params)
+    assert leaves_equal(jax.tree.map(lambda x: x.astype(jnp.float32), bf16.params),
+                        plain_params(widened))
 
 
 def test_bf16_safetensors_are_read_without_torch(tmp_path):

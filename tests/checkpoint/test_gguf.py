@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from helpers import (CHAT_TEMPLATE, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
-                      quantize_roundtrip, random_tokens, tiny_hf_model, tiny_tokenizer,
+                      plain_params, quantize_roundtrip, random_tokens, tiny_hf_model, tiny_tokenizer,
                       tiny_torch_model, transformers_gguf_model, write_tiny_gguf)
 
 from jaxspec.checkpoint import convert, load_model
@@ -36,7 +36,7 @@ def test_gguf_logits_match_transformers(kind, qtype, tied, tmp_path):
     assert model.config.tie_word_embeddings == tied
     if tied and model.layout.output_copy:  # no output.weight in the file: the layout policy
         np.testing.assert_array_equal(  # (CPU) adds the embedding's transpose
-            model.params["lm_head"], np.asarray(model.params["embed"]).T)
+            plain_params(model)["lm_head"], np.asarray(model.params["embed"]).T)
     elif tied:
         assert "lm_head" not in model.params
     tokens = random_tokens(shape=(2, 10))
@@ -90,8 +90,8 @@ def test_gguf_convert_carries_tokenizer(tmp_path):
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(dst))
     direct, restored = load_model(path), load_model(dst)
     assert restored.config == direct.config
-    np.testing.assert_array_equal(np.asarray(restored.params["layers"][1]["wqkv"]),
-                                  np.asarray(direct.params["layers"][1]["wqkv"]))
+    np.testing.assert_array_equal(np.asarray(plain_params(restored)["layers"][1]["wqkv"]),
+                                  np.asarray(plain_params(direct)["layers"][1]["wqkv"]))
     assert restored.tokenizer.encode(TEXTS[2]) == direct.tokenizer.encode(TEXTS[2])
 
 

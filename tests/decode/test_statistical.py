@@ -31,6 +31,8 @@ import jaxspec
 from jaxspec.decode import sampling
 from jaxspec.decode.rejection import REFERENCE, Rejection
 from jaxspec.drafts.model_draft import ModelDraft
+from jaxspec.kernels import cpu_matmul
+from jaxspec.models import layout
 
 VOCAB = 12
 PROMPT = [3, 7, 1]
@@ -107,6 +109,34 @@ def total_variation(a, b) -> float:
     return 0.5 * float(np.abs(np.asarray(a) - np.asarray(b)).sum())
 
 
+def generate_in_chunks(target, draft, gamma, temperature, top_k, top_p, *, chunk: int):
+    """As `generate`, with the target and draft packed for the CPU small-M kernel and the rows
+    run `chunk` at a time (lax.map in one program, per-row integer seeds), so that every
+    product has at most chunk·(γ+1) rows and goes through the kernel (checked)."""
+    sampler, values = sampling.make(temperature, top_k, top_p)
+    spec = jaxspec.LoopSpec(target=target.config, draft=ModelDraft(draft.config, VOCAB),
+                            gamma=gamma, sampler=sampler, max_len=16)
+    assert chunk * (gamma + 1) <= cpu_matmul.MAX_ROWS
+    params = [layout.apply(layout.CPU, m.params, m.config.tie_word_embeddings)
+              for m in (target, draft)]
+    prompt = jnp.asarray([PROMPT] * chunk, jnp.int32)
+    lengths = jnp.full((chunk,), len(PROMPT), jnp.int32)
+    seeds = jnp.arange(ROWS, dtype=jnp.int32).reshape(-1, chunk)
+
+    def run(target_params, draft_params, seeds):
+        def one(row_seeds):
+            state = jaxspec.generate_tokens(spec, target_params, draft_params, prompt, lengths,
+                                            row_seeds, values, jnp.int32(MAX_NEW))
+            return state.tokens, state.stats.accepted, state.stats.iterations
+        return jax.lax.map(one, seeds)
+
+    compiled = jax.jit(run).lower(*params, seeds)
+    assert f"@{cpu_matmul.TARGET}" in compiled.as_text()
+    tokens, accepted, iterations = (np.asarray(a) for a in compiled.compile()(*params, seeds))
+    tokens = tokens.reshape(ROWS, -1)[:, len(PROMPT): len(PROMPT) + MAX_NEW]
+    return tokens, accepted.sum() / (gamma * iterations.sum())
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_speculative_sampling_follows_the_target(models, continuations, name):
     gamma, temperature, top_k, top_p = CONFIGS[name]
@@ -127,6 +157,17 @@ def test_speculative_sampling_follows_the_target(models, continuations, name):
     for pair, (i, j) in {"t1,t2": (0, 1), "t2,t3": (1, 2), "t3,t4": (2, 3)}.items():
         counts = np.bincount(tokens[:, i] * VOCAB + tokens[:, j], minlength=VOCAB * VOCAB)
         assert total_variation(counts / ROWS, exact[pair].ravel()) < 0.04, pair
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")
+def test_speculative_sampling_follows_the_target_through_the_cpu_kernel(models, continuations):
+    """The same test with every product of the loop on the CPU small-M kernel."""
+    gamma, temperature, top_k, top_p = CONFIGS["temperature_0.7_top_k_5"]
+    exact = exact_pairs(continuations[0], temperature, top_k, top_p)
+    tokens, acceptance = generate_in_chunks(*models, gamma, temperature, top_k, top_p, chunk=4)
+    assert 0.1 < acceptance < 0.9, acceptance
+    pvalues = pair_pvalues(tokens, exact)
+    assert min(pvalues.values()) > PASS_P, pvalues
 
 
 def _always_accept(draft_tokens, q, p, uniforms):

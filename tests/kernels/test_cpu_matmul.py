@@ -25,7 +25,12 @@ from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
-kernel = jax.jit(cpu_matmul.matmul)
+
+
+@jax.jit
+def kernel(x, w):
+    """x[M, K] @ w[K, N] through the kernel on w's panels."""
+    return cpu_matmul.matmul(x, layout.pack(w).data)[:, : w.shape[1]]
 
 
 def operands(m: int, k: int, n: int, seed: int = 0):
@@ -37,7 +42,7 @@ def operands(m: int, k: int, n: int, seed: int = 0):
 @pytest.mark.parametrize("m", range(1, 17))
 @pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 64), (130, 67), (33, 300), (576, 1000)])
 def test_equals_xla_dot_to_fp32_rounding(m, k, n):
-    """Shapes off the vector width (8 or 16 lanes), the 4-vector strip and the 64-deep chunk."""
+    """Shapes off the vector width (8 or 16 lanes) and the 64-column panel (zero-padded)."""
     x, w = operands(m, k, n)
     expected = np.dot(x.astype(np.float64), w.astype(np.float64))
     got = np.asarray(kernel(x, w))
@@ -59,18 +64,19 @@ def test_each_row_is_bit_identical_whatever_the_number_of_rows(k, n):
 
 @needs_kernel
 def test_threads_do_not_change_the_bits(tmp_path):
-    """One thread in a subprocess (this process uses up to 8) gives the same bits; the columns
-    are split across threads only above 16 vectors, so n = 4099 is split here."""
+    """One thread in a subprocess (this process uses up to 8) gives the same bits; panels are
+    split across threads from 4 per thread, so n = 4099 (65 panels) is split here."""
     x, w = operands(5, 300, 4099, seed=2)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "w.npy", w)
     script = ("import sys, numpy as np, jax; from jaxspec.kernels import cpu_matmul as c; "
-              "assert c.available(); d = sys.argv[1]; "
-              "np.save(d + '/out.npy', np.asarray(jax.jit(c.matmul)("
-              "np.load(d + '/x.npy'), np.load(d + '/w.npy'))))")
+              "from jaxspec.models.layout import pack; assert c.available(); d = sys.argv[1]; "
+              "w = pack(np.load(d + '/w.npy')).data; "
+              "np.save(d + '/out.npy', np.asarray(jax.jit(c.matmul)(np.load(d + '/x.npy'), w)))")
     env = {**os.environ, cpu_matmul.THREADS_ENV: "1"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(kernel(x, w)))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy")[:, :4099],
+                                  np.asarray(kernel(x, w)))
 
 
 # --- fallback --------------------------------------------------------------------------------
@@ -81,7 +87,7 @@ from jaxspec.kernels import cpu_matmul
 from jaxspec.models import decoder, layout
 ok = cpu_matmul.available()
 x, w = np.ones((3, 8), np.float32), np.ones((8, 5), np.float32)
-out = decoder.dense(jnp.asarray(x), jnp.asarray(w), layout.CPU)  # must work either way
+out = decoder.dense(jnp.asarray(x), layout.pack(jnp.asarray(w)))  # must work either way
 assert np.array_equal(np.asarray(out), x @ w)
 print("available" if ok else "fallback")
 """

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, tiny_model
 
+from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
 
 # the parity, loop and GGUF tests, rerun with JAXSPEC_LAYOUT=accelerator
@@ -40,12 +42,34 @@ def test_environment_override(monkeypatch):
 def test_apply_adds_or_removes_the_output_copy_of_tied_models_only():
     embed = jnp.arange(12.0).reshape(4, 3)  # [V, D]
     tied = {"embed": embed}
-    with_copy = layout.apply(layout.CPU, tied, tied=True)
+    with_copy = layout.apply(layout.CPU_XLA, tied, tied=True)
     np.testing.assert_array_equal(with_copy["lm_head"], embed.T)
-    assert layout.apply(layout.ACCELERATOR, with_copy, tied=True) == tied
-    assert layout.apply(layout.CPU, with_copy, tied=True) is with_copy
+    assert layout.apply(layout.ACCELERATOR, with_copy, tied=True).keys() == {"embed"}
+    again = layout.apply(layout.CPU_XLA, with_copy, tied=True)
+    assert again["lm_head"] is with_copy["lm_head"]  # already in the layout: nothing copied
     untied = {"embed": embed, "lm_head": jnp.ones((3, 4))}
-    assert layout.apply(layout.ACCELERATOR, untied, tied=False) is untied
+    assert layout.apply(layout.ACCELERATOR, untied, tied=False)["lm_head"] is untied["lm_head"]
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")
+def test_cpu_policy_packs_fp32_projections_into_panels_and_back():
+    params = tiny_model(layers=2, tied=True).params
+    packed = layout.apply(layout.CPU, params, tied=True)
+    for name in layout.PACKED:
+        w = packed["layers"][1][name]
+        assert isinstance(w, layout.Panels) and w.shape == params["layers"][1][name].shape
+        assert w.data.shape[1:] == (w.shape[0], layout.PANEL)
+        np.testing.assert_array_equal(layout.unpack(w), params["layers"][1][name])
+    assert isinstance(packed["lm_head"], layout.Panels)
+    assert not isinstance(packed["embed"], layout.Panels)
+    assert layout.apply(layout.CPU, packed, tied=True)["lm_head"] is packed["lm_head"]
+    for policy in (layout.CPU_XLA, layout.for_mesh(layout.CPU)):
+        plain = layout.apply(policy, packed, tied=True)
+        for name in layout.PACKED:
+            np.testing.assert_array_equal(plain["layers"][0][name], params["layers"][0][name])
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    assert not any(isinstance(w, layout.Panels)
+                   for w in layout.apply(layout.CPU, bf16, tied=True)["layers"][0].values())
 
 
 @pytest.mark.skipif(os.environ.get(layout.ENV) == "accelerator", reason="already forced")

@@ -10,6 +10,7 @@ import pytest
 from helpers import KINDS, hf_logits, jaxspec_logits, random_tokens, tiny_hf_model
 
 from jaxspec.checkpoint import convert, load_model
+from jaxspec.kernels import cpu_matmul
 from jaxspec.models import decoder, layout
 from jaxspec.models.cache import init_cache
 
@@ -24,6 +25,19 @@ def test_logits_match_transformers(kind, tmp_path):
     ours, ref = jaxspec_logits(model, tokens), hf_logits(path, tokens)
     assert ours.shape == ref.shape == (2, 12, 100)
     assert np.abs(ref).max() > 1.0  # weights are large enough for errors to show
+    np.testing.assert_allclose(ours, ref, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.skipif(not (layout.default().panels and cpu_matmul.available()),
+                    reason="the CPU layout with its matmul kernel is not in use")
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_through_the_cpu_kernel(kind, tmp_path):
+    """12 rows: every projection and the output layer on the kernel (load_model packs them)."""
+    path = tiny_hf_model(kind, tmp_path)
+    tokens = random_tokens(shape=(1, 12))
+    model = load_model(path)
+    assert model.layout == layout.CPU and isinstance(model.params["lm_head"], layout.Panels)
+    ours, ref = jaxspec_logits(model, tokens), hf_logits(path, tokens)
     np.testing.assert_allclose(ours, ref, atol=TOLERANCE, rtol=0)
 
 

@@ -51,5 +51,6 @@ def test_cpu_policy_sends_few_row_fp32_projections_to_the_kernel(tokens_per_row,
 
 
 def test_bf16_and_other_policies_never_use_the_kernel():
+    """bf16 weights stay unpacked on the CPU policy; the accelerator policy never packs."""
     assert cpu_matmul.TARGET not in lowered_forward(layout.CPU, jnp.bfloat16)
     assert cpu_matmul.TARGET not in lowered_forward(layout.ACCELERATOR, jnp.float32)
