@@ -14,14 +14,16 @@ iteration (which a spec sized with decode.sizing.loop_max_len never reaches).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxspec.decode.sampling import (SamplingValues, first_argmax, next_token, probabilities,
-                                     row_seeds, uniforms)
+                                     sample, row_seeds, uniforms)
 from jaxspec.decode.sizing import required_len
 from jaxspec.decode.state import DecodeState, LoopSpec, Stats
-from jaxspec.drafts.base import Observation
+from jaxspec.drafts.base import NO_PROPOSAL, Observation
 from jaxspec.models import decoder, sharding
 from jaxspec.models.cache import init_cache
 from jaxspec.models.config import ModelConfig
@@ -58,7 +60,8 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
         draft_state = spec.draft.init_state(B, spec.max_len, spec.dtype, spec.layout)
         draft_state = spec.draft.prefill(draft_params, draft_state, prompt, prompt_lengths,
                                          captured)
-    stats = Stats(iterations=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
+    stats = Stats(iterations=jnp.zeros((B,), jnp.int32), proposed=jnp.zeros((B,), jnp.int32),
+                  accepted=jnp.zeros((B,), jnp.int32),
                   accepted_per_position=jnp.zeros((B, spec.gamma), jnp.int32))
     max_new = jnp.asarray(max_new_tokens, jnp.int32)
     lengths = prompt_lengths + 1
@@ -94,8 +97,13 @@ def _is_eos(config: ModelConfig, tokens: jax.Array) -> jax.Array:
 
 
 def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
-         state: DecodeState) -> DecodeState:
-    """One iteration for every row: propose γ, verify γ+1 positions, accept, observe, commit."""
+         state: DecodeState, *, narrow: bool = False) -> DecodeState:
+    """One iteration for every row: propose γ, verify γ+1 positions, accept, observe, commit.
+
+    A draft may decline positions (NO_PROPOSAL from the first declined one on). With `narrow`
+    (dynamic mode, drafts that can decline), an iteration in which no active row proposes
+    anything verifies one position instead of γ+1: a plain decoding step.
+    """
     B, gamma = state.lengths.shape[0], spec.gamma
     # uniforms [B, 2γ+1]: γ for the draft, γ + 1 to accept (greedy decoding draws none)
     u = jnp.zeros((B, 2 * gamma + 1), jnp.float32)
@@ -107,19 +115,19 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
         draft_tokens, q, draft_state = spec.draft.propose(
             draft_params, draft_state, state.tokens, state.lengths, gamma=gamma,
             sampler=spec.sampler, values=values, uniforms=u[:, :gamma])
-    # 2. verify: the target reads the last token and the drafts at γ+1 positions
+    proposed = proposal_lengths(draft_tokens)  # [B]
+    # 2-3. verify the last token and the drafts at γ+1 positions, accept: n [B] drafts accepted,
+    # out [B, γ+1] tokens (n + 1 valid per row), captured [B, γ+1, C, D] or None
     last = state.tokens[jnp.arange(B), state.lengths - 1]
     verify = jnp.concatenate([last[:, None], draft_tokens], axis=1)  # [B, γ+1]
     positions = state.lengths[:, None] - 1 + jnp.arange(gamma + 1)  # [B, γ+1]
-    logits, _, captured, target_cache = decoder.forward_capture(
-        spec.target, target_params, verify, positions, state.target_cache, spec.hidden_layers)
-    # 3. accept: n [B] drafts accepted, out [B, γ+1] tokens (n + 1 valid per row)
-    if spec.sampler.greedy:
-        n, out = spec.rejection.greedy(draft_tokens, first_argmax(logits))
+    args = (target_params, values, state.target_cache, verify, positions, proposed, q, u)
+    full, one = functools.partial(_verify, spec), functools.partial(_verify_one, spec)
+    if narrow and gamma:
+        n, out, captured, target_cache = jax.lax.cond(
+            jnp.any(~state.done & (proposed > 0)), full, one, *args)
     else:
-        p = probabilities(spec.sampler, values, logits)
-        q = q if q is not None else jnp.zeros((B, 0, p.shape[-1]), p.dtype)
-        n, out = spec.rejection.sampled(draft_tokens, q, p, u[:, gamma:])
+        n, out, captured, target_cache = full(*args)
     count, eos_stop = _appended(spec, state, n, out)
     # 4. the draft sees what the target made of its proposals
     if spec.draft is not None:
@@ -128,7 +136,59 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
             committed=count, active=~state.done, hidden=captured))
     # 5. commit with masks; caches are not copied or rolled back
     state = state.replace(target_cache=target_cache, draft_state=draft_state)
-    return _commit(spec, state, n, out, count, eos_stop)
+    return _commit(spec, state, n, out, count, eos_stop, proposed)
+
+
+def proposal_lengths(draft_tokens: jax.Array) -> jax.Array:
+    """[B] proposals per row: draft_tokens[B, γ] up to the first NO_PROPOSAL."""
+    gamma = draft_tokens.shape[1]
+    iota = jnp.arange(gamma, dtype=jnp.int32)
+    return jnp.min(jnp.where(draft_tokens == NO_PROPOSAL, iota, gamma), axis=-1,
+                   initial=gamma).astype(jnp.int32)
+
+
+def _verify(spec: LoopSpec, target_params, values, cache, verify, positions, proposed, q, u):
+    """The target on all γ+1 positions, then rejection sampling of the proposals.
+
+    Declined positions are never accepted: greedily, NO_PROPOSAL equals no argmax; sampled, a
+    row whose n reaches its proposal count takes its next token from p there (the bonus of a
+    γ = proposed[b] iteration; the rejection kernel sees token 0 in declined slots).
+    """
+    B, gamma = verify.shape[0], verify.shape[1] - 1
+    draft_tokens = verify[:, 1:]
+    logits, _, captured, cache = decoder.forward_capture(
+        spec.target, target_params, verify, positions, cache, spec.hidden_layers)
+    if spec.sampler.greedy:
+        n, out = spec.rejection.greedy(draft_tokens, first_argmax(logits))
+        return n, out, captured, cache
+    p = probabilities(spec.sampler, values, logits)  # [B, γ+1, V]
+    q = q if q is not None else jnp.zeros((B, 0, p.shape[-1]), p.dtype)
+    n, out = spec.rejection.sampled(jnp.maximum(draft_tokens, 0), q, p, u[:, gamma:])
+    if gamma:
+        stop = n >= proposed  # [B] every proposal accepted (or none made)
+        bonus = sample(jnp.take_along_axis(p, proposed[:, None, None], axis=1)[:, 0],
+                       u[:, 2 * gamma])  # the rejection's replacement uniform
+        n = jnp.where(stop, proposed, n)
+        iota = jnp.arange(gamma + 1, dtype=jnp.int32)[None]
+        out = jnp.where(stop[:, None] & (iota == proposed[:, None]), bonus[:, None], out)
+    return n, out, captured, cache
+
+
+def _verify_one(spec: LoopSpec, target_params, values, cache, verify, positions, proposed, q,
+                u):
+    """`_verify` when no row proposed anything: the target on the first position only."""
+    B, width = verify.shape
+    logits, _, captured, cache = decoder.forward_capture(
+        spec.target, target_params, verify[:, :1], positions[:, :1], cache, spec.hidden_layers)
+    if spec.sampler.greedy:
+        token = first_argmax(logits)[:, 0]
+    else:
+        token = sample(probabilities(spec.sampler, values, logits)[:, 0],
+                       u[:, 2 * (width - 1)])  # as _verify's replacement
+    if captured is not None:  # [B, 1, C, D] -> [B, γ+1, C, D]
+        captured = jnp.pad(captured, ((0, 0), (0, width - 1), (0, 0), (0, 0)))
+    out = jnp.broadcast_to(token[:, None], (B, width)).astype(jnp.int32)
+    return jnp.zeros((B,), jnp.int32), out, captured, cache
 
 
 def _appended(spec: LoopSpec, state: DecodeState, n, out):
@@ -144,7 +204,8 @@ def _appended(spec: LoopSpec, state: DecodeState, n, out):
     return count, first_eos < count
 
 
-def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop) -> DecodeState:
+def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop,
+            proposed) -> DecodeState:
     """Append count[b] of out's tokens to row b; update lengths, done flags and statistics."""
     B, width = out.shape
     iota = jnp.arange(width, dtype=jnp.int32)[None]  # [1, γ+1]
@@ -160,6 +221,7 @@ def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop) -> Deco
     stats = state.stats
     stats = Stats(
         iterations=stats.iterations + active,
+        proposed=stats.proposed + jnp.where(active, proposed, 0),
         accepted=stats.accepted + jnp.where(active, n, 0),
         accepted_per_position=stats.accepted_per_position
         + (active[:, None] & (iota[:, :-1] < n[:, None])),
@@ -169,8 +231,11 @@ def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop) -> Deco
 
 
 def run_dynamic(spec: LoopSpec, target_params, draft_params, values, state) -> DecodeState:
-    """Iterate until every row is done (one `lax.while_loop`)."""
-    body = lambda s: step(spec, target_params, draft_params, values, s)  # noqa: E731
+    """Iterate until every row is done (one `lax.while_loop`); iterations where no row has a
+    proposal verify one position (see `step`) when the draft can decline."""
+    narrow = bool(getattr(spec.draft, "declines", False))
+    body = lambda s: step(spec, target_params, draft_params, values, s,  # noqa: E731
+                          narrow=narrow)
     return jax.lax.while_loop(lambda s: jnp.any(~s.done), body, state)
 
 

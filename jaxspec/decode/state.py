@@ -61,6 +61,7 @@ class Stats:
     """Per-row counters, updated inside the loop."""
 
     iterations: jax.Array  # [B] verify steps while the row was active
+    proposed: jax.Array  # [B] draft tokens proposed (γ per iteration, less when a draft declines)
     accepted: jax.Array  # [B] draft tokens accepted by the target
     accepted_per_position: jax.Array  # [B, γ] iterations whose draft i was accepted
 

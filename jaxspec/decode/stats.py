@@ -7,8 +7,7 @@ import numpy as np
 from jaxspec.decode.state import DecodeState
 
 
-def _rates(iterations: int, accepted: int, gamma: int) -> dict:
-    proposed = gamma * iterations
+def _rates(iterations: int, accepted: int, proposed: int) -> dict:
     return {
         "draft_tokens_proposed": proposed,
         "draft_tokens_accepted": accepted,
@@ -25,12 +24,13 @@ def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
     lengths, prompt_lengths = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
     iterations = np.asarray(state.stats.iterations)
     accepted = np.asarray(state.stats.accepted)
+    proposed = np.asarray(state.stats.proposed)
     per_position = np.asarray(state.stats.accepted_per_position)  # [B, γ]
     new = lengths - prompt_lengths
     steps = int(np.asarray(state.step))
     rows = [
         {"new_tokens": int(new[b]), "prompt_tokens": int(prompt_lengths[b]),
-         **_rates(int(iterations[b]), int(accepted[b]), gamma),
+         **_rates(int(iterations[b]), int(accepted[b]), int(proposed[b])),
          "accepted_per_position": per_position[b].tolist(),
          "target_forward_calls": 1 + int(iterations[b])}
         for b in range(len(lengths))
@@ -42,7 +42,7 @@ def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
         "wall_seconds": wall_seconds,
         "compile_seconds": compile_seconds,
         "num_speculative_tokens": gamma,
-        **_rates(int(iterations.sum()), int(accepted.sum()), gamma),
+        **_rates(int(iterations.sum()), int(accepted.sum()), int(proposed.sum())),
         "accepted_per_position": per_position.sum(axis=0).tolist(),
         "target_forward_calls": 1 + steps,  # prefill + one verify per iteration (whole batch)
         "draft_forward_calls": draft.forward_calls(gamma, steps) if draft is not None else 0,

@@ -20,6 +20,7 @@ import jax
 from flax import struct
 
 State = Any  # a pytree (or None), owned by the draft
+NO_PROPOSAL = -1  # a draft token meaning "no proposal here" (see Draft.propose)
 
 
 @struct.dataclass
@@ -28,6 +29,7 @@ class Observation:
 
     n_accepted: jax.Array  # [B] drafts the target accepted (0..γ)
     tokens: jax.Array  # [B, γ+1] verified inputs: the last committed token, then the γ drafts
+    #                    (NO_PROPOSAL where the draft declined)
     positions: jax.Array  # [B, γ+1] positions of `tokens`
     emitted: jax.Array  # [B, γ+1] output: emitted[b, :n+1] are the accepted drafts, then the
     #                     target's replacement or bonus token
@@ -46,6 +48,9 @@ class Draft(Protocol):
     # Target layers whose input residual stream the draft receives (0 = embeddings, L = the last
     # layer's output), fixed statically: the target's forward captures them only when asked.
     hidden_layers: tuple[int, ...] = ()
+    # Whether `propose` may decline (NO_PROPOSAL). The dynamic loop then verifies one position
+    # instead of γ+1 in iterations where no active row proposes anything.
+    declines: bool = False
 
     def init_state(self, batch: int, max_len: int, dtype, layout) -> State:
         """A fresh state for `batch` rows of `max_len` slots (layout: models.layout.Layout)."""
@@ -66,7 +71,9 @@ class Draft(Protocol):
         sampler/values: jaxspec.decode.sampling's Sampler and SamplingValues, to be applied to
         the draft's logits exactly as to the target's; uniforms [B, γ] for sampled drafting.
         Returns (draft_tokens [B, γ] int32, q [B, γ, V] the distributions they were drawn
-        from, or None when greedy, new state).
+        from, or None when greedy, new state). A row may decline from some position on by
+        filling the rest of its row with NO_PROPOSAL (only drafts with `declines`): those
+        positions are never accepted, and q there is ignored.
         """
         ...
 

@@ -2,8 +2,11 @@
 
 The last n tokens of each row are searched for earlier in the same row (prompt and generated
 text); the tokens that followed the most recent match are proposed. Sizes n, n-1, ..., 1 are
-tried in that order. No match proposes the last token repeated. The draft's distribution q is
-one-hot, so acceptance is u < p(x) and exactness holds whatever is proposed.
+tried in that order. A continuation that runs into the present repeats the matched text
+periodically (after [1 2 1 2], [1 2] matched two tokens back: 1 2 1 2 ...). No match declines
+(NO_PROPOSAL): the dynamic loop then runs a plain one-position step instead of verifying γ + 1
+guesses. The draft's distribution q is one-hot, so acceptance is u < p(x) and exactness holds
+whatever is proposed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxspec.drafts.base import Draft
+from jaxspec.drafts.base import NO_PROPOSAL, Draft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,7 @@ class NgramDraft(Draft):
 
     max_ngram: int  # longest suffix to match (≥ 1)
     target_vocab: int
+    declines = True
 
     def _latest_match(self, tokens: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
         """[B] end index j < L-1 of the latest earlier occurrence of the last `size` tokens,
@@ -40,10 +44,13 @@ class NgramDraft(Draft):
         best = jnp.full(lengths.shape, -1, jnp.int32)
         for size in range(self.max_ngram, 0, -1):  # prefer the longest matching suffix
             best = jnp.where(best < 0, self._latest_match(tokens, lengths, size), best)
+        last = lengths[:, None] - 1  # [B, 1]
         follow = best[:, None] + 1 + jnp.arange(gamma)  # [B, γ] positions after the match
-        follow = jnp.where(best[:, None] < 0, lengths[:, None] - 1, follow)
-        follow = jnp.minimum(follow, lengths[:, None] - 1)  # never past the known tokens
-        draft_tokens = jnp.take_along_axis(tokens, follow, axis=1)
+        period = jnp.maximum(last - best[:, None], 1)  # the match ended `period` tokens back
+        follow = jnp.where(follow > last, last - period + 1 + (follow - last - 1) % period,
+                           follow)  # past the present: the matched text again, periodically
+        draft_tokens = jnp.take_along_axis(tokens, jnp.clip(follow, 0, last), axis=1)
+        draft_tokens = jnp.where(best[:, None] < 0, NO_PROPOSAL, draft_tokens)
         if sampler.greedy:
             return draft_tokens, None, state
-        return draft_tokens, jax.nn.one_hot(draft_tokens, self.target_vocab), state
+        return draft_tokens, jax.nn.one_hot(jnp.maximum(draft_tokens, 0), self.target_vocab), state

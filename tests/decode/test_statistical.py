@@ -19,6 +19,7 @@ see a wrong sampler.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -30,6 +31,7 @@ from helpers import chi2_pvalue, full_logits, perturbed, tiny_model
 import jaxspec
 from jaxspec.decode import sampling
 from jaxspec.decode.rejection import REFERENCE, Rejection
+from jaxspec.drafts.base import NO_PROPOSAL
 from jaxspec.drafts.model_draft import ModelDraft
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
@@ -80,10 +82,27 @@ def exact_pairs(logits, temperature, top_k, top_p) -> dict[str, np.ndarray]:
     return {"t1,t2": joint.sum((2, 3)), "t2,t3": joint.sum((0, 3)), "t3,t4": joint.sum((0, 1))}
 
 
-def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, rejection=REFERENCE):
+@dataclasses.dataclass(frozen=True)
+class DecliningDraft(ModelDraft):
+    """A model draft that declines by a rule of its own: everything when the last token is odd
+    (the dynamic loop then verifies one position), else after its first proposal when that is
+    even. Sampled output must still follow the target."""
+
+    declines = True
+
+    def propose(self, params, state, tokens, lengths, **kwargs):
+        draft_tokens, q, state = super().propose(params, state, tokens, lengths, **kwargs)
+        last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
+        iota = jnp.arange(draft_tokens.shape[1])[None]
+        declined = (last % 2 == 1)[:, None] | ((draft_tokens[:, :1] % 2 == 0) & (iota >= 1))
+        return jnp.where(declined, NO_PROPOSAL, draft_tokens), q, state
+
+
+def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, rejection=REFERENCE,
+             draft_type=ModelDraft):
     """ROWS copies of PROMPT through the pure compiled loop; returns tokens [ROWS, MAX_NEW]."""
     sampler, values = sampling.make(temperature, top_k, top_p)
-    spec = jaxspec.LoopSpec(target=target.config, draft=ModelDraft(draft.config, VOCAB),
+    spec = jaxspec.LoopSpec(target=target.config, draft=draft_type(draft.config, VOCAB),
                             gamma=gamma, sampler=sampler, max_len=16, rejection=rejection)
     prompt = jnp.asarray([PROMPT] * ROWS, jnp.int32)
     run = jax.jit(jaxspec.generate_tokens, static_argnums=0)
@@ -92,8 +111,7 @@ def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, rejecti
                 jnp.int32(MAX_NEW))
     lengths = np.asarray(state.lengths)
     assert np.all(lengths == len(PROMPT) + MAX_NEW)
-    accepted = np.asarray(state.stats.accepted).sum() / (gamma * np.asarray(
-        state.stats.iterations).sum())
+    accepted = np.asarray(state.stats.accepted).sum() / np.asarray(state.stats.proposed).sum()
     return np.asarray(state.tokens)[:, len(PROMPT): len(PROMPT) + MAX_NEW], accepted
 
 
@@ -157,6 +175,20 @@ def test_speculative_sampling_follows_the_target(models, continuations, name):
     for pair, (i, j) in {"t1,t2": (0, 1), "t2,t3": (1, 2), "t3,t4": (2, 3)}.items():
         counts = np.bincount(tokens[:, i] * VOCAB + tokens[:, j], minlength=VOCAB * VOCAB)
         assert total_variation(counts / ROWS, exact[pair].ravel()) < 0.04, pair
+
+
+@pytest.mark.parametrize("name", ["temperature_1", "top_p_0.8"])
+def test_declining_draft_keeps_the_target_distribution(models, continuations, name):
+    """Declined positions are never accepted, and a row that had all its proposals accepted
+    takes its next token from p there; iterations where every row declines verify one
+    position (a plain step) in the dynamic loop."""
+    gamma, temperature, top_k, top_p = CONFIGS[name]
+    exact = exact_pairs(continuations[0], temperature, top_k, top_p)
+    tokens, acceptance = generate(*models, gamma, temperature, top_k, top_p,
+                                  draft_type=DecliningDraft)
+    assert 0.1 < acceptance < 0.9, acceptance
+    pvalues = pair_pvalues(tokens, exact)
+    assert min(pvalues.values()) > PASS_P, pvalues
 
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")

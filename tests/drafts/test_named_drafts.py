@@ -9,6 +9,7 @@ from helpers import greedy_reference, tiny_model
 
 from jaxspec.api import SpeculativeDecoder, resolve_draft
 from jaxspec.decode.sampling import Sampler
+from jaxspec.drafts.base import NO_PROPOSAL
 from jaxspec.drafts.ngram import NgramDraft
 from jaxspec.errors import UserError
 
@@ -31,11 +32,12 @@ def _propose(buffer: list[list[int]], lengths: list[int], gamma: int, max_ngram:
     ([7, 8, 1, 7, 8, 2, 9, 7, 8], 2, [2, 9]),
     # a longer suffix beats a more recent shorter one: [5, 6] at 0-1 -> 3; [6] alone at 3 -> 9
     ([5, 6, 3, 6, 9, 5, 6], 1, [3]),
-    # the continuation runs into the present: proposals stop at the last known token
+    # the continuation runs into the present: the matched text again, periodically
     ([4, 4, 4], 3, [4, 4, 4]),
-    ([1, 2, 1, 2], 4, [1, 2, 2, 2]),
-    # no earlier occurrence at all: the last token repeated
-    ([1, 2, 3], 2, [3, 3]),
+    ([1, 2, 1, 2], 4, [1, 2, 1, 2]),
+    ([7, 1, 2, 3, 1, 2], 5, [3, 1, 2, 3, 1]),  # [1, 2] three tokens back: period 3
+    # no earlier occurrence at all: the draft declines
+    ([1, 2, 3], 2, [NO_PROPOSAL] * 2),
 ])
 def test_ngram_proposals(row, gamma, expected):
     out, _ = _propose([row], [len(row)], gamma)
@@ -75,3 +77,30 @@ def test_layerskip_shares_the_targets_arrays():
 def test_bad_named_drafts(spec):
     with pytest.raises(UserError):
         resolve_draft(spec, tiny_model(layers=3))
+
+
+def test_ngram_declines_without_a_match_and_keeps_greedy_output():
+    """Prompts without repeats: early iterations find no match, so the n-gram draft declines
+    (the dynamic loop runs one-position steps); output stays the target's greedy output in both
+    modes."""
+    target = tiny_model(seed=3, layers=2)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [11, 30, 2, 17, 40, 6]]
+    expected = greedy_reference(target, prompts, 24)
+    for mode in ("dynamic", "static"):
+        out = SpeculativeDecoder(target, "ngram", num_speculative_tokens=3, mode=mode,
+                                 static_iterations=4).generate(prompts, max_new_tokens=24)
+        assert out.tokens == expected
+        iterations = sum(r["target_forward_calls"] - 1 for r in out.stats["rows"])
+        assert 0 < out.stats["draft_tokens_proposed"] < 3 * iterations
+
+
+def test_ngram_sampled_static_equals_dynamic():
+    """Iterations where every row declines verify one position in dynamic mode and γ + 1 in
+    static mode; both take the token from p with the same uniform."""
+    target = tiny_model(seed=3, layers=2)
+    prompts = [[1, 2, 3, 1, 2], [9, 8, 7], [5, 5, 5, 5]]
+    outs = [SpeculativeDecoder(target, "ngram", num_speculative_tokens=3, mode=mode,
+                               static_iterations=4).generate(
+        prompts, max_new_tokens=24, temperature=0.9, seed=5).tokens
+            for mode in ("dynamic", "static")]
+    assert outs[0] == outs[1]
