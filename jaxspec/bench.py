@@ -347,26 +347,36 @@ def init_cache_like(cache):
     return jax.tree.map(jnp.zeros_like, cache)
 
 
+class Prefill:
+    """Seconds of one prefill forward of `prompt_length` tokens (padded as the loop pads);
+    compiled and run once when made."""
+
+    def __init__(self, model, prompt_length: int, max_len: int):
+        config = model.config
+        width = prompt_width(prompt_length)
+        self.tokens = jnp.ones((1, width), jnp.int32)
+        positions = jnp.arange(width, dtype=jnp.int32)[None]
+
+        def run(params, cache, tokens):
+            logits, _, cache = decoder.forward(config, params, tokens, positions, cache)
+            return logits[:, prompt_length - 1], cache
+
+        self.params = jax.device_put(model.params)
+        self.cache = init_cache(config, 1, max_len, model.params["embed"].dtype,
+                                layout_of(model))
+        self.compiled = jax.jit(run).lower(self.params, self.cache, self.tokens).compile()
+        self()
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(self.compiled(self.params, self.cache, self.tokens))
+        return time.perf_counter() - start
+
+
 def prefill_seconds(model, prompt_length: int, max_len: int, *, repeats: int) -> float:
     """Best time of one prefill forward (prompt padded as the decoder pads it)."""
-    config, params = model.config, model.params
-    width = prompt_width(prompt_length)
-    tokens = jnp.ones((1, width), jnp.int32)
-    positions = jnp.arange(width, dtype=jnp.int32)[None]
-
-    def run(params, cache):
-        logits, _, cache = decoder.forward(config, params, tokens, positions, cache)
-        return logits[:, prompt_length - 1], cache
-
-    params = jax.device_put(params)
-    cache = init_cache(config, 1, max_len, params["embed"].dtype, layout_of(model))
-    compiled = jax.jit(run).lower(params, cache).compile()
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, cache))
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    timer = Prefill(model, prompt_length, max_len)
+    return min(timer() for _ in range(repeats))
 
 
 def interleaved(calls: dict[str, Callable], rounds: int,

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --spec  [--gammas 1,2,3,4,6,8] [--draft layerskip:8]
     python scripts/benchmark.py --suite [--categories code,chat] [--prompts-per-category 2]
                                         [--drafts ngram,layerskip:8] [--draft PATH] [--no-hf]
+    python scripts/benchmark.py --kernel [--gammas 1,2,4,8]
 
 --ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
 `generate` on the same fp32 weights and prompt, and checks the two greedy outputs match.
@@ -15,6 +16,8 @@ PASS/FAIL lines are measurements, the exit status is 0 either way.
 --suite measures all of it side by side over a prompt set in categories (jaxspec.bench_suite):
 the bandwidth floor, plain decoding, every draft at every γ, transformers greedy and assisted
 generation; it prints Markdown tables and writes a JSON file and two plots.
+--kernel measures the CPU matmul kernel on and off in one run (jaxspec.bench_kernel): plain
+decoding, prefill and a forward step on 1 and γ + 1 tokens, v = step time ÷ 1-token step time.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 
 from tqdm import tqdm
 
-from jaxspec import bench, bench_suite, tuning
+from jaxspec import bench, bench_kernel, bench_suite, tuning
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -36,12 +39,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
 FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET = 0.85, 2.5, 0.9
 SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
-# per mode: (--ar/--spec, --suite)
-MODE_DEFAULTS = {"draft": ("layerskip:8", None),
-                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS),
-                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS), "repeats": (3, 1),
-                 "out_json": ("bench.json", "bench_suite.json"),
-                 "out_png": ("bench.png", "bench_suite.png")}
+# per mode: (--ar/--spec, --suite, --kernel)
+MODE_DEFAULTS = {"draft": ("layerskip:8", None, None),
+                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8"),
+                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128),
+                 "repeats": (3, 1, 5),
+                 "out_json": ("bench.json", "bench_suite.json", "bench_kernel.json"),
+                 "out_png": ("bench.png", "bench_suite.png", "bench_kernel.png")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +60,9 @@ def parse_args(argv):
     mode.add_argument("--spec", action="store_true", help="speculative decoding per γ")
     mode.add_argument("--suite", action="store_true",
                       help="everything side by side over a prompt set in categories")
+    mode.add_argument("--kernel", action="store_true",
+                      help="the CPU matmul kernel on and off: plain decoding, prefill, v per "
+                      "tokens per step")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL!r} (default), a .gguf file or a checkpoint directory")
     p.add_argument("--random", action="store_true",
@@ -77,7 +84,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for name, defaults in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, defaults[args.suite])
+            setattr(args, name, defaults[2 if args.kernel else int(args.suite)])
     try:
         args.gammas = sorted({int(g) for g in args.gammas.split(",")})
     except ValueError:
@@ -375,6 +382,24 @@ def plot_spec(r: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ---------------------------------------------------------------------------- --kernel
+
+
+def kernel_mode(args, target) -> dict:
+    from jaxspec.kernels import cpu_matmul
+
+    if not cpu_matmul.available():
+        raise UserError("--kernel: the CPU matmul kernel is unavailable on this machine")
+    log("compile + warm-up, both layouts")
+    return bench_kernel.run(target, bench.prompt_ids(target, args.prompt), gammas=args.gammas,
+                            max_new_tokens=args.max_new_tokens, steps=args.cost_steps,
+                            repeats=args.repeats, progress=progress("rounds"))
+
+
+PRINT = {"ar": print_ar, "spec": print_spec, "kernel": bench_kernel.print_table}
+PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot}
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -395,21 +420,22 @@ def main(argv=None) -> int:
             eos_ids = set(target.config.eos_token_ids)
             target = bench.without_eos(target)  # every run makes exactly --max-new-tokens
             other = bench.OtherLoad()
+            mode = "ar" if args.ar else "kernel" if args.kernel else "spec"
             result = (ar_mode(args, target, hf_source, eos_ids) if args.ar
-                      else spec_mode(args, target))
+                      else kernel_mode(args, target) if args.kernel else spec_mode(args, target))
     except UserError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
     share = other.fraction()
-    result.update(mode="ar" if args.ar else "spec", model="random" if args.random else args.model,
+    result.update(mode=mode, model="random" if args.random else args.model,
                   other_processes_cpu_share=share, cpus=os.cpu_count())
-    (print_ar if args.ar else print_spec)(result)
+    PRINT[mode](result)
     if share is not None:
         print(f"other processes used {share:.0%} of the {os.cpu_count()} CPUs during the run"
               + ("; speeds are low and noisy, transformers (OpenMP) most" if share > 0.1 else ""))
     with open(args.out_json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    (plot_ar if args.ar else plot_spec)(result, args.out_png)
+    PLOT[mode](result, args.out_png)
     print(f"wrote {args.out_json} and {args.out_png}")
     return 0
 

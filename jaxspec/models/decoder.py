@@ -52,9 +52,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
 def dense(x: jax.Array, w) -> jax.Array:
     """x[..., K] @ w[K, *O] -> [..., *O]: a projection (w an array, or Panels on the CPU layout).
 
-    Panels of fp32 weights go through the CPU small-M kernel (jaxspec.kernels.cpu_matmul) for
-    products of at most its MAX_ROWS rows, and through XLA's dot otherwise (prefill), as does any
-    platform other than CPU the program is lowered for.
+    Panels of fp32 weights go through the CPU matmul kernel (jaxspec.kernels.cpu_matmul); a
+    program lowered for another platform takes XLA's dot on the same panels.
     """
     if not isinstance(w, layouts.Panels):
         return jnp.tensordot(x, w, axes=1, precision=_precision(x, w))
@@ -62,7 +61,7 @@ def dense(x: jax.Array, w) -> jax.Array:
 
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     xla = functools.partial(_panels_dot, precision=_precision(x, w))
-    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():
+    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():  # else never packed
         out = jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul, default=xla)
     else:
         out = xla(rows, w.data)

@@ -99,16 +99,23 @@ class DecliningDraft(ModelDraft):
 
 
 def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, rejection=REFERENCE,
-             draft_type=ModelDraft):
-    """ROWS copies of PROMPT through the pure compiled loop; returns tokens [ROWS, MAX_NEW]."""
+             draft_type=ModelDraft, policy=None):
+    """ROWS copies of PROMPT through the pure compiled loop; returns tokens [ROWS, MAX_NEW].
+
+    policy: a layout policy to put both models' params in first (layout.CPU: the CPU matmul
+    kernel computes every projection, checked on the compiled program)."""
     sampler, values = sampling.make(temperature, top_k, top_p)
     spec = jaxspec.LoopSpec(target=target.config, draft=draft_type(draft.config, VOCAB),
                             gamma=gamma, sampler=sampler, max_len=16, rejection=rejection)
-    prompt = jnp.asarray([PROMPT] * ROWS, jnp.int32)
-    run = jax.jit(jaxspec.generate_tokens, static_argnums=0)
-    state = run(spec, target.params, draft.params, prompt,
-                jnp.full((ROWS,), len(PROMPT), jnp.int32), jax.random.key(seed), values,
-                jnp.int32(MAX_NEW))
+    params = [m.params if policy is None else
+              layout.apply(policy, m.params, m.config.tie_word_embeddings)
+              for m in (target, draft)]
+    args = (*params, jnp.asarray([PROMPT] * ROWS, jnp.int32),
+            jnp.full((ROWS,), len(PROMPT), jnp.int32), jax.random.key(seed), values,
+            jnp.int32(MAX_NEW))
+    lowered = jax.jit(jaxspec.generate_tokens, static_argnums=0).lower(spec, *args)
+    assert (f"@{cpu_matmul.TARGET}" in lowered.as_text()) == (policy == layout.CPU)
+    state = lowered.compile()(*args)
     lengths = np.asarray(state.lengths)
     assert np.all(lengths == len(PROMPT) + MAX_NEW)
     accepted = np.asarray(state.stats.accepted).sum() / np.asarray(state.stats.proposed).sum()
@@ -125,34 +132,6 @@ def pair_pvalues(tokens: np.ndarray, exact: dict[str, np.ndarray]) -> dict[str, 
 
 def total_variation(a, b) -> float:
     return 0.5 * float(np.abs(np.asarray(a) - np.asarray(b)).sum())
-
-
-def generate_in_chunks(target, draft, gamma, temperature, top_k, top_p, *, chunk: int):
-    """As `generate`, with the target and draft packed for the CPU small-M kernel and the rows
-    run `chunk` at a time (lax.map in one program, per-row integer seeds), so that every
-    product has at most chunk·(γ+1) rows and goes through the kernel (checked)."""
-    sampler, values = sampling.make(temperature, top_k, top_p)
-    spec = jaxspec.LoopSpec(target=target.config, draft=ModelDraft(draft.config, VOCAB),
-                            gamma=gamma, sampler=sampler, max_len=16)
-    assert chunk * (gamma + 1) <= cpu_matmul.MAX_ROWS
-    params = [layout.apply(layout.CPU, m.params, m.config.tie_word_embeddings)
-              for m in (target, draft)]
-    prompt = jnp.asarray([PROMPT] * chunk, jnp.int32)
-    lengths = jnp.full((chunk,), len(PROMPT), jnp.int32)
-    seeds = jnp.arange(ROWS, dtype=jnp.int32).reshape(-1, chunk)
-
-    def run(target_params, draft_params, seeds):
-        def one(row_seeds):
-            state = jaxspec.generate_tokens(spec, target_params, draft_params, prompt, lengths,
-                                            row_seeds, values, jnp.int32(MAX_NEW))
-            return state.tokens, state.stats.accepted, state.stats.iterations
-        return jax.lax.map(one, seeds)
-
-    compiled = jax.jit(run).lower(*params, seeds)
-    assert f"@{cpu_matmul.TARGET}" in compiled.as_text()
-    tokens, accepted, iterations = (np.asarray(a) for a in compiled.compile()(*params, seeds))
-    tokens = tokens.reshape(ROWS, -1)[:, len(PROMPT): len(PROMPT) + MAX_NEW]
-    return tokens, accepted.sum() / (gamma * iterations.sum())
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -196,7 +175,7 @@ def test_speculative_sampling_follows_the_target_through_the_cpu_kernel(models, 
     """The same test with every product of the loop on the CPU small-M kernel."""
     gamma, temperature, top_k, top_p = CONFIGS["temperature_0.7_top_k_5"]
     exact = exact_pairs(continuations[0], temperature, top_k, top_p)
-    tokens, acceptance = generate_in_chunks(*models, gamma, temperature, top_k, top_p, chunk=4)
+    tokens, acceptance = generate(*models, gamma, temperature, top_k, top_p, policy=layout.CPU)
     assert 0.1 < acceptance < 0.9, acceptance
     pvalues = pair_pvalues(tokens, exact)
     assert min(pvalues.values()) > PASS_P, pvalues

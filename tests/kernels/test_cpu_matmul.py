@@ -164,7 +164,7 @@ def models():
 
 @pytest.mark.parametrize("policy", [layout.CPU, layout.CPU_XLA], ids=lambda p: p.name)
 def test_greedy_speculative_equals_autoregressive_and_reference(models, policy):
-    """The reference runs 32-token teacher-forced forwards (over MAX_ROWS: XLA's dot)."""
+    """The reference runs the unpacked params (XLA's dot), without a cache."""
     target, draft = (dataclasses.replace(m, layout=policy) for m in models)
     reference = greedy_reference(target, PROMPTS, MAX_NEW)
     plain = jaxspec.SpeculativeDecoder(target).generate(PROMPTS, max_new_tokens=MAX_NEW)
