@@ -94,14 +94,14 @@ const Isa& detect() {
   return kNone;
 }
 
-const Isa& kIsa = detect();
+const Isa* isa = &detect();  // jaxspec_small_m_set_isa may lower it (tests of the AVX2 path)
 
 // Panels [j_begin, j_end) for every row, row blocks inside each panel (the panel is read from
 // memory once, then from cache for the next blocks).
 void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
   for (int64_t j = j_begin; j < j_end; ++j)
     for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows)
-      kIsa.blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
+      isa->blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
 }
 
 // ---------------------------------------------------------------- threads
@@ -148,7 +148,7 @@ ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[1] || pd[2] != kPanel)
     return ffi::Error::InvalidArgument(
         "jaxspec small-M matmul: expected x[M, K] and panels[N / 64, K, 64]");
-  if (kIsa.level == 0) return ffi::Error::Internal("jaxspec small-M matmul: no AVX2/FMA");
+  if (isa->level == 0) return ffi::Error::Internal("jaxspec small-M matmul: no AVX2/FMA");
   Problem p{x.typed_data(), panels.typed_data(), out->typed_data(), xd[0], xd[1],
             pd[0] * kPanel};
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
@@ -165,7 +165,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul, SmallMMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-extern "C" int jaxspec_small_m_isa() { return kIsa.level; }
+extern "C" int jaxspec_small_m_isa() { return isa->level; }
+
+// Use at most ISA `level` (1: AVX2 even where AVX-512 is present); returns the level in use.
+extern "C" int jaxspec_small_m_set_isa(int level) {
+  if (level < isa->level) isa = level >= 1 ? &kAvx2 : &kNone;
+  return isa->level;
+}
 
 // At most this many threads (the caller's included) share one product.
 extern "C" int jaxspec_small_m_set_threads(int threads) {

@@ -13,8 +13,10 @@ The library is compiled once with the system C++ compiler (`$CXX`, else `c++`) i
 `$JAXSPEC_CACHE/kernels/`, under a name that hashes the source, the jaxlib version and the
 compiler, so an upgrade rebuilds it. Without a compiler, on a CPU without AVX2 + FMA, or when
 building or loading fails, `available()` is False, one line on stderr says why, and the decoder
-uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla` turns the kernel off; `JAXSPEC_MATMUL_THREADS` sets its
-threads (default: the CPUs this process may use, at most 8).
+uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla` turns the kernel off (the CPU layout then keeps plain
+weights), `JAXSPEC_CPU_MATMUL=avx2` keeps it to AVX2 where AVX-512 is present (its results are
+bit-identical: every output accumulates in the same order); `JAXSPEC_MATMUL_THREADS` sets its
+threads (default: the CPUs this process may use, at most 8; XLA's intra-op pool runs them).
 """
 
 from __future__ import annotations
@@ -98,7 +100,15 @@ def available() -> bool:
         return False
 
 
-def _load() -> None:
+def isa() -> str | None:
+    """The instruction set the loaded kernel runs ("avx512", "avx2"), None when unavailable."""
+    if not available():
+        return None
+    return {2: "avx512", 1: "avx2"}[_load().jaxspec_small_m_isa()]
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
     import jax
 
     cxx = compiler()
@@ -108,11 +118,14 @@ def _load() -> None:
     if not os.path.exists(path):
         build(cxx, path)
     library = ctypes.CDLL(path)
+    if os.environ.get(ENV) == "avx2":
+        library.jaxspec_small_m_set_isa(1)
     if library.jaxspec_small_m_isa() == 0:
         raise OSError("this CPU lacks AVX2/FMA")
     library.jaxspec_small_m_set_threads(default_threads())
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.jaxspec_small_m_matmul),
                                 platform="cpu")
+    return library
 
 
 def fits(x, panels) -> bool:

@@ -39,7 +39,7 @@ def operands(m: int, k: int, n: int, seed: int = 0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", range(1, 17))
+@pytest.mark.parametrize("m", [*range(1, 17), 41, 100])
 @pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 64), (130, 67), (33, 300), (576, 1000)])
 def test_equals_xla_dot_to_fp32_rounding(m, k, n):
     """Shapes off the vector width (8 or 16 lanes) and the 64-column panel (zero-padded)."""
@@ -63,18 +63,22 @@ def test_each_row_is_bit_identical_whatever_the_number_of_rows(k, n):
 
 
 @needs_kernel
-def test_threads_do_not_change_the_bits(tmp_path):
-    """One thread in a subprocess (this process uses up to 8) gives the same bits; panels are
-    split across threads from 4 per thread, so n = 4099 (65 panels) is split here."""
-    x, w = operands(5, 300, 4099, seed=2)
+@pytest.mark.parametrize("env", [{cpu_matmul.THREADS_ENV: "1"}, {cpu_matmul.ENV: "avx2"}],
+                         ids=["one-thread", "avx2"])
+def test_threads_and_instruction_sets_do_not_change_the_bits(tmp_path, env):
+    """One thread (this process uses up to 8: panels are split across threads from 4 per
+    thread, so n = 4099, 65 panels, is split here) or the AVX2 path (where this process uses
+    AVX-512) in a subprocess gives the same bits."""
+    x, w = operands(7, 300, 4099, seed=2)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "w.npy", w)
     script = ("import sys, numpy as np, jax; from jaxspec.kernels import cpu_matmul as c; "
-              "from jaxspec.models.layout import pack; assert c.available(); d = sys.argv[1]; "
+              "from jaxspec.models.layout import pack; print(c.isa()); d = sys.argv[1]; "
               "w = pack(np.load(d + '/w.npy')).data; "
               "np.save(d + '/out.npy', np.asarray(jax.jit(c.matmul)(np.load(d + '/x.npy'), w)))")
-    env = {**os.environ, cpu_matmul.THREADS_ENV: "1"}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
+    used = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, **env}, check=True).stdout.strip()
+    assert used == ("avx2" if env.get(cpu_matmul.ENV) == "avx2" else cpu_matmul.isa())
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy")[:, :4099],
                                   np.asarray(kernel(x, w)))
 
