@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode.sampling import (SamplingValues, first_argmax, next_token, probabilities,
-                                     sample, row_seeds, uniforms)
+                                     row_seeds, sample, uniforms)
 from jaxspec.decode.sizing import required_len
 from jaxspec.decode.state import DecodeState, LoopSpec, Stats
 from jaxspec.drafts.base import NO_PROPOSAL, Observation

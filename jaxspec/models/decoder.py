@@ -18,10 +18,11 @@ the differences. Params are a plain pytree (what Orbax saves and the loop receiv
 
 H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights are stored
 [in, out] so a projection is `x @ w` (on the CPU layout, fp32 projections and lm_head are
-`models.layout.Panels` of these shapes; `dense` takes either); the fused projections are one matmul each and split along
-K or F without reshuffling (for sharding; see models.layout). The layer loop is unrolled in Python:
-each layer's weights are separate buffers that the matmuls read directly, with no per-layer
-slice of a stacked array (which XLA on CPU would copy, doubling weight traffic).
+`models.layout.Panels` of these shapes; `dense` takes either); the fused projections are one
+matmul each and split along K or F without reshuffling (for sharding; see models.layout). The
+layer loop is unrolled in Python: each layer's weights are separate buffers that the matmuls
+read directly, with no per-layer slice of a stacked array (which XLA on CPU would copy,
+doubling weight traffic).
 Activations stay in the params' dtype; norms, attention softmax and logits are fp32. Every
 product of fp32 operands asks for full fp32 precision explicitly (XLA on GPU would otherwise
 run them in TF32); bf16 products keep the backend's default.
@@ -61,7 +62,7 @@ def dense(x: jax.Array, w) -> jax.Array:
 
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     xla = functools.partial(_panels_dot, precision=_precision(x, w))
-    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():  # else never packed
+    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():
         out = jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul, default=xla)
     else:
         out = xla(rows, w.data)
