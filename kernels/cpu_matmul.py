@@ -82,7 +82,9 @@ def default_threads() -> int:
     value = os.environ.get(THREADS_ENV)
     if value:
         return max(1, int(value))
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)
+    return max(1, min(usable, 8))
 
 
 @functools.cache

@@ -25,7 +25,8 @@ Checkpoints store projections one way for every backend, fused and split-friendl
 mesh splits them along K (whole attention groups) and F (MLP columns) without reshuffling.
 Sharded params are never packed into panels (`for_mesh`).
 
-`JAXSPEC_LAYOUT` (cpu, cpu-xla = cpu without panels, or accelerator) forces a policy, e.g. to test the accelerator layouts on CPU.
+`JAXSPEC_LAYOUT` (cpu, cpu-xla = cpu without panels, or accelerator) forces a policy, e.g. to
+test the accelerator layouts on CPU.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 from helpers import (CHAT_TEMPLATE, SPECIALS, hf_logits, jaxspec_logits, permute_rows,
-                      plain_params, quantize_roundtrip, random_tokens, tiny_hf_model, tiny_tokenizer,
-                      tiny_torch_model, transformers_gguf_model, write_tiny_gguf)
+                     plain_params, quantize_roundtrip, random_tokens, tiny_hf_model,
+                     tiny_tokenizer, tiny_torch_model, transformers_gguf_model, write_tiny_gguf)
 
 from jaxspec.checkpoint import convert, load_model
 from jaxspec.checkpoint.gguf_source import unpermute_rows
