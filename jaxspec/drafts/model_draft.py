@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode.sampling import Sampler, SamplingValues, first_argmax, probabilities, sample
-from jaxspec.drafts.base import Draft
+from jaxspec.drafts.base import NO_PROPOSAL, Draft
 from jaxspec.models import decoder
 from jaxspec.models.cache import KVCache, init_cache
 from jaxspec.models.config import ModelConfig
@@ -22,10 +22,21 @@ from jaxspec.models.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelDraft(Draft):
-    """State: the draft's KV cache. Params: the draft model's params."""
+    """State: the draft's KV cache. Params: the draft model's params.
+
+    threshold > 0: a row stops proposing (NO_PROPOSAL from there on) at the first position
+    where the draft's own top probability (softmax of its logits) is below it; the dynamic
+    loop then skips the verify when no row proposes anything. The draft still runs its γ
+    forwards. Output never depends on it (declined positions are never accepted).
+    """
 
     config: ModelConfig
     target_vocab: int  # the draft's distributions are over the target's vocabulary
+    threshold: float = 0.0
+
+    @property
+    def declines(self) -> bool:
+        return self.threshold > 0
 
     def init_state(self, batch: int, max_len: int, dtype, layout) -> KVCache:
         return init_cache(self.config, batch, max_len, dtype, layout)
@@ -60,22 +71,26 @@ class ModelDraft(Draft):
         logits, cache = self._logits(params, tokens[rows[:, None], positions], positions, state)
 
         def choose(logits, u):
+            sure = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= self.threshold  # [B]
             if sampler.greedy:
-                return first_argmax(logits), None
+                return first_argmax(logits), None, sure
             q = probabilities(sampler, values, logits)
-            return sample(q, u), q
+            return sample(q, u), q, sure
 
         def step(carry, u):
             cache, logits, position = carry
-            token, q = choose(logits, u)
+            token, q, sure = choose(logits, u)
             logits, cache = self._logits(params, token[:, None], position[:, None], cache)
-            return (cache, logits, position + 1), (token, q)
+            return (cache, logits, position + 1), (token, q, sure)
 
-        (cache, logits, _), (drafted, qs) = jax.lax.scan(
+        (cache, logits, _), (drafted, qs, sures) = jax.lax.scan(
             step, (cache, logits, lengths), uniforms[:, : gamma - 1].T
         )
-        token, q = choose(logits, uniforms[:, gamma - 1])
+        token, q, sure = choose(logits, uniforms[:, gamma - 1])
         draft_tokens = jnp.concatenate([drafted.T, token[:, None]], axis=1)  # [B, γ]
+        if self.declines:  # from the first unsure position on
+            kept = jnp.cumprod(jnp.concatenate([sures.T, sure[:, None]], axis=1), axis=1)
+            draft_tokens = jnp.where(kept.astype(bool), draft_tokens, NO_PROPOSAL)
         if sampler.greedy:
             return draft_tokens, None, cache
         return draft_tokens, jnp.concatenate([qs.transpose(1, 0, 2), q[:, None]], axis=1), cache

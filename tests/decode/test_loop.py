@@ -305,6 +305,18 @@ def large_vocab_draft(draft):
     return dataclasses.replace(big, params=params)
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_draft_that_stops_when_unsure_keeps_greedy_output(target, draft, reference, threshold):
+    """ModelDraft(threshold): rows stop proposing at the draft's first unsure position."""
+    decoder = jaxspec.SpeculativeDecoder(
+        target, ModelDraft(draft.config, VOCAB, threshold=threshold), num_speculative_tokens=4,
+        draft_params=draft.params)
+    out = decoder.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert out.tokens == reference
+    iterations = sum(r["target_forward_calls"] - 1 for r in out.stats["rows"])
+    assert out.stats["draft_tokens_proposed"] < 4 * iterations  # some positions declined
+
+
 def test_small_vocab_draft_proposes_only_its_ids(small_vocab_draft):
     tokens, _ = _propose(small_vocab_draft, dict(temperature=0.0))
     assert tokens.max() < 40

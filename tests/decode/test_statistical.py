@@ -20,6 +20,7 @@ see a wrong sampler.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -156,15 +157,21 @@ def test_speculative_sampling_follows_the_target(models, continuations, name):
         assert total_variation(counts / ROWS, exact[pair].ravel()) < 0.04, pair
 
 
-@pytest.mark.parametrize("name", ["temperature_1", "top_p_0.8"])
-def test_declining_draft_keeps_the_target_distribution(models, continuations, name):
+THRESHOLD_DRAFT = functools.partial(ModelDraft, threshold=0.7)  # about half declined
+
+
+@pytest.mark.parametrize("name,draft_type", [
+    ("temperature_1", DecliningDraft), ("top_p_0.8", DecliningDraft),
+    ("temperature_1", THRESHOLD_DRAFT)], ids=["rule-t1", "rule-top-p", "threshold-t1"])
+def test_declining_draft_keeps_the_target_distribution(models, continuations, name,
+                                                       draft_type):
     """Declined positions are never accepted, and a row that had all its proposals accepted
     takes its next token from p there; iterations where every row declines verify one
     position (a plain step) in the dynamic loop."""
     gamma, temperature, top_k, top_p = CONFIGS[name]
     exact = exact_pairs(continuations[0], temperature, top_k, top_p)
     tokens, acceptance = generate(*models, gamma, temperature, top_k, top_p,
-                                  draft_type=DecliningDraft)
+                                  draft_type=draft_type)
     assert 0.1 < acceptance < 0.9, acceptance
     pvalues = pair_pvalues(tokens, exact)
     assert min(pvalues.values()) > PASS_P, pvalues
