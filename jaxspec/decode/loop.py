@@ -97,16 +97,21 @@ def _is_eos(config: ModelConfig, tokens: jax.Array) -> jax.Array:
 
 
 def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
-         state: DecodeState, *, one_position: bool = False) -> DecodeState:
+         state: DecodeState, *, one_position: bool = False, proposal=None) -> DecodeState:
     """One iteration for every row: propose γ, verify γ+1 positions, accept, observe, commit.
 
     A draft may decline positions (NO_PROPOSAL from the first declined one on). With
     `one_position` (for iterations where no active row proposes anything: see run_dynamic) the
-    target verifies the first position only, a plain decoding step.
+    target verifies the first position only, a plain decoding step. `proposal`: this
+    iteration's (draft_tokens, q, uniforms), already proposed from `state`, whose draft state
+    is then the one that proposal left (see `_proposed`).
     """
     B, gamma = state.lengths.shape[0], spec.gamma
     # 1. draft: γ tokens per row and their distributions q [B, γ, V]; uniforms [B, 2γ+1]
-    draft_tokens, q, draft_state, u = _propose(spec, draft_params, values, state)
+    if proposal is None:
+        draft_tokens, q, draft_state, u = _propose(spec, draft_params, values, state)
+    else:
+        (draft_tokens, q, u), draft_state = proposal, state.draft_state
     proposed = proposal_lengths(draft_tokens)  # [B]
     # 2-3. verify the last token and the drafts at γ+1 positions, accept: n [B] drafts accepted,
     # out [B, γ+1] tokens (n + 1 valid per row), captured [B, γ+1, C, D] or None
@@ -237,23 +242,37 @@ def run_dynamic(spec: LoopSpec, target_params, draft_params, values, state) -> D
     """Iterate until every row is done (one `lax.while_loop`).
 
     With a draft that declines, each iteration of the outer loop is one γ+1-position step and
-    then an inner loop of one-position steps while no active row proposes anything (the
-    proposal is computed in the inner loop's condition and again, identically, in its body).
-    Two loops rather than a `lax.cond` between the widths: XLA copies the KV cache into and
-    out of a conditional (measured: about 10% of an n-gram run on a copy-heavy prompt).
+    then an inner loop of one-position steps while no active row proposes anything. The next
+    iteration's proposal is made once, after each step, and carried (the inner loop's
+    condition reads it). Two loops rather than a `lax.cond` between the widths: XLA copies the
+    KV cache into and out of a conditional (measured: about 10% of an n-gram run on a
+    copy-heavy prompt).
     """
     body = functools.partial(step, spec, target_params, draft_params, values)
     active = lambda s: jnp.any(~s.done)  # noqa: E731
     if not getattr(spec.draft, "declines", False):
         return jax.lax.while_loop(active, body, state)
+    proposed = functools.partial(_proposed, spec, draft_params, values)
 
-    def nothing_proposed(s):
-        draft_tokens = _propose(spec, draft_params, values, s)[0]
+    def nothing_proposed(carry):
+        s, (draft_tokens, _, _) = carry
         return active(s) & ~jnp.any(~s.done & (proposal_lengths(draft_tokens) > 0))
 
-    one_position = functools.partial(body, one_position=True)
-    return jax.lax.while_loop(
-        active, lambda s: jax.lax.while_loop(nothing_proposed, one_position, body(s)), state)
+    def one_position(carry):
+        s, p = carry
+        return proposed(body(s, one_position=True, proposal=p))
+
+    def outer(carry):
+        s, p = carry
+        return jax.lax.while_loop(nothing_proposed, one_position, proposed(body(s, proposal=p)))
+
+    return jax.lax.while_loop(lambda c: active(c[0]), outer, proposed(state))[0]
+
+
+def _proposed(spec: LoopSpec, draft_params, values, state: DecodeState):
+    """(state with the draft state its proposal leaves, (draft_tokens, q, uniforms))."""
+    draft_tokens, q, draft_state, u = _propose(spec, draft_params, values, state)
+    return state.replace(draft_state=draft_state), (draft_tokens, q, u)
 
 
 def run_static(spec: LoopSpec, target_params, draft_params, values, state, *,
