@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxspec.decode.sampling import (SamplingValues, first_argmax, next_token, probabilities,
                                      row_seeds, sample, uniforms)
+from jaxspec.decode.rejection import leading_true
 from jaxspec.decode.sizing import required_len
 from jaxspec.decode.state import DecodeState, LoopSpec, Stats
 from jaxspec.drafts.base import NO_PROPOSAL, Observation
@@ -149,10 +150,7 @@ def _propose(spec: LoopSpec, draft_params, values, state: DecodeState):
 
 def proposal_lengths(draft_tokens: jax.Array) -> jax.Array:
     """[B] proposals per row: draft_tokens[B, γ] up to the first NO_PROPOSAL."""
-    gamma = draft_tokens.shape[1]
-    iota = jnp.arange(gamma, dtype=jnp.int32)
-    return jnp.min(jnp.where(draft_tokens == NO_PROPOSAL, iota, gamma), axis=-1,
-                   initial=gamma).astype(jnp.int32)
+    return leading_true(draft_tokens != NO_PROPOSAL)
 
 
 def _verify(spec: LoopSpec, target_params, values, cache, verify, positions, proposed, q, u):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxspec.decode.sampling import sample
 
 
-def _leading_true(accept: jax.Array) -> jax.Array:
+def leading_true(accept: jax.Array) -> jax.Array:
     """Number of leading True values per row of accept[B, γ] -> [B] (first False via iota/min)."""
     gamma = accept.shape[-1]
     iota = jnp.arange(gamma, dtype=jnp.int32)
@@ -55,7 +55,7 @@ def rejection(draft_tokens, q, p, uniforms):
     p_x = jnp.take_along_axis(p[:, :gamma], draft_tokens[..., None], axis=-1)[..., 0]
     q_x = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
     # 2. accept while u < p/q, written without a division
-    n = _leading_true(uniforms[:, :gamma] * q_x < p_x)
+    n = leading_true(uniforms[:, :gamma] * q_x < p_x)
     # 3. residual at the first rejected position (q is zero past the drafts: the bonus is p_γ)
     p_n = _row(p, n)
     q_n = _row(q, jnp.minimum(n, gamma - 1)) * (n < gamma)[:, None] if gamma else 0.0
@@ -74,7 +74,7 @@ def rejection_greedy(draft_tokens, target_tokens):
     Returns (n_accepted[B], tokens[B, γ+1]); the tokens are the target's own argmaxes.
     """
     gamma = draft_tokens.shape[1]
-    n = _leading_true(draft_tokens == target_tokens[:, :gamma])
+    n = leading_true(draft_tokens == target_tokens[:, :gamma])
     return n, target_tokens
 
 
