@@ -32,6 +32,7 @@ from jaxspec.models import sharding
 from jaxspec.validation import check_max_new_tokens, check_sampling, check_speculative_tokens
 
 MODES = ("dynamic", "static")
+DEFAULT_GAMMA = 4  # γ when neither the caller nor the draft picks one
 
 
 @dataclasses.dataclass
@@ -41,23 +42,34 @@ class GenerateOutput:
 
 
 def resolve_draft(draft, target, device=None, layout=None):
-    """(draft object for the loop, draft model holding its params, or None).
+    """(draft object for the loop, draft model holding its params or None, head params or None).
 
-    A path or model name is loaded here (in the target's dtype); names like "ngram:3" and
-    "layerskip:8", loaded models and Draft objects go to the draft registry. With a `device`
-    (a jax.Device), a loaded or given draft model is placed there in `layout`.
+    "default" is the draft shipped for the target (jaxspec.drafts.head_store.shipped_for), or
+    none. A path or model name is loaded here: a draft-head checkpoint as a head (its params
+    are then {"head": ..., "embed": the target's embedding}), anything else as a model in the
+    target's dtype. Names like "ngram:3" and "layerskip:8", loaded models and Draft objects go
+    to the draft registry. With a `device` (a jax.Device), a loaded or given draft model is
+    placed there in `layout`.
     """
+    from jaxspec.drafts import head_store
     from jaxspec.models.loaded import Model
 
+    if draft == registry.DEFAULT:
+        draft = head_store.shipped_for(target)
     if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
-        from jaxspec.checkpoint.load import load_model
-
         names.check_exists(draft, "draft")
-        draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name,
-                           device=device)
+        if head_store.is_head_dir(draft):
+            draft = head_store.load(draft)
+        else:
+            from jaxspec.checkpoint.load import load_model
+
+            draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name,
+                               device=device)
+    if isinstance(draft, head_store.LoadedHead):
+        return head_store.as_draft(draft, target, layout or target.layout or layouts.default())
     if isinstance(draft, Model):
         draft = placed(draft, device, layout)
-    return registry.build(draft, target)
+    return (*registry.build(draft, target), None)
 
 
 def placed(model, device, layout):
@@ -77,12 +89,16 @@ class SpeculativeDecoder:
 
     Args:
       target: a model from `jaxspec.load_model`.
-      draft: a model sharing the target's tokenizer, a path or model name of one,
-        "layerskip:K" (the target's first K layers as its own draft), "ngram[:N]" (prompt
-        lookup), an object implementing jaxspec.drafts.base.Draft, or None.
-      draft_params: the params pytree of a Draft object that has weights (e.g. a trained
-        head); loaded and named drafts bring their own.
-      num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft), or
+      draft: "default" (the trained draft head shipped in checkpoints/ when `target` is the
+        model it was trained for, SmolLM2-135M-Instruct; plain decoding otherwise), a draft
+        head checkpoint (jaxspec.drafts.head_store), a model sharing the target's tokenizer,
+        a path or model name of one, "layerskip:K" (the target's first K layers as its own
+        draft), "ngram[:N]" (prompt lookup), an object implementing
+        jaxspec.drafts.base.Draft, or None.
+      draft_params: the params pytree of a Draft object that has weights; loaded and named
+        drafts bring their own.
+      num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft), None
+        (the γ a draft head's checkpoint records, else 4), or
         "auto": chosen at the first generate call by measurement (jaxspec.tuning), possibly
         0 (plain decoding) when no γ is predicted to pay; cached per model pair and device.
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium);
@@ -100,12 +116,11 @@ class SpeculativeDecoder:
         loaded with load_model(tp=, dp=) brings its mesh.
     """
 
-    def __init__(self, target, draft=None, *, num_speculative_tokens: int | str = 4,
+    def __init__(self, target, draft=registry.DEFAULT, *,
+                 num_speculative_tokens: int | str | None = None,
                  mode: str | None = None, static_iterations: int = 8,
                  prng_impl: str | None = None, draft_params=None, device=None, tp: int = 1,
                  dp: int = 1):
-        if draft not in (None, "none"):
-            check_speculative_tokens(num_speculative_tokens)
         self.device = devices.resolve(device)
         platform = devices.platform(self.device)
         mode, prng_impl = devices.loop_defaults(platform, mode, prng_impl)
@@ -121,11 +136,20 @@ class SpeculativeDecoder:
         if self.mesh is not None:  # before drafts: layerskip shares the sharded arrays
             target = sharding.shard_model(target, self.mesh)
         self.target = target
-        self.draft, self.draft_model = resolve_draft(draft, target, self.device, self.layout)
+        self.draft, self.draft_model, head_params = resolve_draft(draft, target, self.device,
+                                                                  self.layout)
         if self.mesh is not None and self.draft_model is not None:
             self.draft_model = sharding.shard_model(self.draft_model, self.mesh)
+        if head_params is not None:
+            draft_params = head_params
+            if num_speculative_tokens is None:
+                num_speculative_tokens = self.draft.gamma
         self.draft_params = (self.draft_model.params if self.draft_model is not None
                              else devices.put(draft_params, self.device))
+        if num_speculative_tokens is None:
+            num_speculative_tokens = DEFAULT_GAMMA
+        if self.draft is not None:
+            check_speculative_tokens(num_speculative_tokens)
         self.platform = platform
         self.rejection = kernels.for_platform(platform)
         self.gamma = num_speculative_tokens if self.draft is not None else 0

@@ -52,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
                    help="target: jaxspec or Hugging Face directory, .gguf file, or "
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
-    p.add_argument("--draft", default="none", metavar="PATH",
-                   help="draft: a model sharing the target's tokenizer (path or model name), "
-                        "'ngram[:N]' "
+    p.add_argument("--draft", default="default", metavar="PATH",
+                   help="draft: 'default' (the trained draft head shipped for the default "
+                        "model; none for other models), a draft head checkpoint or a model "
+                        "sharing the target's tokenizer (path or model name), 'ngram[:N]' "
                         "(prompt lookup), 'layerskip:K' (the target's first K layers), or "
-                        "'none' (default)")
-    p.add_argument("--num-speculative-tokens", type=_gamma, default=4, metavar="N",
+                        "'none' (plain decoding)")
+    p.add_argument("--num-speculative-tokens", type=_gamma, default=None, metavar="N",
                    help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS}, or "
-                        "'auto' (chosen by measurement, cached; default 4)")
+                        "'auto' (chosen by measurement, cached; default: the γ the draft "
+                        "head's checkpoint records, else 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="most new tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -93,7 +95,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("the prompt is empty")
     validation.check_max_new_tokens(args.max_new_tokens, flags=True)
     validation.check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
-    validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
+    if args.num_speculative_tokens is not None:
+        validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if args.tp < 1 or args.dp != 1:
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         stream.update(tokens, final=True)
         print(flush=True)
-    for line in stats_lines(stats, draft is not None):
+    for line in stats_lines(stats, decoder.draft is not None):
         print(line, file=sys.stderr)
     return 0
 

@@ -413,3 +413,47 @@ def chi2_pvalue(counts, probs, *, min_expected: float = 5.0) -> float:
     observed, wanted = np.asarray(observed), np.asarray(wanted)
     statistic = float(((observed - wanted) ** 2 / wanted).sum())
     return float(stats.chi2.sf(statistic, df=len(observed) - 1))
+
+
+def trained_head(target: Model, *, draft_vocab: int, steps: int = 60, rows: int = 48,
+                 new_tokens: int = 16, seed: int = 0, directory: str | None = None,
+                 learning_rate: float = 1e-2):
+    """(HeadConfig, head params with d2t, Trainer, records): a draft head trained for `steps`
+    steps on `rows` greedy continuations of random prompts by `target` (the last 8 rows held
+    out). Checkpoints go to `directory` (a temporary one by default)."""
+    import tempfile
+
+    from jaxspec.drafts import head as heads
+    from jaxspec.training import record, trainer
+
+    rng = np.random.default_rng(seed)
+    vocab = target.config.vocab_size
+    prompts = [rng.integers(3, vocab, rng.integers(2, 6)).tolist() for _ in range(rows)]
+    layers = heads.default_layers(target.config.num_layers)
+    records = record.record(target, prompts, new_tokens=new_tokens, layers=layers, batch=16,
+                            k=8, progress=False)
+    train, held_out = records.take(slice(0, rows - 8)), records.take(slice(rows - 8, rows))
+    d2t = trainer.draft_vocabulary(train, draft_vocab, target.config.eos_token_ids, vocab)
+    config = heads.HeadConfig(target.config, layers, len(d2t))
+    train_config = trainer.TrainConfig(steps=steps, batch=8, draft_vocab=draft_vocab,
+                                       learning_rate=learning_rate, warmup=5, seed=seed,
+                                       eval_every=steps, checkpoint_every=steps, eval_rows=8)
+    fitter = trainer.Trainer(target, config, d2t, train_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        params, _ = fitter.fit(train, held_out, directory or tmp, progress=False)
+    return config, {**params, "d2t": jnp.asarray(d2t)}, fitter, (train, held_out)
+
+
+def successor_model(vocab: int = 40, *, seed: int = 0, sharpness: float = 1.0,
+                    eos: tuple[int, ...] = ()) -> Model:
+    """A tiny target whose next token is mostly a fixed permutation of the current one
+    (attention and MLP scaled down, lm_head[:, π(i)] = embed[i] · sharpness): its greedy text
+    is learnable by a draft head, and `sharpness` sets how peaked its distributions are."""
+    model = tiny_model(seed, std=0.5, vocab=vocab, layers=2, eos=eos)
+    params = _scale(model.params, 0.3)
+    params["embed"] = model.params["embed"]
+    perm = np.random.default_rng(seed).permutation(vocab)
+    head = np.zeros((model.config.hidden_size, vocab), np.float32)
+    head[:, perm] = np.asarray(model.params["embed"]).T * sharpness
+    params["lm_head"] = jnp.asarray(head)
+    return dataclasses.replace(model, params=params)

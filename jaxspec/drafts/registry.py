@@ -1,9 +1,11 @@
 """Draft names, one grammar for the CLI's validation and the API.
 
+    default            the trained draft head shipped for the target, or none (the API decides)
     none               plain decoding
     ngram[:N]          prompt lookup over the row's own tokens, longest suffix N (default 3)
     layerskip:K        the target's first K layers as its own draft
-    anything else      a model sharing the target's tokenizer: a path or a model name
+    anything else      a model sharing the target's tokenizer, or a draft head checkpoint:
+                       a path or a model name
 
 `parse` imports no JAX (the CLI validates before loading anything); `build` makes the loop's
 draft object. Loading a draft checkpoint is the API's job: `build` takes a loaded model.
@@ -15,13 +17,13 @@ import dataclasses
 
 from jaxspec.errors import UserError
 
-NONE, NGRAM, LAYERSKIP, MODEL = "none", "ngram", "layerskip", "model"
+NONE, NGRAM, LAYERSKIP, MODEL, DEFAULT = "none", "ngram", "layerskip", "model", "default"
 NGRAM_DEFAULT = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class DraftName:
-    kind: str  # NONE, NGRAM, LAYERSKIP or MODEL
+    kind: str  # DEFAULT, NONE, NGRAM, LAYERSKIP or MODEL
     number: int | None = None  # N of ngram, K of layerskip
     source: str | None = None  # MODEL: the path or model name
 
@@ -38,6 +40,8 @@ def parse(spec: str | None) -> DraftName:
     """Classify a draft name; a bad number after ngram:/layerskip: raises UserError."""
     if spec is None or spec == NONE:
         return DraftName(NONE)
+    if spec == DEFAULT:
+        return DraftName(DEFAULT)
     kind, colon, arg = spec.partition(":")
     if kind == NGRAM:
         return DraftName(NGRAM, number=max(1, _number(spec, arg, NGRAM_DEFAULT)))
@@ -66,8 +70,9 @@ def build(draft, target):
             return None, None
         if name.kind == NGRAM:
             return NgramDraft(max_ngram=name.number, target_vocab=vocab), None
-        if name.kind == MODEL:
-            raise TypeError("registry.build takes a loaded model, not a path: load it first")
+        if name.kind in (MODEL, DEFAULT):
+            raise TypeError(f"registry.build takes a loaded model, not {draft!r}: resolve it "
+                            "first (jaxspec.api.resolve_draft)")
         draft = layerskip(target, name.number)
     elif isinstance(draft, Draft):
         return draft, None

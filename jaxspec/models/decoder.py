@@ -131,19 +131,24 @@ def attention_mask(config: ModelConfig, positions: jax.Array, max_len: int) -> j
     return mask
 
 
-def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index: int):
-    """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
-    B, T, _ = x.shape
+def project_qkv(config, layer, x, rope_cs):
+    """x[B, T, D_in] -> q [B, T, K, G, Dh], k, v [B, T, K, Dh], rotated by rope_cs."""
     G = config.num_groups
     qkv = dense(x, layer["wqkv"])  # [B, T, K, G + 2, Dh]
     if config.attention_bias:
         qkv = qkv + layer["bqkv"]
-    q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]  # [B,T,K,G,Dh], [B,T,K,Dh]
+    q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     cos, sin = rope_cs  # [B, T, 1, Dh]
-    q, k = rope(q, cos[:, :, :, None], sin[:, :, :, None]), rope(k, cos, sin)
+    return rope(q, cos[:, :, :, None], sin[:, :, :, None]), rope(k, cos, sin), v
+
+
+def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index: int):
+    """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
+    B, T, _ = x.shape
+    q, k, v = project_qkv(config, layer, x, rope_cs)
     cache = kv.write(cache, index, positions, k, v)
     keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]; [B, K, Dh, S] or [B, K, S, Dh]
     scores = einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)

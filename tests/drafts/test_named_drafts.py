@@ -66,7 +66,7 @@ def test_named_drafts_keep_greedy_output(draft):
 
 def test_layerskip_shares_the_targets_arrays():
     target = tiny_model(layers=3)
-    loop_draft, model = resolve_draft("layerskip:2", target)
+    loop_draft, model, _ = resolve_draft("layerskip:2", target)
     assert model.config.num_layers == 2 and loop_draft.config.num_layers == 2
     assert model.params["embed"] is target.params["embed"]
     assert all(a is b for a, b in zip(model.params["layers"], target.params["layers"][:2]))

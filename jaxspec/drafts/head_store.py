@@ -1,0 +1,158 @@
+"""Draft-head checkpoints: a directory with config.json and Orbax params, written atomically.
+
+    config.json  {"jaxspec_draft_head": 1, "dtype": "bfloat16" | "float32",
+                  "config": HeadConfig.to_dict(),       the target's config, fused layers, V_d
+                  "fingerprint": [...],                 sums of the target's first embedding rows
+                  "d2t_sha256": "...",                  digest of the vocabulary mapping
+                  "gamma": γ, "threshold": t,           what the measurements picked
+                  "training": {...}}                    how it was made (free-form)
+    params/      the head params (jaxspec.drafts.head), d2t included, saved by Orbax
+
+A head is loaded in fp32 whatever it was stored in, and refused, before anything compiles, for
+a target with another shape (hidden size, vocabulary, layer count, heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxspec.checkpoint.source import one_line
+from jaxspec.checkpoint.store import make_temp_dir, numpy_dtype
+from jaxspec.drafts import head as heads
+from jaxspec.errors import UserError
+
+MARKER = "jaxspec_draft_head"
+VERSION = 1
+FINGERPRINT_ROWS = 8
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "checkpoints", "smollm2-135m-instruct-head")  # in the repository's checkpoints/
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedHead:
+    config: heads.HeadConfig
+    params: dict  # fp32 head params, d2t included
+    meta: dict  # config.json: gamma, threshold, fingerprint, training
+
+
+def _floating(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def fingerprint(target_params) -> list[float]:
+    """Sums of the target's first embedding rows: tells its weights apart from a same-shaped
+    model's (a head is only useful for the weights it was trained on)."""
+    rows = np.asarray(jax.device_get(target_params["embed"][:FINGERPRINT_ROWS]), np.float64)
+    return [round(float(v), 4) for v in rows.sum(axis=1)]
+
+
+def d2t_digest(d2t) -> str:
+    """sha256 of the vocabulary mapping (int32 little-endian), recorded in config.json."""
+    return hashlib.sha256(np.asarray(d2t, "<i4").tobytes()).hexdigest()
+
+
+def is_head_dir(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return MARKER in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def save(path: str, config: heads.HeadConfig, params: dict, *, target_params, dtype: str,
+         gamma: int, threshold: float, training: dict) -> None:
+    """Write the head to `path` (replacing it) through a temporary sibling directory."""
+    store = numpy_dtype(dtype)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(store) if _floating(x)
+                          else np.asarray(x), params)
+    tmp = make_temp_dir(os.path.abspath(path))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, "params"), params)
+            checkpointer.wait_until_finished()
+        meta = {MARKER: VERSION, "dtype": dtype, "config": config.to_dict(),
+                "fingerprint": fingerprint(target_params), "d2t_sha256": d2t_digest(
+                    params["d2t"]), "gamma": gamma,
+                "threshold": threshold, "training": training}
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get(MARKER) != VERSION:
+        raise UserError(f"{path}: unsupported draft head version {meta.get(MARKER)!r}")
+    return meta
+
+
+def load(path: str) -> LoadedHead:
+    """The head at `path` in fp32; a damaged checkpoint raises UserError."""
+    meta = read_meta(path)
+    try:
+        config = heads.HeadConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}/config.json: bad head config ({e})") from None
+    store = numpy_dtype(meta.get("dtype", "float32"))
+    shapes = jax.eval_shape(lambda: heads.init_params(config, jax.random.key(0), dtype=store))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(os.path.join(os.path.abspath(path), "params"), shapes)
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
+        raise UserError(f"cannot restore the draft head in {path}: {one_line(e)[:300]}") from None
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if _floating(x)
+                          else jnp.asarray(x), params)
+    return LoadedHead(config, params, meta)
+
+
+def check_target(head: LoadedHead, target, where: str = "draft head") -> None:
+    """Refuse a head trained for a target of another shape (one line, before compiling)."""
+    mine, theirs = head.config.target, target.config
+    for field in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim"):
+        if getattr(mine, field) != getattr(theirs, field):
+            raise UserError(f"{where} was trained for a target with {field}="
+                            f"{getattr(mine, field)}, this target has {getattr(theirs, field)}")
+
+
+def matches(head_meta: dict, target) -> bool:
+    """Whether the head was trained on exactly this target (shape and weights)."""
+    config = heads.HeadConfig.from_dict(head_meta["config"]).target
+    same_shape = dataclasses.replace(config, max_position_embeddings=0) == dataclasses.replace(
+        target.config, max_position_embeddings=0)
+    return same_shape and np.allclose(head_meta["fingerprint"], fingerprint(target.params),
+                                      rtol=1e-2, atol=1e-2)
+
+
+def shipped_for(target) -> str | None:
+    """The shipped head's path when `target` is the model it was trained for, else None."""
+    if not is_head_dir(SHIPPED):
+        return None
+    return SHIPPED if matches(read_meta(SHIPPED), target) else None
+
+
+def as_draft(head: LoadedHead, target, layout):
+    """(HeadDraft, None, loop params {"head", "embed"}) for `target`, the head's weights in
+    `layout` (packed for the CPU kernel where the layout wants it)."""
+    from jaxspec.models import layout as layouts
+
+    check_target(head, target)
+    draft = heads.HeadDraft(head.config, threshold=float(head.meta.get("threshold", 0.0)),
+                            gamma=int(head.meta.get("gamma", 4)))
+    params = layouts.apply(layout, head.params, tied=False)
+    return draft, None, {"head": params, "embed": target.params["embed"]}

@@ -1,0 +1,125 @@
+"""The training objective: the head unrolled over K draft steps (EAGLE-3's training-time test),
+forward KL against the target's recorded distributions.
+
+Step 1 runs every entry p of a recorded row with the target's fused feature, as `observe` and
+the first proposal do at inference. Step k > 1 runs entry p with the head's own step-(k-1)
+output at p - 1 as its feature, as the k-th proposal of a chain that began at p - k + 1; its
+attention sees the step-1 (target-fed) keys up to p - k + 1 and one key of each later step of
+its own chain (p - k + j for step j), exactly the cache a proposal sees. Entry p at any step
+predicts x_{p+2}; its target is the recorded distribution at position p + 1.
+
+Shapes: B rows, W positions, C fused streams, D hidden size, k recorded top tokens, V_d the
+draft vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.drafts import head as heads
+from jaxspec.models import decoder
+
+STEP_DECAY = 0.8  # weight of step k's loss: STEP_DECAY ** (k - 1)
+
+
+def _shift(x: jax.Array, m: int) -> jax.Array:
+    """x[B, W, ...] moved m positions later along W (zeros first)."""
+    if m == 0:
+        return x
+    pad = [(0, 0), (m, 0)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, pad)[:, : x.shape[1]]
+
+
+def _attention(config, q, keys, values) -> jax.Array:
+    """Step len(keys)'s attention: q [B, W, K, G, Dh], keys/values [B, W, K, Dh] per step so
+    far -> [B, W, H·Dh]."""
+    B, W = q.shape[:2]
+    back = len(keys) - 1  # step k = back + 1
+    scale = 1 / math.sqrt(config.head_dim)
+    main = decoder.einsum("BTKGD,BSKD->BKGTS", q, keys[0], preferred_element_type=jnp.float32)
+    t, s = jnp.arange(W)[:, None], jnp.arange(W)[None]
+    main = jnp.where(s <= t - back, main * scale, -jnp.inf)
+    chain = [decoder.einsum("BTKGD,BTKD->BKGT", q, _shift(keys[j], back - j),
+                            preferred_element_type=jnp.float32) * scale
+             for j in range(1, len(keys))]
+    scores = jnp.concatenate([main] + [c[..., None] for c in chain], axis=-1)  # [B,K,G,W,W+k-1]
+    weights = jax.nn.softmax(scores, axis=-1).astype(values[0].dtype)
+    out = decoder.einsum("BKGTS,BSKD->BTKGD", weights[..., :W], values[0])
+    for j in range(1, len(keys)):
+        w = weights[..., W + j - 1].transpose(0, 3, 1, 2)[..., None]  # [B, W, K, G, 1]
+        out = out + w * _shift(values[j], back - j)[:, :, :, None]
+    return out.reshape(B, W, -1)
+
+
+def unrolled(config: heads.HeadConfig, head, embed, tokens, hidden, steps: int):
+    """tokens [B, W], hidden [B, W, C, D] -> outputs [steps, B, W, D] of the unrolled head."""
+    lc, layer = config.layer, head["layers"][0]
+    W = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(W), tokens.shape)
+    rope_cs = decoder.rope_tables(positions, decoder.inv_frequencies(lc), jnp.float32)
+    following = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # x_{p+1}
+    feature = heads.fuse(head, hidden)  # [B, W, D]
+    keys, values, outs = [], [], []
+    for _ in range(steps):
+        x = heads.layer_inputs(config, head, embed, following, feature)
+        q, k, v = decoder.project_qkv(lc, layer, x, rope_cs)
+        keys.append(k)
+        values.append(v)
+        attended = decoder.dense(_attention(lc, q, keys, values), layer["wo"])
+        out = heads.layer_output(config, head, feature, attended)
+        outs.append(out)
+        feature = _shift(out, 1)
+    return jnp.stack(outs)
+
+
+def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int):
+    """(loss, metrics) for a batch {tokens, hidden, top_ids, top_logp, lengths}.
+
+    params: the head's trainable params; d2t [V_d] draft -> target ids, t2d [V] target ->
+    draft ids (-1 outside the draft vocabulary). Loss: Σ_k STEP_DECAY^(k-1) · mean over valid
+    entries of the cross-entropy of the head against the target's top-k probabilities
+    (forward KL up to a constant; mass outside the draft vocabulary cannot be matched).
+    Metrics: the loss, per step the greedy agreement with the target's top token, and tau,
+    1 + the mean length of agreeing chains over the K steps (greedy accepted tokens per
+    verify if γ = K)."""
+    head = {**params, "d2t": d2t}
+    tokens, top_ids = batch["tokens"], batch["top_ids"]
+    B, W = tokens.shape
+    outs = unrolled(config, head, embed, tokens, batch["hidden"], steps)  # [K, B, W, D]
+    logp = jax.nn.log_softmax(heads.head_logits(config, head, outs), axis=-1)  # [K, B, W, V_d]
+    target_ids = jnp.pad(top_ids[:, 1:], ((0, 0), (0, 1), (0, 0)))  # at p + 1: [B, W, k]
+    target_p = jnp.exp(jnp.pad(batch["top_logp"][:, 1:], ((0, 0), (0, 1), (0, 0)),
+                               constant_values=-jnp.inf))
+    draft_ids = t2d[target_ids]  # [B, W, k]
+    picked = jnp.take_along_axis(logp, jnp.maximum(draft_ids, 0)[None], axis=-1)  # [K,B,W,k]
+    ce = -jnp.sum(jnp.where(draft_ids >= 0, target_p * picked, 0.0), axis=-1)  # [K, B, W]
+    p = jnp.arange(W)[None]
+    valid_entry = p <= batch["lengths"][:, None] - 2  # [B, W]: x_{p+1} and a target exist
+    agree = d2t[jnp.argmax(logp, axis=-1)] == target_ids[None, :, :, 0]  # [K, B, W]
+    loss, metrics = 0.0, {}
+    for k in range(steps):
+        valid = valid_entry & (p >= k)
+        count = jnp.maximum(jnp.sum(valid), 1)
+        loss = loss + STEP_DECAY ** k * jnp.sum(jnp.where(valid, ce[k], 0.0)) / count
+        metrics[f"agree{k + 1}"] = jnp.sum(valid & agree[k]) / count
+    starts = valid_entry & (p <= batch["lengths"][:, None] - 1 - steps)
+    tau = 1 + _chain_lengths(agree, steps)
+    metrics["tau"] = jnp.sum(jnp.where(starts, tau, 0)) / jnp.maximum(jnp.sum(starts), 1)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def _chain_lengths(agree, steps: int) -> jax.Array:
+    """[B, W]: for a chain starting at entry s, how many of its steps agree in a row (step k
+    of the chain is entry s + k - 1 of agree[k - 1])."""
+    W = agree.shape[-1]
+    alive = jnp.ones(agree.shape[1:], bool)
+    total = jnp.zeros(agree.shape[1:], jnp.int32)
+    for k in range(steps):
+        ahead = jnp.pad(agree[k][:, k:], ((0, 0), (0, k)))[:, :W]  # agree[k] at s + k
+        alive = alive & ahead
+        total = total + alive
+    return total

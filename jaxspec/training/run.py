@@ -1,0 +1,121 @@
+"""One training run, start to finish: check the inputs, record on-policy data, choose the draft
+vocabulary, train, save the head. `scripts/train_draft.py` is its command line.
+
+The work directory holds everything a resumed run needs:
+
+    recipe.json    the data recipe; records.npz is reused only when it matches
+    records.npz    the recorded rows (jaxspec.training.record)
+    vocab.npy      d2t, the draft vocabulary
+    train_state/   Orbax checkpoints of params and optimizer state (jaxspec.training.trainer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from jaxspec.errors import UserError
+from jaxspec.training import prompts as prompt_sources
+from jaxspec.training.record import Records, record
+from jaxspec.training.trainer import TrainConfig, Trainer, draft_vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRecipe:
+    prompts: int = 1280  # built-in generated prompts
+    text_files: tuple[str, ...] = ()
+    new_tokens: int = 160  # greedy tokens recorded per prompt
+    held_out: float = 0.05  # fraction of prompts kept for evaluation
+    top_k: int = 16  # target log-probabilities recorded per position
+    batch: int = 64  # rows decoded at once while recording
+
+
+def check_work_dir(path: str) -> None:
+    """Create the work directory and prove it writable, or raise UserError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the output directory {path}: {e.strerror}") from None
+
+
+def request_texts(recipe: DataRecipe, seed: int) -> list[str]:
+    """The training requests: generated ones, then the text files' paragraphs."""
+    return prompt_sources.generated(recipe.prompts, seed) + prompt_sources.from_files(
+        recipe.text_files)
+
+
+def recorded(target, texts: list[str], recipe: DataRecipe, layers, work_dir: str) -> Records:
+    """The records for `texts`, from the work directory when its recipe matches."""
+    from jaxspec import bench
+
+    path, recipe_path = (os.path.join(work_dir, n) for n in ("records.npz", "recipe.json"))
+    wanted = {**dataclasses.asdict(recipe), "layers": list(layers), "requests": len(texts)}
+    if os.path.exists(path) and os.path.exists(recipe_path):
+        with open(recipe_path, encoding="utf-8") as f:
+            if json.load(f) == json.loads(json.dumps(wanted)):
+                return Records.load(path)
+    ids = [bench.prompt_ids(target, text) for text in texts]
+    records = record(target, ids, new_tokens=recipe.new_tokens, layers=layers,
+                     batch=recipe.batch, k=recipe.top_k)
+    records.save(path)
+    with open(recipe_path, "w", encoding="utf-8") as f:
+        json.dump(wanted, f, indent=2)
+    return records
+
+
+def train_draft(target, work_dir: str, head_path: str, *, recipe: DataRecipe,
+                config: TrainConfig, gamma: int, threshold: float, command: str = "",
+                progress: bool = True) -> dict:
+    """The whole run (resumes from `work_dir`); writes the head to head_path and returns the
+    held-out metrics."""
+    from jaxspec.drafts import head as heads
+    from jaxspec.drafts import head_store
+
+    started = time.time()
+    layers = heads.default_layers(target.config.num_layers)
+    texts = request_texts(recipe, config.seed)
+    records = recorded(target, texts, recipe, layers, work_dir)
+    held = max(1, int(round(len(records) * recipe.held_out)))
+    train, held_out = records.take(slice(0, len(records) - held)), records.take(
+        slice(len(records) - held, None))
+    vocab_path = os.path.join(work_dir, "vocab.npy")
+    if os.path.exists(vocab_path):
+        d2t = np.load(vocab_path)
+    else:
+        d2t = draft_vocabulary(train, config.draft_vocab, target.config.eos_token_ids,
+                               target.config.vocab_size)
+        np.save(vocab_path, d2t)
+    head_config = heads.HeadConfig(target.config, layers, len(d2t))
+    trainer = Trainer(target, head_config, d2t, config)
+    params, metrics = trainer.fit(train, held_out, os.path.join(work_dir, "train_state"),
+                                  progress=progress)
+    trained_tokens = int(train.lengths.sum())
+    training = {"command": command, "seed": config.seed, "recipe": dataclasses.asdict(recipe),
+                "train": dataclasses.asdict(config), "train_rows": len(train),
+                "train_positions": trained_tokens, "held_out_rows": len(held_out),
+                "held_out": metrics, "seconds_this_invocation": round(time.time() - started)}
+    head_store.save(head_path, head_config, {**params, "d2t": d2t},
+                    target_params=target.params, dtype="bfloat16", gamma=gamma,
+                    threshold=threshold, training=training)
+    return metrics
+
+
+def check_text_files(paths) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"no such text file: {path}")
+    prompt_sources.from_files(paths)  # readable and UTF-8
+
+
+def raise_if_unusable(target) -> None:
+    """A target the head cannot train on: no tokenizer (the prompts are text)."""
+    if target.tokenizer is None:
+        raise UserError(f"{target.path} has no tokenizer files: the training prompts are text")
