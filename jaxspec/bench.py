@@ -317,6 +317,51 @@ class StepTimer:
         return (time.perf_counter() - start) / self.steps
 
 
+class HeadStepTimer:
+    """Seconds per draft-head step, batch 1 (jaxspec.drafts.head): a proposal (one entry
+    through the head's layer and its output layer, argmax, as `propose` does per draft) or,
+    with `observe`, one `observe` of `width` target-fed entries (fusion and the layer).
+    Timed like StepTimer: `steps` in one jitted loop, compile and a first run excluded."""
+
+    def __init__(self, draft, params, *, width: int, max_len: int, position: int, steps: int,
+                 observe: bool = False):
+        from jaxspec.drafts import head as heads
+
+        config = draft.config
+        self.steps, self.params = steps, jax.device_put(params)
+        offsets = jnp.arange(width, dtype=jnp.int32)[None]  # [1, T]
+        streams = len(config.hidden_layers), config.target.hidden_size
+
+        def run(params, state, token, position, captured):
+            head, embed = params["head"], params["embed"]
+
+            def body(_, carry):
+                cache, token, feature = carry  # [1, 1], [1, 1, D]
+                if observe:
+                    out, cache = heads.run_layer(
+                        config, head, embed, jnp.broadcast_to(token, (1, width)),
+                        heads.fuse(head, captured), position + offsets, cache)
+                    return cache, token, feature + out[:, -1:]
+                out, cache = heads.run_layer(config, head, embed, token, feature,
+                                             position + offsets, cache)
+                logits = heads.head_logits(config, head, out[:, 0])
+                return cache, head["d2t"][first_argmax(logits)][:, None], out
+
+            state = draft.init_state(1, max_len, jnp.float32, layout_of(None))
+            feature = jnp.zeros((1, 1, streams[1]), jnp.float32)
+            return jax.lax.fori_loop(0, steps, body, (state.cache, token, feature))
+
+        self.args = (None, jnp.ones((1, 1), jnp.int32), jnp.int32(position),
+                     jnp.ones((1, width) + streams, jnp.float32))
+        self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
+        self()
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(self.compiled(self.params, *self.args))
+        return (time.perf_counter() - start) / self.steps
+
+
 class SingleStep:
     """Seconds per decode step when each step is one jitted call from Python (host loop)."""
 

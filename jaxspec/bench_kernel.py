@@ -33,7 +33,7 @@ def run(target, prompt: list[int], *, gammas: list[int], max_new_tokens: int, st
     widths = sorted({1, *(g + 1 for g in gammas)})
     calls = {}
     for name, m in progress(list(models.items())):
-        decode = SpeculativeDecoder(m)
+        decode = SpeculativeDecoder(m, None)
         calls[f"{name} decode"] = functools.partial(bench.run_jaxspec, decode, prompt,
                                                     max_new_tokens=max_new_tokens)
         calls[f"{name} prefill"] = bench.Prefill(m, len(prompt), max_len)

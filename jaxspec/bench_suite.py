@@ -4,7 +4,7 @@ In one run on one machine, on a set of prompts in categories (JSONL, `load_promp
 
   hardware floor        copy and read bandwidth (1 thread, all cores) over the weight bytes
                         one decode step reads, as tokens/s
-  jaxspec plain         SpeculativeDecoder(target), greedy, batch 1
+  jaxspec plain         SpeculativeDecoder(target, None), greedy, batch 1
   jaxspec speculative   every draft (ngram[:N], layerskip:K, a model checkpoint) at every γ
   transformers          greedy `generate`; prompt lookup (`prompt_lookup_num_tokens`) and, when
                         the model draft is something transformers can load, an assistant
@@ -198,7 +198,7 @@ def jaxspec_configs(target, drafts: Sequence[str], gammas: Sequence[int],
     from jaxspec import SpeculativeDecoder
 
     configs = [Config("jaxspec plain", "jaxspec", None, 0,
-                      JaxspecRunner(SpeculativeDecoder(target), max_new_tokens))]
+                      JaxspecRunner(SpeculativeDecoder(target, None), max_new_tokens))]
     for name in drafts:
         draft = load_draft(name, target)
         for g in gammas:
@@ -208,13 +208,24 @@ def jaxspec_configs(target, drafts: Sequence[str], gammas: Sequence[int],
     return configs
 
 
+def cost_source(decoder):
+    """What measure_costs times for a decoder's draft: its model, (HeadDraft, params) for a
+    draft head, None for a model-free draft."""
+    from jaxspec.drafts.head import HeadDraft
+
+    if isinstance(decoder.draft, HeadDraft):
+        return decoder.draft, decoder.draft_params
+    return decoder.draft_model
+
+
 def load_draft(name: str, target):
-    """A model draft loaded once (target's dtype, EOS ignored); other names pass through."""
+    """A model draft loaded once (target's dtype, EOS ignored); other names and draft-head
+    checkpoints pass through."""
     from jaxspec import bench
     from jaxspec.checkpoint import names
-    from jaxspec.drafts import registry
+    from jaxspec.drafts import head_store, registry
 
-    if registry.parse(name).kind != registry.MODEL:
+    if registry.parse(name).kind != registry.MODEL or head_store.is_head_dir(name):
         return name
     from jaxspec.checkpoint.load import load_model
 
@@ -264,8 +275,10 @@ def measure_costs(target, draft_models: dict[str, object], prompt_length: int,
                   max_new_tokens: int, gammas: Sequence[int], steps: int) -> dict:
     """c per draft and γ, v per γ, and the seconds behind them (best of TIMER_ROUNDS).
 
-    draft_models: {draft name: its model, or None for a model-free draft (c = 0)}. Each γ is
-    timed at the KV-cache size its loop uses for a prompt of prompt_length tokens.
+    draft_models: {draft name: its model, a draft head as (HeadDraft, its loop params), or
+    None for a model-free draft (c = 0)}. A head's c counts its γ proposal steps and the
+    observe of γ + 1 entries each iteration costs: c = (γ·step + observe) ÷ (γ·decode step).
+    Each γ is timed at the KV-cache size its loop uses for a prompt of prompt_length tokens.
     """
     from jaxspec import bench
     from jaxspec.decode.sizing import loop_max_len
@@ -273,23 +286,33 @@ def measure_costs(target, draft_models: dict[str, object], prompt_length: int,
     timers, keys = {}, {}
     for g in gammas:
         max_len = loop_max_len(prompt_length, max_new_tokens, g)
-        make = functools.partial(bench.StepTimer, max_len=max_len, steps=steps,
-                                 position=min(prompt_length + max_new_tokens // 2,
-                                              max_len - g - 1))
+        where = dict(max_len=max_len, steps=steps,
+                     position=min(prompt_length + max_new_tokens // 2, max_len - g - 1))
+        make = functools.partial(bench.StepTimer, **where)
         keys[g] = f"decode@{max_len}"
         timers.setdefault(keys[g], lambda make=make: make(target, width=1))
         timers[f"verify{g}"] = lambda make=make, g=g: make(target, width=g + 1)
         for name, model in draft_models.items():
-            if model is not None:
+            if isinstance(model, tuple):  # a draft head
+                head = functools.partial(bench.HeadStepTimer, *model, **where)
+                timers.setdefault(f"{name}@{max_len}", lambda h=head: h(width=1))
+                timers[f"{name}-observe{g}"] = lambda h=head, g=g: h(width=g + 1, observe=True)
+            elif model is not None:
                 timers.setdefault(f"{name}@{max_len}",
                                   lambda make=make, m=model: make(m, width=1, last_only=True))
     built = {k: build() for k, build in timers.items()}  # compiles; keeps the dict's order
     seconds = {k: min(v) for k, v in bench.interleaved(built, TIMER_ROUNDS).items()}
     decode = {g: seconds[keys[g]] for g in gammas}
     v = {g: seconds[f"verify{g}"] / decode[g] for g in gammas}
-    c = {name: {g: (seconds[f"{name}@{keys[g].split('@')[1]}"] / decode[g]
-                    if model is not None else 0.0) for g in gammas}
-         for name, model in draft_models.items()}
+
+    def c_of(name, model, g):
+        if model is None:
+            return 0.0
+        step = seconds[f"{name}@{keys[g].split('@')[1]}"]
+        extra = seconds[f"{name}-observe{g}"] / g if isinstance(model, tuple) else 0.0
+        return (step + extra) / decode[g]
+
+    c = {name: {g: c_of(name, model, g) for g in gammas} for name, model in draft_models.items()}
     return {"seconds": seconds, "v": v, "c": c, "prompt_length": prompt_length}
 
 
@@ -420,10 +443,11 @@ def run(args, log: Callable[[str], None]) -> dict:
         target = bench.without_eos(target)
         other = bench.OtherLoad()
         configs = jaxspec_configs(target, args.drafts, args.gammas, args.max_new_tokens)
-        draft_models = {name: next(c.runner.decoder.draft_model for c in configs
-                                   if c.draft == name) for name in args.drafts}
+        draft_models = {name: cost_source(next(c.runner.decoder for c in configs
+                                               if c.draft == name)) for name in args.drafts}
         ids = tokenized(target, prompts, args.max_new_tokens, max(args.gammas),
-                        [m for m in draft_models.values() if m is not None])
+                        [m for m in draft_models.values() if m is not None
+                         and not isinstance(m, tuple)])
         if hf_source and not args.no_hf:
             configs += transformers_configs(args, hf_source, stack, log)
         log(f"{len(configs)} configurations × {len(prompts)} prompts × {args.repeats} repeats "

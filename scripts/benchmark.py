@@ -125,7 +125,9 @@ def load_draft(spec: str, target):
     """A checkpoint path or model name is loaded once for all γ; layerskip:K and ngram pass."""
     from jaxspec.drafts import registry
 
-    if registry.parse(spec).kind != registry.MODEL:
+    from jaxspec.drafts import head_store
+
+    if registry.parse(spec).kind != registry.MODEL or head_store.is_head_dir(spec):
         return spec
     from jaxspec.checkpoint.load import load_model
 
@@ -144,7 +146,7 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
           "all_cores": bench.copy_bandwidth(nbytes, repeats=5, threads=os.cpu_count() or 1)}
     prompt = bench.prompt_ids(target, args.prompt)
     n = args.max_new_tokens
-    decoder = SpeculativeDecoder(target)
+    decoder = SpeculativeDecoder(target, None)
     log("jaxspec: compile + warm-up")
     _, stats = bench.run_jaxspec(decoder, prompt, max_new_tokens=n)
     runs = [bench.run_jaxspec(decoder, prompt, max_new_tokens=n)
@@ -271,13 +273,14 @@ def spec_mode(args, target) -> dict:
 
     prompt, n = bench.prompt_ids(target, args.prompt), args.max_new_tokens
     draft = load_draft(args.draft, target)
-    decoders = {0: SpeculativeDecoder(target)}
+    decoders = {0: SpeculativeDecoder(target, None)}
     decoders.update({g: SpeculativeDecoder(target, draft, num_speculative_tokens=g)
                      for g in args.gammas})
     log(f"compile + warm-up of {len(decoders)} decoders")
     for d in progress("compile")(decoders.values()):
         bench.run_jaxspec(d, prompt, max_new_tokens=n)
-    timers = step_timers(args, target, decoders[args.gammas[0]].draft_model, len(prompt))
+    timers = step_timers(args, target, bench_suite.cost_source(decoders[args.gammas[0]]),
+                         len(prompt))
     calls = {g: functools.partial(bench.run_jaxspec, d, prompt, max_new_tokens=n)
              for g, d in decoders.items()}
     # one round = every decoder, then every step timer: noise hits all of them alike
@@ -302,11 +305,17 @@ def step_timers(args, target, draft, prompt_length: int) -> dict:
         position = min(prompt_length + n // 2, max_len - g - 1)
         make = functools.partial(_timer, max_len=max_len, position=position,
                                  steps=args.cost_steps)
+        where = dict(max_len=max_len, position=position, steps=args.cost_steps)
         if f"decode@{max_len}" not in timers:
             timers[f"decode@{max_len}"] = make(target, 1)
-            if draft is not None:  # a model draft's first forward per iteration reads 2 tokens
+            if isinstance(draft, tuple):  # a draft head: a proposal step
+                timers[f"draft@{max_len}"] = bench.HeadStepTimer(*draft, width=1, **where)
+            elif draft is not None:  # a model draft's first forward per iteration reads 2 tokens
                 timers[f"draft@{max_len}"] = make(draft, 1)
                 timers[f"draft2@{max_len}"] = make(draft, 2, True)
+        if isinstance(draft, tuple):  # and its observe of the γ + 1 verified entries
+            timers[f"observe{g}"] = bench.HeadStepTimer(*draft, width=g + 1, observe=True,
+                                                        **where)
         timers[f"verify{g}"] = make(target, g + 1)
     return timers
 
@@ -319,8 +328,10 @@ def spec_row(g, runs, ar, ar_tokens, costs, prompt_length, n) -> dict:
     max_len = loop_max_len(prompt_length, n, g)
     decode = costs[f"decode@{max_len}"]["best"]
     draft, draft2 = costs.get(f"draft@{max_len}"), costs.get(f"draft2@{max_len}")
+    observe = costs.get(f"observe{g}")  # a draft head's, once per iteration
     c = draft["best"] / decode if draft else 0.0  # a lookup draft runs no forward
-    c2 = draft2["best"] / decode if draft2 else 0.0
+    c += observe["best"] / (g * decode) if observe else 0.0
+    c2 = draft2["best"] / decode if draft2 else c
     v = costs[f"verify{g}"]["best"] / decode
     stats = runs[0][1]
     spec = bench.best_median([s["tokens_per_second"] for _, s in runs])

@@ -82,6 +82,35 @@ def test_suite_end_to_end(script, tmp_path, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_suite_measures_a_draft_heads_cost(script, tmp_path):
+    """A draft head as --draft: timed like the other drafts, with c > 0 from its own step
+    timers (proposals and the observe), and output identical to plain decoding."""
+    from helpers import trained_head
+
+    from jaxspec.checkpoint.load import load_model
+    from jaxspec.drafts import head_store
+
+    model = tiny_hf_model("llama", tmp_path)
+    target = load_model(model)
+    config, params, *_ = trained_head(target, draft_vocab=32, steps=2, rows=16)
+    head = str(tmp_path / "head")
+    head_store.save(head, config, params, target_params=target.params, dtype="float32",
+                    gamma=2, threshold=0.0, training={})
+    out_json = tmp_path / "suite.json"
+    rc = script.main([
+        "--suite", "--model", model, "--draft", head, "--drafts", "", "--gammas", "2",
+        "--categories", "chat", "--prompts-per-category", "1", "--max-new-tokens", "6",
+        "--cost-steps", "2", "--copy-mb", "512", "--no-hf", "--out-json", str(out_json),
+        "--out-png", str(tmp_path / "suite.png")])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    config = {c["name"]: c for c in result["configs"]}["jaxspec head γ=2"]
+    assert 0 < config["c"] < 10
+    assert config["categories"]["all"]["identical_to_plain"] == 1
+    timed = set(result["costs"]["seconds_per_step"])
+    assert f"{head}-observe2" in timed and any(k.startswith(f"{head}@") for k in timed)
+
+
 def test_malformed_prompts_line_fails_with_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"category": "code", "prompt": "Write a loop."}\n\n'

@@ -80,7 +80,7 @@ def test_json_tokens_equal_library_api(greedy_json, loaded):
     import jaxspec
 
     prompt = cli_module.encode_prompt(loaded, PROMPT, chat_template=True)
-    out = jaxspec.SpeculativeDecoder(loaded).generate([prompt], max_new_tokens=MAX_NEW)
+    out = jaxspec.SpeculativeDecoder(loaded, None).generate([prompt], max_new_tokens=MAX_NEW)
     assert greedy_json["tokens"] == out.tokens[0]
     assert greedy_json["stats"]["prompt_tokens"] == len(prompt)
     expected = [t for t in out.tokens[0] if t not in loaded.config.eos_token_ids]

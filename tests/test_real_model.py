@@ -29,7 +29,7 @@ def prompt_ids(smollm2):
 @pytest.fixture(scope="module")
 def greedy(smollm2, prompt_ids):
     """jaxspec plain greedy decoding, both prompts in one batch."""
-    return SpeculativeDecoder(smollm2).generate(prompt_ids, max_new_tokens=NEW_TOKENS).tokens
+    return SpeculativeDecoder(smollm2, None).generate(prompt_ids, max_new_tokens=NEW_TOKENS).tokens
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ def test_ngram_draft_on_code_echo(smollm2):
     ids = smollm2.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Rewrite this code with better names:\n" + code}],
         add_generation_prompt=True)["input_ids"]
-    plain = SpeculativeDecoder(smollm2).generate([ids], max_new_tokens=NEW_TOKENS)
+    plain = SpeculativeDecoder(smollm2, None).generate([ids], max_new_tokens=NEW_TOKENS)
     out = SpeculativeDecoder(smollm2, "ngram", num_speculative_tokens=4).generate(
         [ids], max_new_tokens=NEW_TOKENS)
     assert out.tokens == plain.tokens

@@ -145,4 +145,6 @@ class Trainer:
                     manager.save(done, args=ocp.args.StandardSave(
                         {"params": params, "opt_state": opt_state}))
             manager.wait_until_finished()
+        if not metrics:  # nothing left to train: evaluate what was restored
+            metrics = self.evaluate(params, held_out.take(slice(0, config.eval_rows)))
         return params, metrics

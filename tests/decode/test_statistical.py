@@ -27,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import chi2_pvalue, full_logits, perturbed, tiny_model
+from helpers import (chi2_pvalue, full_logits, perturbed, successor_model, tiny_model,
+                     trained_head)
 
 import jaxspec
 from jaxspec.decode import sampling
 from jaxspec.decode.rejection import REFERENCE, Rejection
 from jaxspec.drafts.base import NO_PROPOSAL
+from jaxspec.drafts.head import HeadDraft
 from jaxspec.drafts.model_draft import ModelDraft
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
@@ -56,13 +58,24 @@ def models():
     return target, draft
 
 
+def _continuations(model) -> np.ndarray:
+    """Teacher-forced logits for every prompt + (a, b, c): [V^3, P+3, V]."""
+    seqs = np.asarray([PROMPT + list(abc) for abc in itertools.product(range(VOCAB), repeat=3)])
+    return full_logits(model.config, model.params, seqs)
+
+
 @pytest.fixture(scope="module")
 def continuations(models):
-    """Teacher-forced logits of both models for every prompt + (a, b, c): [V^3, P+3, V]."""
-    target, draft = models
-    seqs = np.asarray([PROMPT + list(abc) for abc in itertools.product(range(VOCAB), repeat=3)])
-    return full_logits(target.config, target.params, seqs), full_logits(draft.config,
-                                                                        draft.params, seqs)
+    return tuple(_continuations(m) for m in models)
+
+
+@pytest.fixture(scope="module")
+def head_target():
+    """A target with learnable text, a head trained on it over 6 of its 12 tokens, and the
+    target's exact continuations."""
+    target = successor_model(VOCAB, seed=3, sharpness=0.5)
+    config, params, *_ = trained_head(target, draft_vocab=6, rows=40)
+    return target, config, params, _continuations(target)
 
 
 def conditionals(logits: np.ndarray, temperature, top_k, top_p):
@@ -105,17 +118,24 @@ def generate(target, draft, gamma, temperature, top_k, top_p, *, seed=0, rejecti
 
     policy: a layout policy to put both models' params in first (layout.CPU: the CPU matmul
     kernel computes every projection, checked on the compiled program)."""
-    sampler, values = sampling.make(temperature, top_k, top_p)
-    spec = jaxspec.LoopSpec(target=target.config, draft=draft_type(draft.config, VOCAB),
-                            gamma=gamma, sampler=sampler, max_len=16, rejection=rejection)
     params = [m.params if policy is None else
               layout.apply(policy, m.params, m.config.tie_word_embeddings)
               for m in (target, draft)]
+    return generate_with(target, draft_type(draft.config, VOCAB), params, gamma, temperature,
+                         top_k, top_p, seed=seed, rejection=rejection, kernel=policy == layout.CPU)
+
+
+def generate_with(target, loop_draft, params, gamma, temperature, top_k, top_p, *, seed=0,
+                  rejection=REFERENCE, kernel=False):
+    """`generate` with a loop draft object; params: (target params, draft params)."""
+    sampler, values = sampling.make(temperature, top_k, top_p)
+    spec = jaxspec.LoopSpec(target=target.config, draft=loop_draft, gamma=gamma, sampler=sampler,
+                            max_len=16, rejection=rejection)
     args = (*params, jnp.asarray([PROMPT] * ROWS, jnp.int32),
             jnp.full((ROWS,), len(PROMPT), jnp.int32), jax.random.key(seed), values,
             jnp.int32(MAX_NEW))
     lowered = jax.jit(jaxspec.generate_tokens, static_argnums=0).lower(spec, *args)
-    assert (f"@{cpu_matmul.TARGET}" in lowered.as_text()) == (policy == layout.CPU)
+    assert (f"@{cpu_matmul.TARGET}" in lowered.as_text()) == kernel
     state = lowered.compile()(*args)
     lengths = np.asarray(state.lengths)
     assert np.all(lengths == len(PROMPT) + MAX_NEW)
@@ -184,6 +204,28 @@ def test_speculative_sampling_follows_the_target_through_the_cpu_kernel(models, 
     exact = exact_pairs(continuations[0], temperature, top_k, top_p)
     tokens, acceptance = generate(*models, gamma, temperature, top_k, top_p, policy=layout.CPU)
     assert 0.1 < acceptance < 0.9, acceptance
+    pvalues = pair_pvalues(tokens, exact)
+    assert min(pvalues.values()) > PASS_P, pvalues
+
+
+@pytest.mark.parametrize("name,threshold", [
+    ("temperature_1", 0.0), ("temperature_0.7_top_k_5", 0.0), ("temperature_1", 0.3)],
+    ids=["t1", "t0.7-top-k", "t1-stops-when-unsure"])
+def test_trained_head_keeps_the_target_distribution(head_target, name, threshold):
+    """The draft head's q is zero outside its 6-token vocabulary: tokens it cannot propose
+    still appear with the target's probabilities (the rejection's residual), also when the
+    head stops proposing below a top probability."""
+    target, config, params, logits = head_target
+    gamma, temperature, top_k, top_p = CONFIGS[name]
+    exact = exact_pairs(logits, temperature, top_k, top_p)
+    outside = np.setdiff1d(np.arange(VOCAB), np.asarray(params["d2t"]))
+    assert exact["t2,t3"][:, outside].sum() > 0.03  # the target often says what q cannot
+    draft_params = {"head": params, "embed": target.params["embed"]}
+    tokens, acceptance = generate_with(target, HeadDraft(config, threshold=threshold),
+                                       (target.params, draft_params), gamma, temperature, top_k,
+                                       top_p)
+    assert 0.1 < acceptance < 0.9, acceptance
+    assert np.isin(tokens, outside).any()
     pvalues = pair_pvalues(tokens, exact)
     assert min(pvalues.values()) > PASS_P, pvalues
 

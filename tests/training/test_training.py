@@ -1,0 +1,137 @@
+"""Training a draft head: resume, the draft vocabulary, the prompt sources, the recorder, and
+scripts/train_draft.py end to end and on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from helpers import REPO, successor_model, tiny_hf_model, trained_head
+
+from jaxspec.drafts import head_store
+from jaxspec.training import prompts, record, trainer
+
+
+@pytest.fixture(scope="module")
+def target():
+    return successor_model(40, eos=(0,))
+
+
+def test_a_resumed_run_reaches_the_same_params(tmp_path, target):
+    """Stopped after 20 steps (an Orbax checkpoint every 10), then resumed to 40: the same
+    params, bit for bit, as a run that never stopped."""
+    config, _, fitter, (train, held_out) = trained_head(target, draft_vocab=24, steps=1)
+    fitter = trainer.Trainer(target, config, np.asarray(fitter.d2t), trainer.TrainConfig(
+        steps=40, batch=8, draft_vocab=24, learning_rate=1e-2, warmup=5,
+        checkpoint_every=10, eval_every=40, eval_rows=8))
+    straight, _ = fitter.fit(train, held_out, str(tmp_path / "a"), progress=False)
+    fitter.fit(train, held_out, str(tmp_path / "b"), progress=False, stop_after=20)
+    assert sorted(os.listdir(tmp_path / "b")) == ["10", "20"]
+    resumed, _ = fitter.fit(train, held_out, str(tmp_path / "b"), progress=False)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    different, _ = trainer.Trainer(target, config, np.asarray(fitter.d2t), dataclass_replace(
+        fitter.config, seed=1)).fit(train, held_out, str(tmp_path / "c"), progress=False)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(straight),
+                                                        jax.tree.leaves(different)))
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens_and_eos():
+    tokens = np.array([[5, 5, 5, 7, 7, 9, 0, 0]], np.int32)
+    records = record.Records(tokens, np.zeros((1, 8, 1, 2)), tokens[..., None] + 1,
+                             np.zeros((1, 8, 1), np.float32), np.array([6], np.int32))
+    d2t = trainer.draft_vocabulary(records, 3, eos_ids=(2,), vocab=12)
+    assert d2t.tolist() == [2, 5, 6]  # EOS, then 5 (input 3 times) and 6 (top choice 3 times)
+    t2d = trainer.target_to_draft(d2t, 12)
+    assert t2d[d2t].tolist() == [0, 1, 2] and (t2d >= 0).sum() == 3
+
+
+def test_recorded_rows_are_the_targets_greedy_text(target):
+    """Each row: the prompt, then the target's greedy tokens, cut after the first EOS; the
+    recorded top token at every generated position is the next token."""
+    from helpers import greedy_reference
+
+    ps = [[5, 9, 3], [4, 4, 11, 13, 2]]
+    recs = record.record(target, ps, new_tokens=12, layers=(1, 2), batch=4, k=4,
+                         progress=False)
+    reference = greedy_reference(target, ps, 12)
+    for row, (p, new) in enumerate(zip(ps, reference)):
+        n = recs.lengths[row]
+        assert recs.tokens[row, :n].tolist() == (p + new)[:n]
+        assert n == len(p) + len(new)  # every generated token is an input (EOS: the last)
+        np.testing.assert_array_equal(recs.top_ids[row, len(p) - 1:n - 1, 0], new[:n - len(p)])
+        assert np.all(np.diff(recs.top_logp[row, :n], axis=-1) <= 0)
+    assert recs.hidden.shape[2:] == (2, target.config.hidden_size)
+
+
+def test_generated_prompts_are_distinct_seeded_and_not_the_benchmarks():
+    a, b = prompts.generated(500, 0), prompts.generated(500, 0)
+    assert a == b and len(set(a)) == 500 and prompts.generated(500, 1) != a
+    with open(os.path.join(REPO, "scripts", "prompts", "suite.jsonl"), encoding="utf-8") as f:
+        bench = {json.loads(line)["prompt"] for line in f if line.strip()}
+    assert not bench & set(prompts.generated(10_000, 0))
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train_draft.py"),
+                           *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("case", ["unwritable", "missing-text", "bad-model", "no-tokenizer"])
+def test_train_draft_refuses_bad_input_before_training(tmp_path, case):
+    model = tiny_hf_model("llama", tmp_path, with_tokenizer=case != "no-tokenizer")
+    out = tmp_path / "work"
+    args = ["--output", str(out), "--model", model, "--steps", "2"]
+    if case == "unwritable":  # under a regular file (unwritable even for root)
+        (tmp_path / "file").write_text("")
+        args[1] = str(tmp_path / "file" / "work")
+    elif case == "missing-text":
+        args += ["--text", str(tmp_path / "nope.txt")]
+    elif case == "bad-model":
+        args[3] = str(tmp_path / "no-such-model")
+    proc = _script(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (out / "train_state").exists() and not (out / "records.npz").exists()
+
+
+def test_train_draft_end_to_end_then_generate(tmp_path):
+    """A tiny run: records, trains, writes a head that the CLI uses as --draft, and a second
+    invocation resumes (nothing left to train) and rewrites the head with a new γ."""
+    model = tiny_hf_model("llama", tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("First paragraph about tea.\n\nSecond paragraph about coffee.\n")
+    work, head = tmp_path / "work", tmp_path / "head"
+    args = ["--output", str(work), "--head", str(head), "--model", model, "--text", str(text),
+            "--prompts", "10", "--new-tokens", "8", "--steps", "4", "--batch", "4",
+            "--draft-vocab", "32", "--checkpoint-every", "2"]
+    proc = _script(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tau=" in proc.stdout
+    meta = head_store.read_meta(str(head))
+    assert meta["gamma"] == 4 and meta["training"]["train_rows"] + meta["training"][
+        "held_out_rows"] == 12  # 10 generated prompts and the file's 2 paragraphs
+    assert sorted(os.listdir(work / "train_state")) == ["2", "4"]
+    proc = _script(*args, "--gamma", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert head_store.read_meta(str(head))["gamma"] == 2
+    gen = subprocess.run([sys.executable, "-m", "jaxspec.generate", "--model", model, "--draft",
+                          str(head), "hello", "--max-new-tokens", "12", "--json"],
+                         capture_output=True, text=True, cwd=REPO)
+    plain = subprocess.run([sys.executable, "-m", "jaxspec.generate", "--model", model,
+                            "--draft", "none", "hello", "--max-new-tokens", "12", "--json"],
+                           capture_output=True, text=True, cwd=REPO)
+    assert gen.returncode == 0 and plain.returncode == 0, gen.stderr[-2000:]
+    spec, ref = json.loads(gen.stdout), json.loads(plain.stdout)
+    assert spec["tokens"] == ref["tokens"] and spec["stats"]["num_speculative_tokens"] == 2
