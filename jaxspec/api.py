@@ -44,14 +44,14 @@ class GenerateOutput:
 def resolve_draft(draft, target, device=None, layout=None):
     """(draft object for the loop, draft model holding its params or None, head params or None).
 
-    "default" is the draft shipped for the target (jaxspec.drafts.head_store.shipped_for), or
+    "default" is the draft shipped for the target (jaxspec.checkpoint.head_store.shipped_for), or
     none. A path or model name is loaded here: a draft-head checkpoint as a head (its params
     are then {"head": ..., "embed": the target's embedding}), anything else as a model in the
     target's dtype. Names like "ngram:3" and "layerskip:8", loaded models and Draft objects go
     to the draft registry. With a `device` (a jax.Device), a loaded or given draft model is
     placed there in `layout`.
     """
-    from jaxspec.drafts import head_store
+    from jaxspec.checkpoint import head_store
     from jaxspec.models.loaded import Model
 
     if draft == registry.DEFAULT:
@@ -91,7 +91,7 @@ class SpeculativeDecoder:
       target: a model from `jaxspec.load_model`.
       draft: "default" (the trained draft head shipped in checkpoints/ when `target` is the
         model it was trained for, SmolLM2-135M-Instruct; plain decoding otherwise), a draft
-        head checkpoint (jaxspec.drafts.head_store), a model sharing the target's tokenizer,
+        head checkpoint (jaxspec.checkpoint.head_store), a model sharing the target's tokenizer,
         a path or model name of one, "layerskip:K" (the target's first K layers as its own
         draft), "ngram[:N]" (prompt lookup), an object implementing
         jaxspec.drafts.base.Draft, or None.

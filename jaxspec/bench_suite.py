@@ -222,8 +222,8 @@ def load_draft(name: str, target):
     """A model draft loaded once (target's dtype, EOS ignored); other names and draft-head
     checkpoints pass through."""
     from jaxspec import bench
-    from jaxspec.checkpoint import names
-    from jaxspec.drafts import head_store, registry
+    from jaxspec.checkpoint import head_store, names
+    from jaxspec.drafts import registry
 
     if registry.parse(name).kind != registry.MODEL or head_store.is_head_dir(name):
         return name
@@ -477,15 +477,17 @@ def run(args, log: Callable[[str], None]) -> dict:
 
 
 def transformers_configs(args, hf_source: str, stack: contextlib.ExitStack, log) -> list[Config]:
-    """transformers' configurations; an assistant model for the first model draft it can load."""
+    """transformers' configurations; an assistant model for the first model draft it can load
+    (a draft head is no model transformers can run)."""
     from jaxspec import bench
+    from jaxspec.checkpoint import head_store
     from jaxspec.drafts import registry
 
     log(f"transformers: loading {os.path.basename(hf_source)}")
     hf = bench.load_hf(hf_source)
     assistant = None
     for name in args.drafts:
-        if registry.parse(name).kind == registry.MODEL:
+        if registry.parse(name).kind == registry.MODEL and not head_store.is_head_dir(name):
             source = bench.hf_source_of(name, stack)
             if source is not None:
                 log(f"transformers: loading the assistant {os.path.basename(source)}")

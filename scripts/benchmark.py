@@ -125,7 +125,7 @@ def load_draft(spec: str, target):
     """A checkpoint path or model name is loaded once for all γ; layerskip:K and ngram pass."""
     from jaxspec.drafts import registry
 
-    from jaxspec.drafts import head_store
+    from jaxspec.checkpoint import head_store
 
     if registry.parse(spec).kind != registry.MODEL or head_store.is_head_dir(spec):
         return spec

@@ -88,7 +88,7 @@ def test_suite_measures_a_draft_heads_cost(script, tmp_path):
     from helpers import trained_head
 
     from jaxspec.checkpoint.load import load_model
-    from jaxspec.drafts import head_store
+    from jaxspec.checkpoint import head_store
 
     model = tiny_hf_model("llama", tmp_path)
     target = load_model(model)

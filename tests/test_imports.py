@@ -23,7 +23,9 @@ FORBIDDEN = {
     "jaxspec.models": ("jaxspec.decode", "jaxspec.drafts", "jaxspec.checkpoint", "jaxspec.api",
                        "jaxspec.generate", "jaxspec.bench"),
     "jaxspec.decode": ("jaxspec.checkpoint", "jaxspec.api", "jaxspec.generate", "jaxspec.bench"),
-    "jaxspec.drafts": ("jaxspec.checkpoint", "jaxspec.api", "jaxspec.generate"),
+    "jaxspec.drafts": ("jaxspec.checkpoint", "jaxspec.api", "jaxspec.generate",
+                       "jaxspec.training"),
+    "jaxspec.training": ("jaxspec.api", "jaxspec.generate"),
 }
 
 

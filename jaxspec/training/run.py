@@ -77,7 +77,7 @@ def train_draft(target, work_dir: str, head_path: str, *, recipe: DataRecipe,
     """The whole run (resumes from `work_dir`); writes the head to head_path and returns the
     held-out metrics."""
     from jaxspec.drafts import head as heads
-    from jaxspec.drafts import head_store
+    from jaxspec.checkpoint import head_store
 
     started = time.time()
     layers = heads.default_layers(target.config.num_layers)

@@ -17,7 +17,7 @@ from helpers import (REPO, greedy_reference, successor_model, tiny_hf_model, tin
 from jaxspec.api import SpeculativeDecoder
 from jaxspec.checkpoint.load import load_model
 from jaxspec.drafts import head as heads
-from jaxspec.drafts import head_store
+from jaxspec.checkpoint import head_store
 from jaxspec.errors import UserError
 from jaxspec.models import decoder
 from jaxspec.models.cache import init_cache
@@ -193,4 +193,4 @@ def test_shipped_head_loads_and_accepts_on_fixed_prompts():
     assert out.stats["mean_accepted_length"] >= SHIPPED_ACCEPTED_LENGTH_FLOOR, out.stats
 
 
-SHIPPED_ACCEPTED_LENGTH_FLOOR = 1.0  # set from the shipped head's measurement (see README)
+SHIPPED_ACCEPTED_LENGTH_FLOOR = 1.25  # measured 1.38 when shipped (γ = 2, 48 tokens)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import REPO, successor_model, tiny_hf_model, trained_head
 
-from jaxspec.drafts import head_store
+from jaxspec.checkpoint import head_store
 from jaxspec.training import prompts, record, trainer
 
 

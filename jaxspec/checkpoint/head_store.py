@@ -120,23 +120,31 @@ def load(path: str) -> LoadedHead:
     return LoadedHead(config, params, meta)
 
 
+SHAPE_FIELDS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim")
+
+
+def _shape_difference(config: heads.HeadConfig, target) -> str | None:
+    """The first shape field where the head's target and `target` differ, else None."""
+    return next((f for f in SHAPE_FIELDS
+                 if getattr(config.target, f) != getattr(target.config, f)), None)
+
+
 def check_target(head: LoadedHead, target, where: str = "draft head") -> None:
     """Refuse a head trained for a target of another shape (one line, before compiling)."""
-    mine, theirs = head.config.target, target.config
-    for field in ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim"):
-        if getattr(mine, field) != getattr(theirs, field):
-            raise UserError(f"{where} was trained for a target with {field}="
-                            f"{getattr(mine, field)}, this target has {getattr(theirs, field)}")
+    field = _shape_difference(head.config, target)
+    if field is not None:
+        raise UserError(f"{where} was trained for a target with {field}="
+                        f"{getattr(head.config.target, field)}, this target has "
+                        f"{getattr(target.config, field)}")
 
 
 def matches(head_meta: dict, target) -> bool:
-    """Whether the head was trained on exactly this target (shape and weights)."""
-    config = heads.HeadConfig.from_dict(head_meta["config"]).target
-    same_shape = dataclasses.replace(config, max_position_embeddings=0) == dataclasses.replace(
-        target.config, max_position_embeddings=0)
-    return same_shape and np.allclose(head_meta["fingerprint"], fingerprint(target.params),
-                                      rtol=1e-2, atol=1e-2)
+    """Whether the head was trained on exactly this target's weights (shape and fingerprint;
+    EOS ids and position limits may differ)."""
+    config = heads.HeadConfig.from_dict(head_meta["config"])
+    return _shape_difference(config, target) is None and np.allclose(
+        head_meta["fingerprint"], fingerprint(target.params), rtol=1e-2, atol=1e-2)
 
 
 def shipped_for(target) -> str | None:
