@@ -26,6 +26,7 @@ from jaxspec.decode.sizing import loop_max_len, prompt_width
 from jaxspec.decode.state import DecodeState, LoopSpec
 from jaxspec.decode.stats import summarize
 from jaxspec.drafts import registry
+from jaxspec.drafts.head import HeadDraft
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
 from jaxspec.models import sharding
@@ -158,6 +159,14 @@ class SpeculativeDecoder:
         self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
         self._compiled: dict = {}
 
+    @property
+    def draft_cost_source(self):
+        """What a step timer measures for this decoder's draft cost (jaxspec.bench, tuning):
+        the draft model, (HeadDraft, params) for a draft head, None for a model-free draft."""
+        if isinstance(self.draft, HeadDraft):
+            return self.draft, self.draft_params
+        return self.draft_model
+
     def _choose_gamma(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         """Resolve γ = "auto": from the cache, or by profiling on `prompt` (jaxspec.tuning)."""
         key = tuning.cache_key(self.target, self._draft_name, self.platform)
@@ -172,7 +181,7 @@ class SpeculativeDecoder:
                 new = min(tuning.PROFILE_TOKENS, max_new_tokens)
                 return decoder.generate([prompt], max_new_tokens=new).stats["rows"][0]
 
-            choice = tuning.profile(self.target, self.draft_model, run,
+            choice = tuning.profile(self.target, self.draft_cost_source, run,
                                     prompt_length=len(prompt), max_new_tokens=max_new_tokens)
             tuning.store(key, choice)
         self.gamma_choice, self.gamma = choice, choice.gamma

@@ -208,16 +208,6 @@ def jaxspec_configs(target, drafts: Sequence[str], gammas: Sequence[int],
     return configs
 
 
-def cost_source(decoder):
-    """What measure_costs times for a decoder's draft: its model, (HeadDraft, params) for a
-    draft head, None for a model-free draft."""
-    from jaxspec.drafts.head import HeadDraft
-
-    if isinstance(decoder.draft, HeadDraft):
-        return decoder.draft, decoder.draft_params
-    return decoder.draft_model
-
-
 def load_draft(name: str, target):
     """A model draft loaded once (target's dtype, EOS ignored); other names and draft-head
     checkpoints pass through."""
@@ -443,8 +433,8 @@ def run(args, log: Callable[[str], None]) -> dict:
         target = bench.without_eos(target)
         other = bench.OtherLoad()
         configs = jaxspec_configs(target, args.drafts, args.gammas, args.max_new_tokens)
-        draft_models = {name: cost_source(next(c.runner.decoder for c in configs
-                                               if c.draft == name)) for name in args.drafts}
+        draft_models = {name: next(c.runner.decoder for c in configs
+                                   if c.draft == name).draft_cost_source for name in args.drafts}
         ids = tokenized(target, prompts, args.max_new_tokens, max(args.gammas),
                         [m for m in draft_models.values() if m is not None
                          and not isinstance(m, tuple)])

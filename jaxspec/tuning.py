@@ -129,7 +129,9 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
     """Measure α, c and v_γ and choose γ (see the module docstring).
 
     run(γ) -> the statistics of one row generated greedily at that γ (the API's decoder);
-    draft_model: the draft's model (config + params) or None for a model-free draft (c = 0).
+    draft_model: the draft's model (config + params), a draft head as (HeadDraft, its loop
+    params) (c: a proposal step plus its share of the observe of γ + 1 entries at the
+    largest γ), or None for a model-free draft (c = 0).
     """
     from jaxspec import bench
     from jaxspec.decode.sizing import loop_max_len
@@ -148,5 +150,13 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
     decode = seconds(target, 1)
     v = {w - 1: seconds(target, w) / decode for w in MEASURED_WIDTHS if 1 < w <= max_gamma + 1}
     v = interpolate({0: 1.0, **v}, max_gamma)
-    c = seconds(draft_model, 1, True) / decode if draft_model is not None else 0.0
+    if isinstance(draft_model, tuple):
+        def head(width, observe=False):
+            timer = bench.HeadStepTimer(*draft_model, width=width, max_len=max_len,
+                                        position=position, steps=steps, observe=observe)
+            return min(timer() for _ in range(3))
+
+        c = (head(1) + head(max_gamma + 1, True) / max_gamma) / decode
+    else:
+        c = seconds(draft_model, 1, True) / decode if draft_model is not None else 0.0
     return Choice(best_gamma(alpha, c, v), alpha, c, v, "profiled")

@@ -279,8 +279,7 @@ def spec_mode(args, target) -> dict:
     log(f"compile + warm-up of {len(decoders)} decoders")
     for d in progress("compile")(decoders.values()):
         bench.run_jaxspec(d, prompt, max_new_tokens=n)
-    timers = step_timers(args, target, bench_suite.cost_source(decoders[args.gammas[0]]),
-                         len(prompt))
+    timers = step_timers(args, target, decoders[args.gammas[0]].draft_cost_source, len(prompt))
     calls = {g: functools.partial(bench.run_jaxspec, d, prompt, max_new_tokens=n)
              for g, d in decoders.items()}
     # one round = every decoder, then every step timer: noise hits all of them alike

@@ -88,3 +88,19 @@ def test_cli_accepts_auto_and_refuses_other_words(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "'auto'" in err
+
+
+def test_auto_times_a_draft_heads_cost(cache):
+    """A draft head's c comes from its own step timers (not 0 as for prompt lookup)."""
+    from helpers import successor_model, trained_head
+
+    from jaxspec.drafts.head import HeadDraft
+
+    target = successor_model(40)
+    config, params, *_ = trained_head(target, draft_vocab=24, steps=2, rows=16)
+    dec = jaxspec.SpeculativeDecoder(target, HeadDraft(config), num_speculative_tokens="auto",
+                                     draft_params={"head": params, "embed": target.params["embed"]})
+    prompts = [[5, 6, 7, 5, 6]]
+    out = dec.generate(prompts, max_new_tokens=12)
+    assert out.tokens == greedy_reference(target, prompts, 12)
+    assert out.stats["gamma_choice"]["c"] > 0

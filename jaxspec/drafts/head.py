@@ -166,6 +166,7 @@ class HeadDraft(Draft):
         return self.threshold > 0
 
     def init_state(self, batch: int, max_len: int, dtype, layout) -> HeadState:
+        """The head runs in fp32 whatever the target's dtype (its params are loaded in fp32)."""
         cache = init_cache(self.config.layer, batch, max_len, jnp.float32, layout)
         return HeadState(cache, jnp.zeros((batch, self.config.target.hidden_size), jnp.float32))
 

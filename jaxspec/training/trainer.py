@@ -97,8 +97,9 @@ class Trainer:
             updates, opt_state = self.tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, metrics
 
-        self._update = lambda p, o, b: jax.jit(update)(p, o, b, frozen)
-        self._evaluate = lambda p, b: jax.jit(lambda *a: loss(*a)[1])(p, b, *frozen)
+        update, metrics = jax.jit(update), jax.jit(lambda *args: loss(*args)[1])
+        self._update = lambda params, opt_state, batch: update(params, opt_state, batch, frozen)
+        self._evaluate = lambda params, batch: metrics(params, batch, *frozen)
 
     def init(self):
         """(params, opt_state) of a fresh run: the head initialized from the target."""
