@@ -247,7 +247,10 @@ class SpeculativeDecoder:
         return memory.plan(spec, len(prompts), self.target.params, self.draft_params)
 
     def memory_capacity(self) -> memory.Capacity | None:
-        """What the decoder's device offers (jaxspec.memory.capacity; None: unknown)."""
+        """What the decoder's device offers (jaxspec.memory.capacity; None: unknown); under a
+        mesh, its first device's, shared by the mesh's devices where they share memory."""
+        if self.mesh is not None:
+            return memory.capacity(self.mesh.devices.flat[0], sharing=self.mesh.size)
         return memory.capacity(devices.or_default(self.device))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -270,10 +273,9 @@ class SpeculativeDecoder:
         if self.mesh is not None and len(prompts) % self.mesh.shape[sharding.DATA]:
             raise UserError(f"{len(prompts)} prompts do not split over dp="
                             f"{self.mesh.shape[sharding.DATA]}: give a multiple of dp")
-        # refuse what does not fit before anything is compiled or allocated (jaxspec.memory;
-        # the plan is per device only without a mesh)
-        if self.mesh is None:
-            memory.check(self._plan(prompts, max_new_tokens, sampler), self.memory_capacity())
+        # refuse what does not fit before anything is compiled or allocated (jaxspec.memory:
+        # bytes per device, one device's part under a mesh)
+        memory.check(self._plan(prompts, max_new_tokens, sampler), self.memory_capacity())
         key = seed_key(seed, len(prompts), self.prng_impl)
         sampler, values = sampling.make(temperature, top_k, top_p)
         width = prompt_width(max(len(p) for p in prompts))

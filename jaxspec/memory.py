@@ -13,9 +13,14 @@
   activations        the largest one: the verify logits [B, γ+1, V] fp32 and, when sampling,
                      the draft's q [B, γ, V] and the target's p [B, γ+1, V] (fp32)
 
-as a `Plan` with a `total`. `capacity(device)` is what the device offers: the allocator's
-`bytes_limit` where `memory_stats` reports one (GPU), the host's MemAvailable on CPU (the
-params, already loaded, are then not counted again), None where unknown (e.g. Neuron: no check).
+as a `Plan` with a `total`. Under a `jax.sharding` mesh (spec.mesh) every term is one device's
+part: sharded params by their shard shape, the KV cache split over kv heads (tp) and rows (dp)
+as models.sharding pins it, the token buffer over rows, the logits over rows and vocabulary;
+the draft's state is not pinned (XLA's propagation splits it), so it is counted whole, an upper
+bound. `capacity(device, sharing)` is what the device offers: the allocator's `bytes_limit`
+where `memory_stats` reports one (GPU), the host's MemAvailable on CPU (the params, already
+loaded, are then not counted again; `sharing` CPU devices of a mesh share it), None where
+unknown (e.g. Neuron: no check).
 `check` refuses a plan that does not fit with one line naming every term and the capacity.
 The plan is an estimate of what the loop holds, not XLA's exact peak (compiler scratch and
 temporaries smaller than the logits are not counted).
@@ -73,13 +78,17 @@ class Capacity:
     bytes: int
     source: str
     counts_params: bool = True
+    shared_by: int = 1  # devices that each need a plan's bytes from this capacity (host memory)
 
 
 def leaf_bytes(leaf) -> int:
-    """Bytes of an array or a jax.ShapeDtypeStruct."""
+    """Bytes of one device's part of an array or a jax.ShapeDtypeStruct (all of it unless it
+    carries a sharding that splits it)."""
     import numpy as np
 
-    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    sharding = getattr(leaf, "sharding", None)
+    shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+    return math.prod(shape) * np.dtype(leaf.dtype).itemsize
 
 
 def _buffer(leaf) -> int:
@@ -110,8 +119,15 @@ def cache_bytes(spec, batch: int) -> int:
 
     from jaxspec.models.cache import init_cache
 
-    return tree_bytes(jax.eval_shape(lambda: init_cache(spec.target, batch, spec.max_len,
-                                                        spec.dtype, spec.layout)))
+    shapes = jax.eval_shape(lambda: init_cache(spec.target, batch, spec.max_len, spec.dtype,
+                                               spec.layout))
+    if spec.mesh is not None:  # pinned by the loop (models.sharding.constrain_cache)
+        from jaxspec.models import sharding
+
+        split = sharding.cache(spec.mesh)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split),
+                              shapes)
+    return tree_bytes(shapes)
 
 
 def draft_state_bytes(spec, batch: int) -> int:
@@ -134,16 +150,28 @@ def activation_bytes(batch: int, gamma: int, vocab: int, sampled: bool) -> int:
 
 
 def plan(spec, batch: int, target_params, draft_params) -> Plan:
-    """The plan of a loop with static spec `spec` (a decode.state.LoopSpec) over `batch` rows."""
+    """The plan of a loop with static spec `spec` (a decode.state.LoopSpec) over `batch` rows:
+    bytes per device (one device's part under spec.mesh)."""
+    tp, dp = _mesh_shape(spec.mesh)
+    rows = -(-batch // dp)
     return Plan(
         target_params=tree_bytes(target_params),
         draft_params=tree_bytes(draft_params, exclude=target_params),
         target_cache=cache_bytes(spec, batch),
         draft_state=draft_state_bytes(spec, batch),
-        token_buffer=batch * spec.max_len * INT32,
-        activations=activation_bytes(batch, spec.gamma, spec.target.vocab_size,
+        token_buffer=rows * spec.max_len * INT32,
+        activations=activation_bytes(rows, spec.gamma, -(-spec.target.vocab_size // tp),
                                      sampled=not spec.sampler.greedy),
     )
+
+
+def _mesh_shape(mesh) -> tuple[int, int]:
+    """(tp, dp) of a models.sharding mesh; (1, 1) without one."""
+    if mesh is None:
+        return 1, 1
+    from jaxspec.models import sharding
+
+    return mesh.shape[sharding.MODEL], mesh.shape[sharding.DATA]
 
 
 def mem_available(path: str = MEMINFO) -> int | None:
@@ -159,8 +187,9 @@ def mem_available(path: str = MEMINFO) -> int | None:
     return None
 
 
-def capacity(device) -> Capacity | None:
-    """What `device` (a jax.Device) offers, or None when unknown (then nothing is checked)."""
+def capacity(device, sharing: int = 1) -> Capacity | None:
+    """What `device` (a jax.Device) offers, or None when unknown (then nothing is checked).
+    sharing: the devices of the run (a mesh's size); CPU devices share the host's memory."""
     try:
         stats = device.memory_stats()
     except Exception:  # not implemented by every backend
@@ -171,13 +200,13 @@ def capacity(device) -> Capacity | None:
         free = mem_available()
         if free is not None:
             return Capacity(free, "host MemAvailable, params already loaded not counted",
-                            counts_params=False)
+                            counts_params=False, shared_by=sharing)
     return None
 
 
 def needed(p: Plan, cap: Capacity) -> int:
-    """Bytes of `p` that must fit in `cap`."""
-    return p.total if cap.counts_params else p.total - p.params
+    """Bytes of `p` that must fit in `cap` (for every device that shares it)."""
+    return (p.total if cap.counts_params else p.total - p.params) * cap.shared_by
 
 
 def human(n: int) -> str:
@@ -195,8 +224,11 @@ def check(p: Plan, cap: Capacity | None) -> None:
         return
     terms = ", ".join(f"{label} {human(b)}" for label, b in p.terms())
     besides = "" if cap.counts_params else " besides the loaded params"
+    if cap.shared_by > 1:
+        besides += f" for {cap.shared_by} devices"
     raise UserError(f"not enough memory: generation needs {human(needed(p, cap))}{besides} "
-                    f"({terms}; total {human(p.total)}) but the device has {human(cap.bytes)} "
+                    f"({terms}; total {human(p.total)} per device) but the device has "
+                    f"{human(cap.bytes)} "
                     f"({cap.source}); use fewer prompts, a smaller max_new_tokens or a "
                     "smaller model")
 

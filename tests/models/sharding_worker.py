@@ -77,11 +77,33 @@ def through_the_api(directory: str) -> dict:
         dec = jaxspec.SpeculativeDecoder(model, "layerskip:1", num_speculative_tokens=2,
                                          **kwargs)
         out[name] = dec.generate(prompts, max_new_tokens=10, temperature=0.7, seed=5).tokens
-    try:  # a mesh skips the memory plan, not the input checks
+    try:
         dec.generate([[5, 10**6], [1, 2]], max_new_tokens=4)
     except UserError as e:
         out["bad_token_error"] = str(e)
+    out["plan"] = memory_plan(dec, prompts)
     return out
+
+
+def memory_plan(dec, prompts) -> dict:
+    """The tp=2 × dp=2 decoder's plan next to one device's part of what it allocates."""
+    from jaxspec.models.cache import init_cache
+
+    plan = dec.memory_plan(prompts, 10, temperature=0.7)
+    spec = dec._loop_spec(prompts, 10, sampling.Sampler(greedy=False))
+    cache = jax.jit(lambda: init_cache(spec.target, len(prompts), spec.max_len, spec.dtype,
+                                       spec.layout), out_shardings=sharding.cache(dec.mesh))()
+
+    def one_device(tree):
+        return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+    whole = sum(leaf.nbytes for leaf in jax.tree.leaves(dec.target.params))
+    return {"target_params": [plan.target_params, one_device(dec.target.params), whole],
+            "target_cache": [plan.target_cache, one_device(cache)],
+            "token_buffer": [plan.token_buffer, len(prompts) // 2 * spec.max_len * 4],
+            "activations": [plan.activations, (3 + 2 + 3) * (dec.target.config.vocab_size // 2)
+                            * 4],  # 1 row: logits and p [1, γ + 1, V / 2], q [1, γ, V / 2]
+            "capacity_shared_by": dec.memory_capacity().shared_by}
 
 
 def main():

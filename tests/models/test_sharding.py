@@ -46,6 +46,19 @@ def test_arrays_carry_the_intended_shardings(results):
     assert found["norm"] == []  # replicated
 
 
+def test_memory_plan_counts_one_devices_part(results):
+    """tp=2 × dp=2, 2 prompts, γ = 2, sampled: params and cache as their shards, the
+    token buffer over rows, the logits, q and p over rows and vocabulary; on CPU the four
+    devices share the host's memory."""
+    plan = results["api"]["plan"]
+    planned, shard, whole = plan["target_params"]
+    assert planned == shard < whole
+    assert plan["target_cache"][0] == plan["target_cache"][1]
+    assert plan["token_buffer"][0] == plan["token_buffer"][1]
+    assert plan["activations"][0] == plan["activations"][1]
+    assert plan["capacity_shared_by"] == 4
+
+
 def test_api_restores_shards_and_decodes_alike(results):
     api = results["api"]
     assert api["restored"] == {"embed": ["model"], "wqkv": [None, "model"], "w_down": ["model"]}
