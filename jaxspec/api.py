@@ -248,9 +248,10 @@ class SpeculativeDecoder:
 
     def memory_capacity(self) -> memory.Capacity | None:
         """What the decoder's device offers (jaxspec.memory.capacity; None: unknown); under a
-        mesh, its first device's, shared by the mesh's devices where they share memory."""
-        if self.mesh is not None:
-            return memory.capacity(self.mesh.devices.flat[0], sharing=self.mesh.size)
+        mesh, this process's first device's, shared by its devices where they share memory."""
+        if self.mesh is not None:  # this process's devices (several processes: each its own)
+            local = self.mesh.local_devices
+            return memory.capacity(local[0], sharing=len(local))
         return memory.capacity(devices.or_default(self.device))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -287,6 +288,7 @@ class SpeculativeDecoder:
                             key, values, jnp.int32(max_new_tokens))
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static
         state, compile_seconds, wall = run(spec, args, on_update)
+        state = sharding.to_host(state.replace(target_cache=None, draft_state=None))
         stats = summarize(state, gamma=self.gamma, draft=self.draft, wall_seconds=wall,
                           compile_seconds=compile_seconds)
         if self.gamma_choice is not None:
@@ -301,6 +303,9 @@ class SpeculativeDecoder:
             return devices.put((self.target.params, self.draft_params, prompt, prompt_lengths,
                                 *rest), self.device)
         rows, everywhere = sharding.rows(self.mesh), NamedSharding(self.mesh, PartitionSpec())
+        if not everywhere.is_fully_addressable:  # a mesh over several processes (hosts)
+            return (self.target.params, self.draft_params,
+                    *sharding.from_host((prompt, prompt_lengths), rows), *rest)
         return (self.target.params, self.draft_params, *jax.device_put((prompt, prompt_lengths),
                                                                        rows),
                 *jax.device_put(rest, everywhere))
@@ -333,6 +338,7 @@ class SpeculativeDecoder:
 
 def new_tokens(state: DecodeState) -> list[list[int]]:
     """Each row's generated tokens, from the buffer of a (possibly unfinished) state."""
+    state = sharding.to_host(state.replace(target_cache=None, draft_state=None))
     tokens = np.asarray(state.tokens)
     lengths, starts = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
     return [tokens[b, starts[b]: lengths[b]].tolist() for b in range(len(lengths))]

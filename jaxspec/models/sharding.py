@@ -78,6 +78,31 @@ def shard_params(params, mesh: Mesh):
     return jax.device_put(params, param_shardings(params, mesh))
 
 
+def from_host(tree, split: NamedSharding):
+    """Host arrays (the same values in every process) as global arrays split by `split`, a
+    sharding that may span several processes: each process supplies its own devices' parts."""
+    import numpy as np
+
+    def global_array(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, split, lambda index: x[index])
+
+    return jax.tree.map(global_array, tree)
+
+
+def to_host(tree):
+    """The tree with every array that spans several processes gathered, so that each process
+    can read its values (numpy); other leaves unchanged."""
+    from jax.experimental import multihost_utils
+
+    def readable(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(readable, tree)
+
+
 def rows(mesh: Mesh) -> NamedSharding:
     """Batch-major arrays ([B, ...]) split over "data"."""
     return NamedSharding(mesh, ROWS_SPEC)
