@@ -305,7 +305,7 @@ class SpeculativeDecoder:
         rows, everywhere = sharding.rows(self.mesh), NamedSharding(self.mesh, PartitionSpec())
         if not everywhere.is_fully_addressable:  # a mesh over several processes (hosts)
             return (self.target.params, self.draft_params,
-                    *sharding.from_host((prompt, prompt_lengths), rows), *rest)
+                    *sharding.put((prompt, prompt_lengths), rows), *rest)
         return (self.target.params, self.draft_params, *jax.device_put((prompt, prompt_lengths),
                                                                        rows),
                 *jax.device_put(rest, everywhere))

@@ -75,19 +75,29 @@ def param_shardings(params, mesh: Mesh):
 
 def shard_params(params, mesh: Mesh):
     """params placed on the mesh, each shard on its device."""
-    return jax.device_put(params, param_shardings(params, mesh))
+    return put(params, param_shardings(params, mesh))
 
 
-def from_host(tree, split: NamedSharding):
-    """Host arrays (the same values in every process) as global arrays split by `split`, a
-    sharding that may span several processes: each process supplies its own devices' parts."""
-    import numpy as np
+def put(tree, shardings):
+    """jax.device_put(tree, shardings) (one sharding, or a tree of them), also when they span
+    several processes: then every process holds the same host values and supplies its own
+    devices' parts (from_host)."""
+    leaves = jax.tree.leaves(shardings)
+    if all(s.is_fully_addressable for s in leaves):
+        return jax.device_put(tree, shardings)
+    if len(leaves) == 1 and not isinstance(shardings, (dict, list, tuple)):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(from_host, tree, shardings)
 
-    def global_array(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, split, lambda index: x[index])
 
-    return jax.tree.map(global_array, tree)
+def from_host(x, split: NamedSharding) -> jax.Array:
+    """A host array (the same values in every process) as a global array split by `split`,
+    which may span several processes: each process supplies its own devices' parts. A global
+    array already (e.g. restored by Orbax) is only resharded where it differs."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x if x.sharding == split else jax.device_put(x, split)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, split, lambda index: x[index])
 
 
 def to_host(tree):
@@ -132,5 +142,5 @@ def shard_model(model, mesh: Mesh):
         check(model.config, tp=tp, dp=1, devices=tp)
         params = shard_params(model.params, mesh)
     except UserError:
-        params = jax.device_put(model.params, NamedSharding(mesh, P()))
+        params = put(model.params, NamedSharding(mesh, P()))
     return dataclasses.replace(model, params=params, mesh=mesh)

@@ -1,5 +1,7 @@
 """scripts/multihost.py: two processes on this machine (one CPU device each) joined by
-`jax.distributed.initialize` decode as one process does, with tp = 2 and with dp = 2."""
+`jax.distributed.initialize` decode as one process does, with tp = 2 and with dp = 2, from a
+converted checkpoint (Orbax restores each process's shards) and from a Hugging Face directory
+(loaded in memory, then each process places its own devices' parts)."""
 
 from __future__ import annotations
 
@@ -26,13 +28,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
-    return convert(tiny_hf_model("llama", tmp), str(tmp / "converted"))
+    hf = tiny_hf_model("llama", tmp)
+    return {"converted": convert(hf, str(tmp / "converted")), "hf": hf}
 
 
-@pytest.mark.parametrize("tp,dp", [(2, 1), (1, 2)])
-def test_two_processes_decode_as_one(model, tp, dp):
+@pytest.mark.parametrize("source,tp,dp", [("converted", 2, 1), ("converted", 1, 2),
+                                          ("hf", 2, 1)])
+def test_two_processes_decode_as_one(models, source, tp, dp):
+    model = models[source]
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
     common = ["hello there", "--coordinator", f"localhost:{port}", "--num-processes", "2",
