@@ -332,7 +332,7 @@ class HeadStepTimer:
         offsets = jnp.arange(width, dtype=jnp.int32)[None]  # [1, T]
         streams = len(config.hidden_layers), config.target.hidden_size
 
-        def run(params, state, token, position, captured):
+        def run(params, token, position, captured):
             head, embed = params["head"], params["embed"]
 
             def body(_, carry):
@@ -351,7 +351,7 @@ class HeadStepTimer:
             feature = jnp.zeros((1, 1, streams[1]), jnp.float32)
             return jax.lax.fori_loop(0, steps, body, (state.cache, token, feature))
 
-        self.args = (None, jnp.ones((1, 1), jnp.int32), jnp.int32(position),
+        self.args = (jnp.ones((1, 1), jnp.int32), jnp.int32(position),
                      jnp.ones((1, width) + streams, jnp.float32))
         self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
         self()

@@ -189,7 +189,7 @@ def mem_available(path: str = MEMINFO) -> int | None:
 
 def capacity(device, sharing: int = 1) -> Capacity | None:
     """What `device` (a jax.Device) offers, or None when unknown (then nothing is checked).
-    sharing: the devices of the run (a mesh's size); CPU devices share the host's memory."""
+    sharing: the run's devices in this process (CPU devices share the host's memory)."""
     try:
         stats = device.memory_stats()
     except Exception:  # not implemented by every backend

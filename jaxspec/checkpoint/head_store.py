@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxspec.checkpoint.source import one_line
-from jaxspec.checkpoint.store import make_temp_dir, numpy_dtype
+from jaxspec.checkpoint.store import is_jaxspec_dir, make_temp_dir, numpy_dtype
 from jaxspec.drafts import head as heads
 from jaxspec.errors import UserError
 
@@ -61,11 +61,7 @@ def d2t_digest(d2t) -> str:
 
 
 def is_head_dir(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return MARKER in json.load(f)
-    except (OSError, ValueError, TypeError):
-        return False
+    return is_jaxspec_dir(path, MARKER)
 
 
 def save(path: str, config: heads.HeadConfig, params: dict, *, target_params, dtype: str,

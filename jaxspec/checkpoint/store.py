@@ -38,11 +38,11 @@ def numpy_dtype(name: str) -> np.dtype:
     return DTYPES[name]
 
 
-def is_jaxspec_dir(path: str) -> bool:
-    """A directory whose config.json carries the jaxspec checkpoint marker."""
+def is_jaxspec_dir(path: str, marker: str = MARKER) -> bool:
+    """A directory whose config.json carries `marker` (default: the model checkpoint's)."""
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return MARKER in json.load(f)
+            return marker in json.load(f)
     except (OSError, ValueError, TypeError):
         return False
 

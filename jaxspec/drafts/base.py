@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 State = Any  # a pytree (or None), owned by the draft
@@ -39,6 +40,18 @@ class Observation:
     hidden: jax.Array | None  # [B, γ+1, C, D] target residual streams at `positions` entering
     #                           each layer in `hidden_layers` (None when it asks for none).
     #                           Rows of inputs past tokens[:, n] saw rejected drafts.
+
+
+def confident(logits: jax.Array, threshold: float) -> jax.Array:
+    """[B]: the draft's top probability (softmax of logits [B, V]) reaches `threshold`."""
+    return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= threshold
+
+
+def decline_unsure(draft_tokens: jax.Array, sure: jax.Array) -> jax.Array:
+    """draft_tokens [B, γ] with NO_PROPOSAL from each row's first unsure position (sure [B, γ])
+    on: the rule of drafts that stop proposing when unsure."""
+    kept = jnp.cumprod(sure, axis=1).astype(bool)
+    return jnp.where(kept, draft_tokens, NO_PROPOSAL)
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode.sampling import first_argmax, probabilities, sample
-from jaxspec.drafts.base import NO_PROPOSAL, Draft
+from jaxspec.drafts.base import Draft, confident, decline_unsure
 from jaxspec.models import decoder
 from jaxspec.models import layout as layouts
 from jaxspec.models.cache import KVCache, init_cache
@@ -203,7 +203,7 @@ class HeadDraft(Draft):
             out, cache = run_layer(self.config, head, embed, token[:, None], feature[:, None],
                                    position[:, None], cache)
             logits = head_logits(self.config, head, out[:, 0])  # [B, V_d]
-            sure = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= self.threshold
+            sure = confident(logits, self.threshold) if self.declines else None
             if sampler.greedy:
                 q, drafted = None, d2t[first_argmax(logits)]
             else:
@@ -215,8 +215,7 @@ class HeadDraft(Draft):
         start = (state.cache, state.feature, tokens[rows, lengths - 1], lengths - 2)
         (cache, *_), (drafted, qs, sures) = jax.lax.scan(step, start, uniforms[:, :gamma].T)
         draft_tokens = drafted.T  # [B, γ]
-        if self.declines:  # from the first unsure position on
-            kept = jnp.cumprod(sures.T, axis=1).astype(bool)
-            draft_tokens = jnp.where(kept, draft_tokens, NO_PROPOSAL)
+        if self.declines:
+            draft_tokens = decline_unsure(draft_tokens, sures.T)
         q = None if sampler.greedy else qs.transpose(1, 0, 2)
         return draft_tokens, q, HeadState(cache, state.feature)

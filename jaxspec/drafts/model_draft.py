@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode.sampling import Sampler, SamplingValues, first_argmax, probabilities, sample
-from jaxspec.drafts.base import NO_PROPOSAL, Draft
+from jaxspec.drafts.base import Draft, confident, decline_unsure
 from jaxspec.models import decoder
 from jaxspec.models.cache import KVCache, init_cache
 from jaxspec.models.config import ModelConfig
@@ -71,7 +71,7 @@ class ModelDraft(Draft):
         logits, cache = self._logits(params, tokens[rows[:, None], positions], positions, state)
 
         def choose(logits, u):
-            sure = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= self.threshold  # [B]
+            sure = confident(logits, self.threshold) if self.declines else None  # [B]
             if sampler.greedy:
                 return first_argmax(logits), None, sure
             q = probabilities(sampler, values, logits)
@@ -88,9 +88,9 @@ class ModelDraft(Draft):
         )
         token, q, sure = choose(logits, uniforms[:, gamma - 1])
         draft_tokens = jnp.concatenate([drafted.T, token[:, None]], axis=1)  # [B, γ]
-        if self.declines:  # from the first unsure position on
-            kept = jnp.cumprod(jnp.concatenate([sures.T, sure[:, None]], axis=1), axis=1)
-            draft_tokens = jnp.where(kept.astype(bool), draft_tokens, NO_PROPOSAL)
+        if self.declines:
+            draft_tokens = decline_unsure(draft_tokens,
+                                          jnp.concatenate([sures.T, sure[:, None]], axis=1))
         if sampler.greedy:
             return draft_tokens, None, cache
         return draft_tokens, jnp.concatenate([qs.transpose(1, 0, 2), q[:, None]], axis=1), cache

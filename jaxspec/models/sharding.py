@@ -82,10 +82,9 @@ def put(tree, shardings):
     """jax.device_put(tree, shardings) (one sharding, or a tree of them), also when they span
     several processes: then every process holds the same host values and supplies its own
     devices' parts (from_host)."""
-    leaves = jax.tree.leaves(shardings)
-    if all(s.is_fully_addressable for s in leaves):
+    if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
         return jax.device_put(tree, shardings)
-    if len(leaves) == 1 and not isinstance(shardings, (dict, list, tuple)):
+    if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
     return jax.tree.map(from_host, tree, shardings)
 
