@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxspec import compile_cache, devices, kernels, memory, tuning
+from jaxspec import compile_cache, devices, kernels, memory, tuning, validation
 from jaxspec.checkpoint import names
 from jaxspec.decode import loop, sampling
 from jaxspec.decode.sizing import loop_max_len, prompt_width
@@ -30,9 +30,8 @@ from jaxspec.drafts.head import HeadDraft
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
 from jaxspec.models import sharding
-from jaxspec.validation import check_max_new_tokens, check_sampling, check_speculative_tokens
+from jaxspec.models.loaded import Model
 
-MODES = ("dynamic", "static")
 DEFAULT_GAMMA = 4  # γ when neither the caller nor the draft picks one
 
 
@@ -53,8 +52,11 @@ def resolve_draft(draft, target, device=None, layout=None):
     placed there in `layout`.
     """
     from jaxspec.checkpoint import head_store
-    from jaxspec.models.loaded import Model
 
+    if not (draft is None or isinstance(draft, (str, Model, head_store.LoadedHead))
+            or _is_draft_object(draft)):
+        raise UserError(f"draft must be a name or path, a model from load_model, a draft head "
+                        f"or a Draft object, got {validation.show(draft)}")
     if draft == registry.DEFAULT:
         draft = head_store.shipped_for(target)
     if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
@@ -71,6 +73,12 @@ def resolve_draft(draft, target, device=None, layout=None):
     if isinstance(draft, Model):
         draft = placed(draft, device, layout)
     return (*registry.build(draft, target), None)
+
+
+def _is_draft_object(draft) -> bool:
+    from jaxspec.drafts.base import Draft
+
+    return isinstance(draft, Draft)
 
 
 def placed(model, device, layout):
@@ -122,11 +130,14 @@ class SpeculativeDecoder:
                  mode: str | None = None, static_iterations: int = 8,
                  prng_impl: str | None = None, draft_params=None, device=None, tp: int = 1,
                  dp: int = 1):
+        validation.check_decoder(num_speculative_tokens, mode, static_iterations, prng_impl, tp,
+                                 dp)
+        if not isinstance(target, Model):
+            raise UserError(f"target must be a model from jaxspec.load_model, got "
+                            f"{validation.show(target)}")
         self.device = devices.resolve(device)
         platform = devices.platform(self.device)
         mode, prng_impl = devices.loop_defaults(platform, mode, prng_impl)
-        if mode not in MODES:
-            raise UserError(f"mode must be one of {MODES}, got {mode!r}")
         compile_cache.enable()
         self.mesh = getattr(target, "mesh", None) or sharding.mesh_for(
             target.config, tp=tp, dp=dp, platform=platform)
@@ -137,6 +148,9 @@ class SpeculativeDecoder:
         if self.mesh is not None:  # before drafts: layerskip shares the sharded arrays
             target = sharding.shard_model(target, self.mesh)
         self.target = target
+        if draft_params is not None and not _is_draft_object(draft):
+            raise UserError("draft_params is only for a Draft object (named, loaded and head "
+                            "drafts bring their own params)")
         self.draft, self.draft_model, head_params = resolve_draft(draft, target, self.device,
                                                                   self.layout)
         if self.mesh is not None and self.draft_model is not None:
@@ -149,8 +163,6 @@ class SpeculativeDecoder:
                              else devices.put(draft_params, self.device))
         if num_speculative_tokens is None:
             num_speculative_tokens = DEFAULT_GAMMA
-        if self.draft is not None:
-            check_speculative_tokens(num_speculative_tokens)
         self.platform = platform
         self.rejection = kernels.for_platform(platform)
         self.gamma = num_speculative_tokens if self.draft is not None else 0
@@ -172,11 +184,14 @@ class SpeculativeDecoder:
         key = tuning.cache_key(self.target, self._draft_name, self.platform)
         choice = tuning.load_cached(key)
         if choice is None:
-            draft = self.draft_model if self.draft_model is not None else self.draft
+            if self.draft_model is not None:
+                draft, draft_params = self.draft_model, None
+            else:
+                draft, draft_params = self.draft, self.draft_params
 
             def run(gamma):
                 decoder = SpeculativeDecoder(self.target, draft, num_speculative_tokens=gamma,
-                                             draft_params=self.draft_params, device=self.device,
+                                             draft_params=draft_params, device=self.device,
                                              prng_impl=self.prng_impl)
                 new = min(tuning.PROFILE_TOKENS, max_new_tokens)
                 return decoder.generate([prompt], max_new_tokens=new).stats["rows"][0]
@@ -188,13 +203,21 @@ class SpeculativeDecoder:
         if choice.gamma == 0:  # speculation is not predicted to pay: plain decoding
             self.draft = self.draft_model = self.draft_params = None
 
-    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("every prompt needs at least one token")
-        vocab = self.target.config.vocab_size
-        if any(not 0 <= int(t) < vocab for p in prompts for t in p):
-            raise UserError(f"token ids must be in [0, {vocab})")
-        check_max_new_tokens(max_new_tokens)
+    def _check(self, prompts, max_new_tokens, temperature, top_k=0, top_p=1.0, seed=0,
+               on_update=None) -> tuple[list[list[int]], int | list[int]]:
+        """Validate generate's arguments (jaxspec.validation); resolve γ "auto"; check that the
+        positions fit the models. Returns (prompts as lists of ints, seed)."""
+        prompts = validation.check_prompts(prompts, self.target.config.vocab_size)
+        max_new_tokens = validation.check_max_new_tokens(max_new_tokens)
+        validation.check_sampling(temperature, top_k, top_p)
+        seed = validation.check_seed(seed, len(prompts))
+        validation.check_callback("on_update", on_update)
+        if self.gamma == "auto":
+            self._choose_gamma(prompts[0], max_new_tokens)
+        self._check_positions(prompts, max_new_tokens)
+        return prompts, seed
+
+    def _check_positions(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         longest = max(len(p) for p in prompts)
         need = longest + max_new_tokens + self.gamma + 1
         for name, m in (("target", self.target), ("draft", self.draft_model)):
@@ -227,19 +250,12 @@ class SpeculativeDecoder:
             dtype=self.target.params["embed"].dtype, layout=self.layout,
             rejection=self.rejection, mesh=self.mesh)
 
-    def _resolve_gamma(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        if self.gamma == "auto":
-            if not prompts or not prompts[0]:
-                raise UserError("every prompt needs at least one token")
-            self._choose_gamma(prompts[0], max_new_tokens)
-
     def memory_plan(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                     temperature: float = 0.0) -> memory.Plan:
         """The bytes that generate(prompts, max_new_tokens=..., temperature=...) needs on the
         device, by term (jaxspec.memory), computed without allocating anything. With γ "auto",
         γ is chosen first (as generate would)."""
-        self._resolve_gamma(prompts, max_new_tokens)
-        self._check(prompts, max_new_tokens)
+        prompts, _ = self._check(prompts, max_new_tokens, temperature)
         return self._plan(prompts, max_new_tokens, sampling.Sampler(greedy=temperature == 0))
 
     def _plan(self, prompts, max_new_tokens: int, sampler: sampling.Sampler) -> memory.Plan:
@@ -267,17 +283,16 @@ class SpeculativeDecoder:
         `on_update(tokens)` receives every row's new tokens so far, after each static chunk
         (once at the end in dynamic mode): the CLI streams text with it.
         """
-        check_sampling(temperature, top_k, top_p)
+        prompts, seed = self._check(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                    on_update)
         sampler = sampling.Sampler(greedy=temperature == 0)  # enough for the memory plan
-        self._resolve_gamma(prompts, max_new_tokens)
-        self._check(prompts, max_new_tokens)
         if self.mesh is not None and len(prompts) % self.mesh.shape[sharding.DATA]:
             raise UserError(f"{len(prompts)} prompts do not split over dp="
                             f"{self.mesh.shape[sharding.DATA]}: give a multiple of dp")
         # refuse what does not fit before anything is compiled or allocated (jaxspec.memory:
         # bytes per device, one device's part under a mesh)
         memory.check(self._plan(prompts, max_new_tokens, sampler), self.memory_capacity())
-        key = seed_key(seed, len(prompts), self.prng_impl)
+        key = seed_key(seed, self.prng_impl)
         sampler, values = sampling.make(temperature, top_k, top_p)
         width = prompt_width(max(len(p) for p in prompts))
         prompt = np.zeros((len(prompts), width), np.int32)  # [B, P] right-padded
@@ -327,13 +342,26 @@ class SpeculativeDecoder:
                                              draft_params, values, init.out_info, donate=(4,))
         start = time.perf_counter()
         state = init(*args)
+        lengths = None
         while True:
             if on_update is not None:
                 on_update(new_tokens(state))
-            if bool(np.all(np.asarray(state.done))):
+            done, now = sharding.to_host((state.done, state.lengths))
+            if bool(np.all(np.asarray(done))):
                 break
+            lengths = _progressed(lengths, np.asarray(now))
             state = chunk(target_params, draft_params, values, state)
         return state, init_seconds + chunk_seconds, time.perf_counter() - start
+
+
+def _progressed(before: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:
+    """`lengths` (i32[B], before a static chunk) after checking that the previous chunk made
+    progress: every iteration adds a token to each unfinished row, so a chunk that adds none
+    to any row would repeat forever."""
+    if before is not None and np.array_equal(before, lengths):
+        raise RuntimeError("a static-mode chunk generated no token in any unfinished row; "
+                           "stopping instead of looping forever (a bug: please report it)")
+    return lengths
 
 
 def new_tokens(state: DecodeState) -> list[list[int]]:
@@ -344,18 +372,9 @@ def new_tokens(state: DecodeState) -> list[list[int]]:
     return [tokens[b, starts[b]: lengths[b]].tolist() for b in range(len(lengths))]
 
 
-def seed_key(seed: int | Sequence[int], batch: int, prng_impl: str | None = None) -> jax.Array:
-    """generate's `seed` as the loop's key: a PRNG key for one int, u32[B] for one per row."""
-    if isinstance(seed, (int, np.integer)):
+def seed_key(seed: int | list[int], prng_impl: str | None = None) -> jax.Array:
+    """generate's checked `seed` as the loop's key: a PRNG key for one int, u32[B] for one per
+    row (jaxspec.validation.check_seed)."""
+    if isinstance(seed, int):
         return jax.random.key(seed, impl=prng_impl)
-    try:
-        seeds = list(seed)
-    except TypeError:
-        raise UserError(f"seed must be an int or one int per prompt, got {seed!r}") from None
-    if len(seeds) != batch:
-        raise UserError(f"seed: got {len(seeds)} seeds for {batch} prompts (give one int, or "
-                        "one per prompt)")
-    bad = [s for s in seeds if not (isinstance(s, (int, np.integer)) and 0 <= s < 2**32)]
-    if bad:
-        raise UserError(f"seed: per-prompt seeds must be ints in 0..2**32-1, got {bad[0]!r}")
-    return jnp.asarray(np.asarray(seeds, np.uint32))
+    return jnp.asarray(np.asarray(seed, np.uint32))

@@ -60,6 +60,10 @@ def _parse_line(path: str, number: int, line: str) -> Prompt:
     for key in ("category", "prompt"):
         if not isinstance(obj.get(key), str) or not obj[key].strip():
             raise UserError(f"{where}: \"{key}\" must be a non-empty string")
+        try:
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape a lone surrogate: "\\ud800"
+            raise UserError(f"{where}: \"{key}\" is not valid Unicode (a lone surrogate)") from None
     return Prompt(obj["category"], obj["prompt"], number)
 
 

@@ -65,7 +65,8 @@ def resolve(device):
     if device is None or isinstance(device, jax.Device):
         return device
     if device not in CHOICES:
-        raise UserError(f"device must be one of {', '.join(CHOICES)}, got {device!r}")
+        raise UserError(f"device must be one of {', '.join(CHOICES)} or a jax.Device, got "
+                        f"{device!r}")
     for name in (AUTO_ORDER if device == "auto" else (device,)):
         found = first_device(name)
         if found is not None:

@@ -89,19 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def utf8_text(text: str) -> tuple[str, int]:
+    """(text, number of replaced bytes): Python keeps an argument's bytes that are not UTF-8 as
+    lone surrogates ("surrogateescape"); they become U+FFFD, as a decoder would show them."""
+    raw = text.encode("utf-8", "surrogateescape")
+    fixed = raw.decode("utf-8", "replace")
+    return fixed, (0 if fixed == text else fixed.count(REPLACEMENT) - text.count(REPLACEMENT))
+
+
 def validate(args: argparse.Namespace) -> None:
-    """Checks that need no model (cheap, before jax is imported); raises UserError."""
+    """Checks that need no model (cheap, before jax is imported); raises UserError. A prompt
+    that is not valid UTF-8 gets its invalid bytes replaced, with one line on stderr."""
+    args.prompt, replaced = utf8_text(args.prompt)
+    if replaced:
+        print(f"warning: the prompt is not valid UTF-8: replaced {replaced} invalid "
+              f"byte sequence(s) with U+FFFD", file=sys.stderr)
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
     validation.check_max_new_tokens(args.max_new_tokens, flags=True)
     validation.check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
-    if args.num_speculative_tokens is not None:
-        validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
-    if not 0 <= args.seed < 2**32:
-        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    if args.tp < 1 or args.dp != 1:
-        raise UserError(f"--tp must be >= 1 and --dp 1 for the CLI's single prompt, got "
-                        f"--tp {args.tp} --dp {args.dp}")
+    validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
+    validation.check_seed(args.seed, flags=True)
+    validation.check_parallel(args.tp, args.dp, flags=True)
+    if args.dp != 1:
+        raise UserError(f"--dp must be 1 for the CLI's single prompt, got {args.dp}")
     check_exists(args.model, "--model")
     draft = registry.parse(args.draft)
     if draft.kind == registry.MODEL:
@@ -116,13 +127,11 @@ def encode_prompt(model, prompt: str, chat_template: bool) -> list[int]:
                         "a text prompt")
     if not (chat_template and getattr(tokenizer, "chat_template", None)):
         return list(tokenizer.encode(prompt))  # adds BOS where the tokenizer does
-    from jinja2 import TemplateError
-
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
-    except TemplateError as e:
-        raise UserError(f"the chat template of {model.path} failed: {e} "
+    except Exception as e:  # the template is the model's code: any error is the input's
+        raise UserError(f"the chat template of {model.path} failed: {type(e).__name__}: {e} "
                         "(try --no-chat-template)") from None
     return list(tokenizer.encode(text, add_special_tokens=False))  # the template has BOS
 

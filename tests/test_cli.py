@@ -174,6 +174,12 @@ CHEAP_BAD = {  # fail before any model is loaded
     "zero speculative tokens": ["hi", "--num-speculative-tokens", "0"],
     "33 speculative tokens": ["hi", "--num-speculative-tokens", "33"],
     "negative seed": ["hi", "--seed", "-1"],
+    "seed above u32": ["hi", "--seed", str(2**32)],
+    "infinite temperature": ["hi", "--temperature", "inf"],
+    "top-k above i32": ["hi", "--top-k", str(2**31)],
+    "max-new-tokens above i32": ["hi", "--max-new-tokens", str(2**31)],
+    "tp 0": ["hi", "--tp", "0"],
+    "dp 2": ["hi", "--dp", "2"],
     "missing model": ["hi", "--model", "/nonexistent/model"],
     "missing draft": ["hi", "--draft", "/nonexistent/draft"],
 }
@@ -242,6 +248,38 @@ def test_bad_input_subprocesses(model_dir):
     for argv, done in zip(cases, results):
         assert_user_error(done.returncode, done.stdout, done.stderr)
     assert "1000" in results[-1].stderr and "256" in results[-1].stderr
+
+
+def test_prompt_that_is_not_utf8(model_dir, greedy_json):
+    """Invalid bytes in argv become U+FFFD with one warning line; the run succeeds."""
+    prompt = PROMPT.encode() + b" \xff\xfe \xc3"
+    done = subprocess.run([sys.executable, "-m", "jaxspec.generate", prompt, "--model", model_dir,
+                           "--max-new-tokens", "2", "--json"], cwd=REPO, capture_output=True,
+                          timeout=600)
+    err = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in err, err
+    assert err.splitlines()[0] == ("warning: the prompt is not valid UTF-8: replaced 3 invalid "
+                                   "byte sequence(s) with U+FFFD")
+    out = json.loads(done.stdout)
+    assert out["stats"]["prompt_tokens"] > greedy_json["stats"]["prompt_tokens"]
+
+
+def test_utf8_text():
+    assert cli_module.utf8_text("héllo \ufffd") == ("héllo \ufffd", 0)
+    broken = b"a\xffb\xe2\x9c".decode("utf-8", "surrogateescape")
+    assert cli_module.utf8_text(broken) == ("a\ufffdb\ufffd", 2)
+
+
+@pytest.mark.parametrize("template", ["{{ raise_exception('no system role') }}",
+                                      "{{ messages[0]['content'] + 1 }}",
+                                      "{% for m in messages %}{{ m.x.y }}{% endfor %}"])
+def test_chat_template_that_fails_is_one_line(model_dir, tmp_path, template, capsys):
+    broken = shutil.copytree(model_dir, tmp_path / "broken_template")
+    (broken / "chat_template.jinja").write_text(template)
+    code = cli_module.main(["hi", "--model", str(broken), "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    assert_user_error(code, out, err)
+    assert "chat template" in err and "--no-chat-template" in err
 
 
 # --- streaming and prompt encoding (no subprocess) ----------------------------------------------
