@@ -76,7 +76,8 @@ def unrolled(config: heads.HeadConfig, head, embed, tokens, hidden, steps: int):
 
 
 def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int):
-    """(loss, metrics) for a batch {tokens, hidden, top_ids, top_logp, lengths}.
+    """(loss, metrics) for a batch {tokens, hidden, top_ids, top_logp, lengths,
+    prompt_lengths}.
 
     params: the head's trainable params; d2t [V_d] draft -> target ids, t2d [V] target ->
     draft ids (-1 outside the draft vocabulary). Loss: Σ_k STEP_DECAY^(k-1) · mean over valid
@@ -84,7 +85,12 @@ def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int)
     (forward KL up to a constant; mass outside the draft vocabulary cannot be matched).
     Metrics: the loss, per step the greedy agreement with the target's top token, and tau,
     1 + the mean length of agreeing chains over the K steps (greedy accepted tokens per
-    verify if γ = K)."""
+    verify if γ = K).
+
+    Only the entries that are proposals at inference count: p >= prompt_length - 1, whose
+    predictions are generated tokens (the prompt's entries are context: the head's keys). A
+    prompt's own next tokens are easy to predict (every chat prompt starts with the same
+    system text) and would inflate the agreement."""
     head = {**params, "d2t": d2t}
     tokens, top_ids = batch["tokens"], batch["top_ids"]
     B, W = tokens.shape
@@ -97,15 +103,16 @@ def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int)
     picked = jnp.take_along_axis(logp, jnp.maximum(draft_ids, 0)[None], axis=-1)  # [K,B,W,k]
     ce = -jnp.sum(jnp.where(draft_ids >= 0, target_p * picked, 0.0), axis=-1)  # [K, B, W]
     p = jnp.arange(W)[None]
-    valid_entry = p <= batch["lengths"][:, None] - 2  # [B, W]: x_{p+1} and a target exist
+    last = batch["lengths"][:, None] - 2  # [B, 1]: the last entry with x_{p+1} and a target
+    first = batch["prompt_lengths"][:, None] - 1  # the first entry that proposes
     agree = d2t[jnp.argmax(logp, axis=-1)] == target_ids[None, :, :, 0]  # [K, B, W]
     loss, metrics = 0.0, {}
     for k in range(steps):
-        valid = valid_entry & (p >= k)
+        valid = (p >= first + k) & (p <= last)  # step k of a chain that began at p - k
         count = jnp.maximum(jnp.sum(valid), 1)
         loss = loss + STEP_DECAY ** k * jnp.sum(jnp.where(valid, ce[k], 0.0)) / count
         metrics[f"agree{k + 1}"] = jnp.sum(valid & agree[k]) / count
-    starts = valid_entry & (p <= batch["lengths"][:, None] - 1 - steps)
+    starts = (p >= first) & (p <= last + 1 - steps)
     tau = 1 + _chain_lengths(agree, steps)
     metrics["tau"] = jnp.sum(jnp.where(starts, tau, 0)) / jnp.maximum(jnp.sum(starts), 1)
     metrics["loss"] = loss

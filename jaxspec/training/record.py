@@ -10,6 +10,7 @@ after the first EOS, right-padded):
     top_ids  [N, W, k] int32  the target's k most likely next tokens there,
     top_logp [N, W, k] fp32   and their log-probabilities (full softmax)
     lengths  [N]              valid positions per row
+    prompt_lengths [N]        the prompt's positions; the rest the target generated
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Records:
     top_ids: np.ndarray
     top_logp: np.ndarray
     lengths: np.ndarray
+    prompt_lengths: np.ndarray
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -53,10 +55,13 @@ class Records:
         os.replace(tmp, path)
 
     @staticmethod
-    def load(path: str) -> Records:
+    def load(path: str, prompt_lengths=None) -> Records:
+        """Records from `save`; files written before prompt lengths were recorded take them
+        from `prompt_lengths`."""
         with np.load(path) as f:
             arrays = {name: f[name] for name in f.files}
         arrays["hidden"] = arrays["hidden"].view(ml_dtypes.bfloat16)
+        arrays.setdefault("prompt_lengths", np.asarray(prompt_lengths, np.int32))
         return Records(**arrays)
 
     @staticmethod
@@ -113,7 +118,7 @@ def _rows(prompt_records, step_records, prompt_lengths, eos_ids, width) -> Recor
         for array, values in zip(out, seq):
             array[b, :length] = values[:length]
         lengths[b] = length
-    return Records(*out, lengths)
+    return Records(*out, lengths, np.asarray(prompt_lengths, np.int32))
 
 
 def record(target, prompts: list[list[int]], *, new_tokens: int, layers: tuple[int, ...],

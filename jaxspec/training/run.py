@@ -58,11 +58,11 @@ def recorded(target, texts: list[str], recipe: DataRecipe, layers, work_dir: str
 
     path, recipe_path = (os.path.join(work_dir, n) for n in ("records.npz", "recipe.json"))
     wanted = {**dataclasses.asdict(recipe), "layers": list(layers), "requests": len(texts)}
+    ids = [bench.prompt_ids(target, text) for text in texts]
     if os.path.exists(path) and os.path.exists(recipe_path):
         with open(recipe_path, encoding="utf-8") as f:
             if json.load(f) == json.loads(json.dumps(wanted)):
-                return Records.load(path)
-    ids = [bench.prompt_ids(target, text) for text in texts]
+                return Records.load(path, prompt_lengths=[len(i) for i in ids])
     records = record(target, ids, new_tokens=recipe.new_tokens, layers=layers,
                      batch=recipe.batch, k=recipe.top_k)
     records.save(path)

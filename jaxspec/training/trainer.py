@@ -70,7 +70,8 @@ def _batch(records: Records, rows) -> dict:
     """The rows as the objective's batch, at the records' full width (one compiled shape)."""
     chosen = records.take(rows)
     return {"tokens": chosen.tokens, "hidden": chosen.hidden, "top_ids": chosen.top_ids,
-            "top_logp": chosen.top_logp, "lengths": chosen.lengths}
+            "top_logp": chosen.top_logp, "lengths": chosen.lengths,
+            "prompt_lengths": chosen.prompt_lengths}
 
 
 def batch_rows(config: TrainConfig, step: int, rows: int) -> np.ndarray:

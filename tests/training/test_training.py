@@ -50,7 +50,8 @@ def dataclass_replace(config, **changes):
 def test_draft_vocabulary_is_the_most_frequent_tokens_and_eos():
     tokens = np.array([[5, 5, 5, 7, 7, 9, 0, 0]], np.int32)
     records = record.Records(tokens, np.zeros((1, 8, 1, 2)), tokens[..., None] + 1,
-                             np.zeros((1, 8, 1), np.float32), np.array([6], np.int32))
+                             np.zeros((1, 8, 1), np.float32), np.array([6], np.int32),
+                             np.array([2], np.int32))
     d2t = trainer.draft_vocabulary(records, 3, eos_ids=(2,), vocab=12)
     assert d2t.tolist() == [2, 5, 6]  # EOS, then 5 (input 3 times) and 6 (top choice 3 times)
     t2d = trainer.target_to_draft(d2t, 12)
@@ -135,3 +136,38 @@ def test_train_draft_end_to_end_then_generate(tmp_path):
     assert gen.returncode == 0 and plain.returncode == 0, gen.stderr[-2000:]
     spec, ref = json.loads(gen.stdout), json.loads(plain.stdout)
     assert spec["tokens"] == ref["tokens"] and spec["stats"]["num_speculative_tokens"] == 2
+
+
+def test_metrics_count_only_the_entries_that_propose(target):
+    """Agreement is measured where the head proposes at inference (entries from the last prompt
+    position on), not on the prompt's own next tokens; the same batch with the whole row
+    counted as generated gives the all-entries agreement."""
+    import jax.numpy as jnp
+
+    from jaxspec.drafts import head as heads
+    from jaxspec.training import objective
+
+    config, params, _, (_, held_out) = trained_head(target, draft_vocab=24, steps=30)
+    d2t = np.asarray(params["d2t"])
+    t2d = trainer.target_to_draft(d2t, target.config.vocab_size)
+    trainable = {k: v for k, v in params.items() if k != "d2t"}
+    outs = objective.unrolled(config, params, target.params["embed"],
+                              jnp.asarray(held_out.tokens), jnp.asarray(held_out.hidden), 1)
+    predicted = d2t[np.asarray(jnp.argmax(heads.head_logits(config, params, outs[0]), -1))]
+    agrees = predicted[:, :-1] == held_out.top_ids[:, 1:, 0]  # entry p vs the target at p + 1
+
+    def expected(first):
+        rows = [agrees[b, f:n - 1] for b, (f, n) in enumerate(zip(first, held_out.lengths))]
+        return np.concatenate(rows).mean()
+
+    measured = {}
+    for name, starts in (("generated", held_out.prompt_lengths),
+                         ("all", np.ones_like(held_out.prompt_lengths))):
+        batch = {"tokens": held_out.tokens, "hidden": held_out.hidden,
+                 "top_ids": held_out.top_ids, "top_logp": held_out.top_logp,
+                 "lengths": held_out.lengths, "prompt_lengths": starts}
+        _, metrics = objective.losses(config, trainable, jnp.asarray(d2t), jnp.asarray(t2d),
+                                      target.params["embed"], batch, 1)
+        measured[name] = float(metrics["agree1"])
+        np.testing.assert_allclose(measured[name], expected(starts - 1), rtol=1e-6)
+    assert measured["generated"] != measured["all"]
