@@ -7,25 +7,23 @@ anything. It leaves JAX alone when the user configured a cache directory of thei
 program the process compiles from then on (no minimum size or compile time: jaxspec's
 programs on small models compile in under a second, and they are what start-up waits for).
 JAX decides once per process, at its first compilation, whether the cache is used: a program
-compiled before `enable()` keeps the process uncached.
+compiled before `enable()` keeps the process uncached. A `$JAXSPEC_CACHE` that cannot be written
+leaves the cache off, silently (JAX would warn at every compilation and compile anyway).
 """
 
 from __future__ import annotations
 
 import os
 
+from jaxspec.errors import UserError
+from jaxspec.paths import writable_cache_dir
+
 ENV = "JAXSPEC_COMPILE_CACHE"
 
 
-def directory() -> str:
-    """$JAXSPEC_CACHE/xla (default ~/.cache/jaxspec/xla)."""
-    from jaxspec.paths import cache_dir
-
-    return os.path.join(cache_dir(), "xla")
-
-
 def enable() -> str | None:
-    """Turn the persistent cache on (idempotent); returns its directory, or None when off."""
+    """Turn the persistent cache on in $JAXSPEC_CACHE/xla (idempotent); returns its directory,
+    or None when off."""
     import jax
 
     if os.environ.get(ENV, "1") == "0":
@@ -33,7 +31,11 @@ def enable() -> str | None:
     configured = jax.config.jax_compilation_cache_dir
     if configured:
         return configured
-    jax.config.update("jax_compilation_cache_dir", directory())
+    try:
+        directory = writable_cache_dir("xla")
+    except UserError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return directory()
+    return directory

@@ -19,6 +19,9 @@ import hashlib
 import json
 import os
 
+from jaxspec.errors import UserError
+from jaxspec.paths import cache_dir, writable_cache_dir
+
 MAX_AUTO_GAMMA = 8
 PROFILE_TOKENS = 32  # new tokens of the run that measures α
 MEASURED_WIDTHS = (1, 2, 3, 5, 9)  # verify widths γ + 1 that are timed; others interpolated
@@ -82,8 +85,6 @@ class Choice:
 
 
 def _cache_path() -> str:
-    from jaxspec.paths import cache_dir
-
     return os.path.join(cache_dir(), "gamma.json")
 
 
@@ -105,7 +106,8 @@ def load_cached(key: str) -> Choice | None:
 
 
 def store(key: str, choice: Choice) -> None:
-    """Add the choice to the cache file (written atomically; a failure only costs a profile)."""
+    """Add the choice to the cache file (written atomically; a failure, an unwritable cache
+    included, only costs a profile in a later process)."""
     path = _cache_path()
     try:
         with open(path, encoding="utf-8") as f:
@@ -115,12 +117,12 @@ def store(key: str, choice: Choice) -> None:
     entries[key] = {k: v for k, v in choice.as_stats().items()
                     if k in ("gamma", "alpha", "c", "v")}
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        writable_cache_dir()
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(entries, f, indent=1)
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, UserError):
         pass
 
 

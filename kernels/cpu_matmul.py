@@ -33,6 +33,7 @@ import tempfile
 ENV = "JAXSPEC_CPU_MATMUL"
 THREADS_ENV = "JAXSPEC_MATMUL_THREADS"
 TARGET = "jaxspec_small_m_matmul"
+CACHE_FOLDER = "kernels"  # in $JAXSPEC_CACHE
 PANEL = 64  # columns per panel (kPanel in the source; models.layout.PANEL)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 
@@ -53,14 +54,17 @@ def library_path(cxx: str) -> str:
 
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode()).hexdigest()
-    return os.path.join(cache_dir(), "kernels", f"cpu_matmul-{key[:16]}.so")
+    return os.path.join(cache_dir(), CACHE_FOLDER, f"cpu_matmul-{key[:16]}.so")
 
 
 def build(cxx: str, path: str) -> None:
-    """Compile the library to `path` (atomically: a failed build leaves nothing there)."""
+    """Compile the library to `path`, in the cache's kernels/ folder (atomically: a failed build
+    leaves nothing there); a cache that cannot be written raises UserError."""
     import jax
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from jaxspec.paths import writable_cache_dir
+
+    writable_cache_dir(CACHE_FOLDER)
     print(f"jaxspec: building the CPU matmul kernel (once, a few seconds) into {path}",
           file=sys.stderr, flush=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))

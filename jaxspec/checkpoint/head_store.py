@@ -23,10 +23,10 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
+from jaxspec.checkpoint import orbax_io, temp_dirs
 from jaxspec.checkpoint.source import one_line
-from jaxspec.checkpoint.store import is_jaxspec_dir, make_temp_dir, numpy_dtype
+from jaxspec.checkpoint.store import is_jaxspec_dir, numpy_dtype
 from jaxspec.drafts import head as heads
 from jaxspec.errors import UserError
 
@@ -70,11 +70,9 @@ def save(path: str, config: heads.HeadConfig, params: dict, *, target_params, dt
     store = numpy_dtype(dtype)
     params = jax.tree.map(lambda x: np.asarray(x).astype(store) if _floating(x)
                           else np.asarray(x), params)
-    tmp = make_temp_dir(os.path.abspath(path))
+    tmp = temp_dirs.make(os.path.abspath(path))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, "params"), params)
-            checkpointer.wait_until_finished()
+        orbax_io.save(os.path.join(tmp, "params"), params)
         meta = {MARKER: VERSION, "dtype": dtype, "config": config.to_dict(),
                 "fingerprint": fingerprint(target_params), "d2t_sha256": d2t_digest(
                     params["d2t"]), "gamma": gamma,
@@ -107,8 +105,7 @@ def load(path: str) -> LoadedHead:
     store = numpy_dtype(meta.get("dtype", "float32"))
     shapes = jax.eval_shape(lambda: heads.init_params(config, jax.random.key(0), dtype=store))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(os.path.join(os.path.abspath(path), "params"), shapes)
+        params = orbax_io.restore(os.path.join(os.path.abspath(path), "params"), shapes)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
         raise UserError(f"cannot restore the draft head in {path}: {one_line(e)[:300]}") from None
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if _floating(x)

@@ -8,19 +8,28 @@ import os
 
 import jax
 
-from jaxspec import compile_cache, devices
+from jaxspec import compile_cache, devices, validation
 from jaxspec.checkpoint import default_model, keymap, names, store
 from jaxspec.checkpoint.conversion import open_source, source_kind
 from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
+from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
 from jaxspec.models import sharding
 from jaxspec.models.loaded import Model
 
 
-def _load_converted(path: str, dtype: str, mesh_of) -> Model:
+def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True) -> Model:
+    """A jaxspec checkpoint directory; the default model's is converted again (once) when its
+    params cannot be restored (default_model.convert_again)."""
     config, version = store.read_meta(path)
     mesh = mesh_of(config)
-    params = store.restore_params(path, config, version, dtype, mesh)
+    try:
+        params = store.restore_params(path, config, version, dtype, mesh)
+    except UserError as e:
+        if not (repair and path == os.path.abspath(default_model.converted_dir())):
+            raise
+        default_model.convert_again(str(e))
+        return _load_converted(path, dtype, mesh_of, repair=False)
     return Model(config=config, params=params, tokenizer=load_tokenizer(path), path=path,
                  mesh=mesh)
 
@@ -48,10 +57,11 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
     (models.sharding); a converted checkpoint is restored shard by shard, each onto its
     device, without gathering the whole model on one.
     """
-    store.numpy_dtype(dtype)
+    source = validation.check_source("source", source)
+    validation.one_of("dtype", dtype, tuple(store.DTYPES))
+    validation.check_parallel(tp, dp)
     device = devices.resolve(device)
     compile_cache.enable()  # before anything here compiles (see jaxspec.compile_cache)
-    source = os.fspath(source)
     names.check_exists(source)
     if not os.path.exists(source):
         source = default_model.ensure_converted()

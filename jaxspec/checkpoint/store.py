@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 
-from jaxspec.checkpoint import keymap
+from jaxspec.checkpoint import keymap, orbax_io
 from jaxspec.checkpoint.source import one_line
 from jaxspec.errors import UserError
 from jaxspec.models import decoder, sharding
@@ -50,27 +48,13 @@ def is_jaxspec_dir(path: str, marker: str = MARKER) -> bool:
 def write(directory: str, config: ModelConfig, params, dtype: str,
           tokenizer_files: dict[str, bytes]) -> None:
     """Write params (Orbax), config.json and tokenizer files into an existing directory."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, "params"), params)
-        checkpointer.wait_until_finished()
+    orbax_io.save(os.path.join(directory, "params"), params)
     for name, data in tokenizer_files.items():
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
     meta = {MARKER: FORMAT_VERSION, "dtype": dtype, "config": config.to_dict()}
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-
-
-def make_temp_dir(dst: str) -> str:
-    """A new empty directory next to dst (unlike mkdtemp's, it honours the umask)."""
-    parent = os.path.dirname(dst)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(tmp)
-    except OSError as e:
-        raise UserError(f"cannot create {tmp}: {e.strerror}") from None
-    return tmp
 
 
 def read_meta(path: str) -> tuple[ModelConfig, int]:
@@ -114,8 +98,7 @@ def restore_params(path: str, config: ModelConfig, version: int, dtype: str, mes
         target = _v1_shapes(config, target)
     params_dir = os.path.join(os.path.abspath(path), "params")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(params_dir, target)
+        restored = orbax_io.restore(params_dir, target)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
         raise UserError(f"cannot restore params from {params_dir}: {one_line(e)[:300]}") from None
     return keymap.upgrade_v1(config, restored) if version == 1 else restored

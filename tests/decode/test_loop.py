@@ -373,7 +373,11 @@ def test_num_speculative_tokens_limits_accepted(target, draft):
     for gamma in (1, 32):
         dec = jaxspec.SpeculativeDecoder(target, draft, num_speculative_tokens=gamma)
         assert dec.gamma == gamma
-    assert jaxspec.SpeculativeDecoder(target, None, num_speculative_tokens=0).gamma == 0
+    assert jaxspec.SpeculativeDecoder(target, None).gamma == 0
+    for gamma in (0, 33):  # refused with or without a draft, as the CLI refuses them
+        for d in (draft, None):
+            with pytest.raises(UserError, match="num_speculative_tokens"):
+                jaxspec.SpeculativeDecoder(target, d, num_speculative_tokens=gamma)
 
 
 def test_too_many_positions_names_both_numbers(target, draft):

@@ -1,0 +1,58 @@
+"""Saving and restoring pytrees with Orbax, so that a failed call leaves nothing running.
+
+Orbax (0.12) runs each call in an event loop of its own, which it closes as soon as the call
+returns or raises. When one read of a damaged checkpoint fails, `asyncio.gather` raises at once
+while the other reads are still in flight in tensorstore's threads; each of them, when it
+finishes, calls back into the closed loop, and a `RuntimeError: Event loop is closed` traceback
+per read lands on stderr after the error was reported. `save` and `restore` make the loops
+created meanwhile run their remaining tasks to the end before they close (cancelling them is
+not enough: tensorstore still calls back for a cancelled read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import orbax.checkpoint as ocp
+
+
+class _FinishingLoop(asyncio.SelectorEventLoop):
+    """An event loop that runs the tasks still pending on it to the end before it closes."""
+
+    def close(self) -> None:
+        pending = asyncio.all_tasks(self)
+        if pending and not self.is_running() and not self.is_closed():
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _FinishingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _FinishingLoop()
+
+
+@contextlib.contextmanager
+def _finishing_loops() -> Iterator[None]:
+    """Meanwhile, every new event loop of the process is a _FinishingLoop."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_FinishingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+def save(directory: str, tree) -> None:
+    """Save a pytree of arrays into directory (which must not exist), waiting until written."""
+    with _finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory, tree)
+        checkpointer.wait_until_finished()
+
+
+def restore(directory: str, target):
+    """The pytree saved in directory, shaped like target (jax.ShapeDtypeStructs); Orbax's and
+    tensorstore's exceptions pass through, but only once all reads have ended."""
+    with _finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(directory, target)
