@@ -26,6 +26,7 @@ from jaxspec.decode.sizing import loop_max_len, prompt_width
 from jaxspec.decode.state import DecodeState, LoopSpec
 from jaxspec.decode.stats import summarize
 from jaxspec.drafts import registry
+from jaxspec.drafts.base import Draft
 from jaxspec.drafts.head import HeadDraft
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
@@ -53,8 +54,7 @@ def resolve_draft(draft, target, device=None, layout=None):
     """
     from jaxspec.checkpoint import head_store
 
-    if not (draft is None or isinstance(draft, (str, Model, head_store.LoadedHead))
-            or _is_draft_object(draft)):
+    if not (draft is None or isinstance(draft, (str, Model, head_store.LoadedHead, Draft))):
         raise UserError(f"draft must be a name or path, a model from load_model, a draft head "
                         f"or a Draft object, got {validation.show(draft)}")
     if draft == registry.DEFAULT:
@@ -73,12 +73,6 @@ def resolve_draft(draft, target, device=None, layout=None):
     if isinstance(draft, Model):
         draft = placed(draft, device, layout)
     return (*registry.build(draft, target), None)
-
-
-def _is_draft_object(draft) -> bool:
-    from jaxspec.drafts.base import Draft
-
-    return isinstance(draft, Draft)
 
 
 def placed(model, device, layout):
@@ -148,7 +142,7 @@ class SpeculativeDecoder:
         if self.mesh is not None:  # before drafts: layerskip shares the sharded arrays
             target = sharding.shard_model(target, self.mesh)
         self.target = target
-        if draft_params is not None and not _is_draft_object(draft):
+        if draft_params is not None and not isinstance(draft, Draft):
             raise UserError("draft_params is only for a Draft object (named, loaded and head "
                             "drafts bring their own params)")
         self.draft, self.draft_model, head_params = resolve_draft(draft, target, self.device,
@@ -274,7 +268,8 @@ class SpeculativeDecoder:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | Sequence[int] = 0,
                  on_update: Callable[[list[list[int]]], None] | None = None) -> GenerateOutput:
-        """Generate up to max_new_tokens new tokens after each prompt (a list of token ids).
+        """Generate up to max_new_tokens new tokens after each prompt (a sequence of token
+        ids; or all prompts as one 2-D integer array).
 
         Rows stop at an EOS id of the target (kept in the output) or at max_new_tokens.
         `seed`: one int for the batch (rows get distinct streams derived from it and their
