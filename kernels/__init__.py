@@ -2,7 +2,8 @@
 
 The seam is the rejection-sampling contract of `jaxspec.decode.rejection`
 (draft_tokens[B, γ], q[B, γ, V], p[B, γ+1, V], uniforms[B, γ+1]) -> (n_accepted[B],
-tokens[B, γ+1]), and its greedy limit. An implementation is a `Rejection` (name, sampled,
+tokens[B, γ+1]), and its greedy limit (draft_tokens[B, γ], the target's logits[B, γ+1, V]) ->
+(n_accepted[B], argmaxes[B, γ+1]). An implementation is a `Rejection` (name, sampled,
 greedy) that the loop's static spec names (`LoopSpec.rejection`); each is tested against the
 pure jax.numpy reference on identical inputs, uniforms included.
 

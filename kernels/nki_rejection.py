@@ -58,7 +58,7 @@ import os
 
 import jax.numpy as jnp
 
-from jaxspec.decode.rejection import Rejection, rejection_greedy
+from jaxspec.decode.rejection import Rejection
 
 try:  # the real package comes with the Neuron SDK; PyPI's `nki` is an empty placeholder
     import nki
@@ -442,7 +442,4 @@ def greedy_from_logits(draft_tokens, logits):
     return n[:, 0], tokens
 
 
-# Rejection.greedy receives the argmaxes already taken (the loop computes first_argmax), so
-# only a [B, γ] comparison is left: the reference does it; greedy_from_logits is the kernel
-# path for a loop that hands over the logits instead.
-NKI = Rejection("nki", sampled=sampled, greedy=rejection_greedy) if AVAILABLE else None
+NKI = Rejection("nki", sampled=sampled, greedy=greedy_from_logits) if AVAILABLE else None

@@ -241,6 +241,8 @@ def test_bad_input_subprocesses(model_dir):
         ["   "],
         ["hi", "--model", model_dir, "--draft", "/nonexistent/draft"],
         ["hi", "--max-new-tokens", "many"],
+        ["hi", "--temperature", "inf"],
+        ["hi", "--top-k", str(2**31), "--seed", "-1"],
         ["hi", "--model", model_dir, "--max-new-tokens", "1000"],  # loads the model first
     ]
     with ThreadPoolExecutor(max_workers=2) as pool:

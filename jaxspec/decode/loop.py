@@ -165,7 +165,7 @@ def _verify(spec: LoopSpec, target_params, values, cache, verify, positions, pro
     logits, _, captured, cache = decoder.forward_capture(
         spec.target, target_params, verify, positions, cache, spec.hidden_layers)
     if spec.sampler.greedy:
-        n, out = spec.rejection.greedy(draft_tokens, first_argmax(logits))
+        n, out = spec.rejection.greedy(draft_tokens, logits)
         return n, out, captured, cache
     p = probabilities(spec.sampler, values, logits)  # [B, γ+1, V]
     q = q if q is not None else jnp.zeros((B, 0, p.shape[-1]), p.dtype)

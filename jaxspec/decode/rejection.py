@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decode.sampling import sample
+from jaxspec.decode.sampling import first_argmax, sample
 
 
 def leading_true(accept: jax.Array) -> jax.Array:
@@ -78,6 +78,12 @@ def rejection_greedy(draft_tokens, target_tokens):
     return n, target_tokens
 
 
+def greedy_from_logits(draft_tokens, logits):
+    """The greedy seam: draft_tokens [B, γ], the target's logits [B, γ+1, V] -> (n [B],
+    tokens [B, γ+1]), the first argmax at each position (a backend kernel may take it)."""
+    return rejection_greedy(draft_tokens, first_argmax(logits))
+
+
 def _emit(draft_tokens: jax.Array, n: jax.Array, last: jax.Array) -> jax.Array:
     """[B, γ+1]: draft tokens before position n, `last` from position n on."""
     padded = jnp.concatenate([draft_tokens, last[:, None]], axis=1)
@@ -91,7 +97,7 @@ class Rejection:
 
     sampled(draft_tokens[B, γ], q[B, γ, V], p[B, γ+1, V], uniforms[B, γ+1])
         -> (n[B], tokens[B, γ+1])
-    greedy(draft_tokens[B, γ], target_tokens[B, γ+1]) -> (n[B], tokens[B, γ+1])
+    greedy(draft_tokens[B, γ], logits[B, γ+1, V]) -> (n[B], tokens[B, γ+1])
     """
 
     name: str
@@ -99,4 +105,4 @@ class Rejection:
     greedy: Callable
 
 
-REFERENCE = Rejection("reference", sampled=rejection, greedy=rejection_greedy)
+REFERENCE = Rejection("reference", sampled=rejection, greedy=greedy_from_logits)

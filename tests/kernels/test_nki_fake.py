@@ -124,3 +124,66 @@ def test_jax_wrappers_through_fake_kernels(fake, monkeypatch):
     want = rejection_greedy(drafts, sampling.first_argmax(logits))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+class _Callback:
+    """kernel[lnc](*arrays) inside a traced program: the fake kernel through pure_callback."""
+
+    def __init__(self, body):
+        self.body, self.launches = body, 0
+
+    def __getitem__(self, lnc):
+        def run(*arrays):
+            self.launches += 1
+            return tuple(np.asarray(o, np.int32) for o in fake_nki.launch(
+                self.body, lnc, *(np.asarray(x) for x in arrays)))
+
+        def launch(*arrays):
+            batch, k = arrays[-1].shape  # x [B, γ+1]: every kernel's last input
+            shapes = (jax.ShapeDtypeStruct((batch, 1), jnp.int32),
+                      jax.ShapeDtypeStruct((batch, k), jnp.int32))
+            return jax.pure_callback(run, shapes, *arrays)
+        return launch
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_loop_through_the_nki_seam_equals_the_reference(fake, monkeypatch, temperature):
+    """The whole static loop with the NKI implementation (its wrappers, layouts and kernel
+    bodies, the greedy argmax kernel included) generates what the reference does."""
+    from helpers import tiny_model
+
+    from jaxspec.decode import loop
+    from jaxspec.decode.rejection import REFERENCE, Rejection
+    from jaxspec.decode.sizing import loop_max_len
+    from jaxspec.decode.state import LoopSpec
+    from jaxspec.drafts.layerskip import layerskip
+    from jaxspec.drafts.model_draft import ModelDraft
+
+    monkeypatch.setattr(nki_rejection, "AVAILABLE", True)
+    kernel = _Callback(nki_rejection._greedy_body if temperature == 0
+                       else nki_rejection._sampled_body)
+    monkeypatch.setattr(nki_rejection, "greedy_kernel" if temperature == 0 else "sampled_kernel",
+                        kernel)
+    nki = Rejection("nki", sampled=nki_rejection.sampled,
+                    greedy=nki_rejection.greedy_from_logits)
+    target = tiny_model(0, std=0.5, vocab=48, layers=2)
+    draft_model = layerskip(target, 1)
+    prompt = jnp.asarray([[5, 17, 3, 9], [40, 2, 0, 0]])
+    lengths = jnp.asarray([4, 2])
+    sampler, values = sampling.make(temperature)
+    outputs = []
+    for rejection_impl in (REFERENCE, nki):
+        spec = LoopSpec(target=target.config, draft=ModelDraft(draft_model.config, 48), gamma=3,
+                        sampler=sampler, max_len=loop_max_len(4, 12, 3), layout=target.layout,
+                        rejection=rejection_impl)
+        args = (target.params, draft_model.params, prompt, lengths, jax.random.key(3), values,
+                12)
+        state = jax.jit(loop.init_state, static_argnums=0)(spec, *args)
+        state = jax.jit(loop.run_static, static_argnums=0, static_argnames="iterations")(
+            spec, target.params, draft_model.params, values, state, iterations=12)
+        outputs.append((np.asarray(state.tokens), np.asarray(state.lengths),
+                        int(np.asarray(state.stats.accepted).sum())))
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+    assert outputs[0][2] == outputs[1][2] > 0  # drafts were accepted through the kernel
+    assert kernel.launches >= 2  # one per verify
