@@ -254,7 +254,8 @@ class SpeculativeDecoder:
 
     def _plan(self, prompts, max_new_tokens: int, sampler: sampling.Sampler) -> memory.Plan:
         spec = self._loop_spec(prompts, max_new_tokens, sampler)
-        return memory.plan(spec, len(prompts), self.target.params, self.draft_params)
+        return memory.plan(spec, len(prompts), self.target.params, self.draft_params,
+                           prompt_width(max(len(p) for p in prompts)))
 
     def memory_capacity(self) -> memory.Capacity | None:
         """What the decoder's device offers (jaxspec.memory.capacity; None: unknown); under a

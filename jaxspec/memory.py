@@ -1,6 +1,6 @@
 """The memory planner: what one generate call needs on its device, checked before allocating.
 
-`plan(spec, batch, target_params, draft_params)` counts the bytes per device of
+`plan(spec, batch, target_params, draft_params, prompt_width)` counts the bytes per device of
 
   target params      every leaf of the target's params tree
   draft params       the draft's leaves that the target does not already hold (a layerskip
@@ -10,10 +10,17 @@
   draft state        the draft's own state (a model draft's KV cache), from the shapes that
                      its `init_state` would allocate (`jax.eval_shape`: nothing is allocated)
   token buffer       [B, S] int32
-  activations        the largest one: the verify logits [B, γ+1, V] fp32 and, when sampling,
-                     the draft's q [B, γ, V] and the target's p [B, γ+1, V] (fp32)
+  verify activations the largest of a loop iteration: the verify logits [B, γ+1, V] fp32
+                     and, when sampling, the draft's q [B, γ, V] and the target's p
+                     [B, γ+1, V] (fp32)
+  prefill activations
+                     the largest of the target's prefill over the padded prompt width P: its
+                     attention weights [B, H, P, S] fp32, which XLA holds three times (scores,
+                     exponentials, normalised weights: measured on XLA:CPU), or the MLP's
+                     [B, P, 2F]; it dominates for long prompts
 
-as a `Plan` with a `total`. Under a `jax.sharding` mesh (spec.mesh) every term is one device's
+as a `Plan` with a `total` (the two activation terms are never live at once: the larger
+counts). Under a `jax.sharding` mesh (spec.mesh) every term is one device's
 part: sharded params by their shard shape, the KV cache split over kv heads (tp) and rows (dp)
 as models.sharding pins it, the token buffer over rows, the logits over rows and vocabulary;
 the draft's state is not pinned (XLA's propagation splits it), so it is counted whole, an upper
@@ -23,7 +30,7 @@ loaded, are then not counted again; `sharing` CPU devices of a mesh share it), N
 unknown (e.g. Neuron: no check).
 `check` refuses a plan that does not fit with one line naming every term and the capacity.
 The plan is an estimate of what the loop holds, not XLA's exact peak (compiler scratch and
-temporaries smaller than the logits are not counted).
+temporaries smaller than the largest activation are not counted).
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ LABELS = {
     "target_cache": "target KV cache",
     "draft_state": "draft state",
     "token_buffer": "token buffer",
-    "activations": "activations",
+    "activations": "verify activations",
+    "prefill": "prefill activations",
 }
+ATTENTION_COPIES = 3  # [B, H, P, S] fp32 arrays XLA holds at once in a prefill's attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +64,13 @@ class Plan:
     target_cache: int
     draft_state: int
     token_buffer: int
-    activations: int
+    activations: int  # verify
+    prefill: int = 0
 
     @property
     def total(self) -> int:
-        return sum(bytes_ for _, bytes_ in self.terms())
+        held = (self.params + self.target_cache + self.draft_state + self.token_buffer)
+        return held + max(self.activations, self.prefill)
 
     @property
     def params(self) -> int:
@@ -149,9 +160,21 @@ def activation_bytes(batch: int, gamma: int, vocab: int, sampled: bool) -> int:
     return logits + batch * gamma * vocab * FP32 + batch * (gamma + 1) * vocab * FP32
 
 
-def plan(spec, batch: int, target_params, draft_params) -> Plan:
-    """The plan of a loop with static spec `spec` (a decode.state.LoopSpec) over `batch` rows:
-    bytes per device (one device's part under spec.mesh)."""
+def prefill_bytes(config, rows: int, prompt_width: int, max_len: int, dtype_bytes: int,
+                  tp: int = 1) -> int:
+    """The prefill's largest activation per device (see the module docstring): heads and
+    MLP columns split over tp."""
+    attention = ATTENTION_COPIES * rows * -(-config.num_heads // tp) * prompt_width * max_len
+    mlp = rows * prompt_width * 2 * -(-config.intermediate_size // tp) * dtype_bytes
+    return max(attention * FP32, mlp)
+
+
+def plan(spec, batch: int, target_params, draft_params, prompt_width: int) -> Plan:
+    """The plan of a loop with static spec `spec` (a decode.state.LoopSpec) over `batch` rows
+    whose prompts are padded to `prompt_width`: bytes per device (one device's part under
+    spec.mesh)."""
+    import numpy as np
+
     tp, dp = _mesh_shape(spec.mesh)
     rows = -(-batch // dp)
     return Plan(
@@ -162,6 +185,8 @@ def plan(spec, batch: int, target_params, draft_params) -> Plan:
         token_buffer=rows * spec.max_len * INT32,
         activations=activation_bytes(rows, spec.gamma, -(-spec.target.vocab_size // tp),
                                      sampled=not spec.sampler.greedy),
+        prefill=prefill_bytes(spec.target, rows, prompt_width, spec.max_len,
+                              np.dtype(spec.dtype).itemsize, tp),
     )
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import tiny_model
@@ -15,6 +16,7 @@ import jaxspec
 from jaxspec import generate as cli
 from jaxspec import memory
 from jaxspec.decode import loop, sampling
+from jaxspec.decode import sizing
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.decode.state import LoopSpec
 from jaxspec.errors import UserError
@@ -79,7 +81,8 @@ def test_terms_are_the_allocated_sizes(kind, layout, monkeypatch):
         logits = B * (g + 1) * V * 4  # verify logits [B, γ+1, V] fp32
         extra = B * g * V * 4 + B * (g + 1) * V * 4 if temperature else 0  # q and p
         assert plan.activations == logits + extra
-        assert plan.total == sum(b for _, b in plan.terms())
+        held = sum(b for label, b in plan.terms() if "activations" not in label)
+        assert plan.total == held + max(plan.activations, plan.prefill)
 
 
 def test_plain_decoding_terms_match_real_arrays():
@@ -199,3 +202,25 @@ def test_check_counts_params_only_against_a_whole_pool():
 def test_human_units():
     assert [memory.human(n) for n in (0, 1023, 1024, 1536, 5 * 2**20, 3 * 2**30, 2**50)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB", "1024.0 TiB"]
+
+
+def test_prefill_activations_match_what_xla_allocates():
+    """A long prompt: the prefill's attention weights dominate. The planned term is within
+    10% of the temporaries XLA allocates for the prefill program (its memory analysis), and
+    it is what the plan's total counts; a capacity below it is refused before compiling."""
+    target = model(max_positions=1024)
+    decoder = jaxspec.SpeculativeDecoder(target, None, device="cpu")
+    prompts = [[3] * 500, [4] * 300]
+    plan = decoder.memory_plan(prompts, 8)
+    assert plan.prefill > 10 * plan.activations
+    assert plan.total == plan.params + plan.target_cache + plan.token_buffer + plan.prefill
+    spec = decoder._loop_spec(prompts, 8, sampling.Sampler(greedy=True))
+    _, values = sampling.make(0.0)
+    width = sizing.prompt_width(500)
+    args = (decoder.target.params, None, jnp.zeros((2, width), jnp.int32),
+            jnp.asarray([500, 300]), jax.random.key(0), values, 8)
+    compiled = jax.jit(loop.init_state, static_argnums=0).lower(spec, *args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert 0.9 * plan.prefill <= temp <= 1.1 * plan.prefill, (temp, plan.prefill)
+    with pytest.raises(UserError, match="prefill activations"):
+        memory.check(plan, memory.Capacity(plan.total - 1, "a test limit"))

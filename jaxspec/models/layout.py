@@ -78,7 +78,7 @@ def pack(w) -> Panels:
     flat = np.asarray(w).reshape(w.shape[0], -1)  # [K, N]
     flat = np.pad(flat, ((0, 0), (0, -flat.shape[1] % PANEL)))
     data = np.ascontiguousarray(flat.reshape(flat.shape[0], -1, PANEL).transpose(1, 0, 2))
-    data = jax.device_put(data, w.sharding) if isinstance(w, jax.Array) else jnp.asarray(data)
+    data = jnp.array(data, device=w.sharding if isinstance(w, jax.Array) else None)
     return Panels(data=data, shape=tuple(w.shape))  # data [N / PANEL, K, PANEL]
 
 
