@@ -5,6 +5,7 @@
     python scripts/benchmark.py --suite [--categories code,chat] [--prompts-per-category 2]
                                         [--drafts ngram,layerskip:8] [--draft PATH] [--no-hf]
     python scripts/benchmark.py --kernel [--gammas 1,2,4,8]
+    python scripts/benchmark.py --stream [--draft none]
 
 --ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
 `generate` on the same fp32 weights and prompt, and checks the two greedy outputs match.
@@ -18,6 +19,9 @@ the bandwidth floor, plain decoding, every draft at every γ, transformers greed
 generation; it prints Markdown tables and writes a JSON file and two plots.
 --kernel measures the CPU matmul kernel on and off in one run (jaxspec.bench_kernel): plain
 decoding, prefill and a forward step on 1 and γ + 1 tokens, v = step time ÷ 1-token step time.
+--stream measures the CLI's streamed decoding (static chunks of the CLI's size, each decoded
+and written through its TextStream) against the library's non-streaming dynamic loop, same
+prompt and draft (default: the CLI's default draft), runs interleaved.
 """
 
 from __future__ import annotations
@@ -37,15 +41,17 @@ from jaxspec.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
-FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET = 0.85, 2.5, 0.9
+FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET, STREAM_TARGET = 0.85, 2.5, 0.9, 0.95
 SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
-# per mode: (--ar/--spec, --suite, --kernel)
-MODE_DEFAULTS = {"draft": ("layerskip:8", None, None),
-                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8"),
-                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128),
-                 "repeats": (3, 1, 5),
-                 "out_json": ("bench.json", "bench_suite.json", "bench_kernel.json"),
-                 "out_png": ("bench.png", "bench_suite.png", "bench_kernel.png")}
+# per mode: (--ar/--spec, --suite, --kernel, --stream)
+MODE_DEFAULTS = {"draft": ("layerskip:8", None, None, "default"),
+                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8", "1"),
+                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128, 128),
+                 "repeats": (3, 1, 5, 5),
+                 "out_json": ("bench.json", "bench_suite.json", "bench_kernel.json",
+                              "bench_stream.json"),
+                 "out_png": ("bench.png", "bench_suite.png", "bench_kernel.png",
+                             "bench_stream.png")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +69,8 @@ def parse_args(argv):
     mode.add_argument("--kernel", action="store_true",
                       help="the CPU matmul kernel on and off: plain decoding, prefill, v per "
                       "tokens per step")
+    mode.add_argument("--stream", action="store_true",
+                      help="the CLI's streamed decoding vs the library's non-streaming rate")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL!r} (default), a .gguf file or a checkpoint directory")
     p.add_argument("--random", action="store_true",
@@ -84,7 +92,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for name, defaults in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, defaults[2 if args.kernel else int(args.suite)])
+            setattr(args, name, defaults[2 if args.kernel else 3 if args.stream
+                                         else int(args.suite)])
     try:
         args.gammas = sorted({int(g) for g in args.gammas.split(",")})
     except ValueError:
@@ -406,8 +415,72 @@ def kernel_mode(args, target) -> dict:
                             repeats=args.repeats, progress=progress("rounds"))
 
 
-PRINT = {"ar": print_ar, "spec": print_spec, "kernel": bench_kernel.print_table}
-PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot}
+# ---------------------------------------------------------------------------- --stream
+
+
+def stream_mode(args, target) -> dict:
+    from jaxspec import SpeculativeDecoder
+    from jaxspec import generate as cli
+
+    prompt = bench.prompt_ids(target, args.prompt)
+    n, draft = args.max_new_tokens, None if args.draft == "none" else args.draft
+    library = SpeculativeDecoder(target, draft)
+    streaming = SpeculativeDecoder(target, draft, mode="static",
+                                   static_iterations=cli.STATIC_ITERATIONS)
+
+    def streamed():
+        with open(os.devnull, "w", encoding="utf-8") as sink:
+            stream = cli.TextStream(target.tokenizer, (), sink)
+            out = streaming.generate([prompt], max_new_tokens=n,
+                                     on_update=lambda rows: stream.update(rows[0]))
+            stream.update(out.tokens[0], final=True)
+        return out
+
+    runners = {"library": lambda: library.generate([prompt], max_new_tokens=n),
+               "cli_stream": streamed}
+    log("compile + warm-up, both paths")
+    first = {name: run() for name, run in runners.items()}
+    rates = {name: [] for name in runners}
+    for _ in progress("rounds")(range(args.repeats)):
+        for name, run in runners.items():
+            rates[name].append(run().stats["tokens_per_second"])
+    rates = {name: bench.best_median(v) for name, v in rates.items()}
+    ratio = rates["cli_stream"]["median"] / rates["library"]["median"]
+    return {"rates_tok_s": rates, "draft": args.draft, "gamma": library.gamma,
+            "static_iterations": cli.STATIC_ITERATIONS, "new_tokens": n,
+            "same_tokens": first["library"].tokens == first["cli_stream"].tokens,
+            "targets": {"stream_ratio": {"target": STREAM_TARGET, "value": ratio,
+                                         "pass": ratio >= STREAM_TARGET}}}
+
+
+def print_stream(r: dict) -> None:
+    rates = r["rates_tok_s"]
+    print(f"draft {r['draft']} (γ {r['gamma']}), {r['new_tokens']} tokens, static chunks of "
+          f"{r['static_iterations']} iterations; identical tokens: {r['same_tokens']}")
+    print("| path | tok/s best | tok/s median |\n|---|---|---|")
+    for name, v in rates.items():
+        print(f"| {name} | {v['best']:.1f} | {v['median']:.1f} |")
+    t = r["targets"]["stream_ratio"]
+    print(f"{'PASS' if t['pass'] else 'FAIL'} streamed ÷ library (medians) {t['value']:.3f} "
+          f"(target ≥ {t['target']})")
+
+
+def plot_stream(r: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(r["rates_tok_s"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar(names, [r["rates_tok_s"][k]["median"] for k in names], color=["C0", "C1"])
+    ax.set_ylabel("tok/s (median)")
+    ax.set_title(f"streamed ÷ library = {r['targets']['stream_ratio']['value']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PRINT = {"ar": print_ar, "spec": print_spec, "kernel": bench_kernel.print_table,
+         "stream": print_stream}
+PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot, "stream": plot_stream}
 
 
 # ---------------------------------------------------------------------------- main
@@ -430,9 +503,10 @@ def main(argv=None) -> int:
             eos_ids = set(target.config.eos_token_ids)
             target = bench.without_eos(target)  # every run makes exactly --max-new-tokens
             other = bench.OtherLoad()
-            mode = "ar" if args.ar else "kernel" if args.kernel else "spec"
+            mode = next(m for m in ("ar", "kernel", "stream", "spec") if getattr(args, m))
             result = (ar_mode(args, target, hf_source, eos_ids) if args.ar
-                      else kernel_mode(args, target) if args.kernel else spec_mode(args, target))
+                      else kernel_mode(args, target) if args.kernel
+                      else stream_mode(args, target) if args.stream else spec_mode(args, target))
     except UserError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2

@@ -164,3 +164,22 @@ def test_warmup_uses_the_same_buffer_size(prompt_length, n, gamma):
     assert loop_max_len(prompt_length, k, gamma) == loop_max_len(prompt_length, n, gamma)
     assert k == 1 or loop_max_len(prompt_length, k - 1, gamma) < loop_max_len(
         prompt_length, n, gamma)
+
+
+def test_stream_mode_end_to_end(script, tmp_path, capsys):
+    """--stream: the CLI's streamed path and the library's, same tokens, a ratio, a PNG."""
+    model = tiny_hf_model("llama", tmp_path)
+    out_json, out_png = tmp_path / "stream.json", tmp_path / "stream.png"
+    rc = script.main(["--stream", "--model", model, "--draft", "ngram", "--max-new-tokens", "8",
+                      "--repeats", "2", "--out-json", str(out_json), "--out-png", str(out_png)])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert result["same_tokens"] and result["gamma"] == 4
+    rates = result["rates_tok_s"]
+    assert set(rates) == {"library", "cli_stream"} and all(len(v["all"]) == 2
+                                                           for v in rates.values())
+    ratio = result["targets"]["stream_ratio"]["value"]
+    assert ratio == pytest.approx(rates["cli_stream"]["median"] / rates["library"]["median"])
+    assert "streamed ÷ library" in capsys.readouterr().out
+    with open(out_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
