@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def utf8_text(text: str) -> tuple[str, int]:
-    """(text, number of replaced bytes): Python keeps an argument's bytes that are not UTF-8 as
-    lone surrogates ("surrogateescape"); they become U+FFFD, as a decoder would show them."""
+    """(text, number of invalid byte sequences replaced): Python keeps an argument's bytes that
+    are not UTF-8 as lone surrogates ("surrogateescape"); they become U+FFFD, as a decoder
+    would show them."""
     raw = text.encode("utf-8", "surrogateescape")
     fixed = raw.decode("utf-8", "replace")
     return fixed, (0 if fixed == text else fixed.count(REPLACEMENT) - text.count(REPLACEMENT))
