@@ -37,7 +37,8 @@ def assert_names(error: pytest.ExceptionInfo, arg: str) -> None:
 
 BAD_DECODER = {  # argument -> bad values (the target is valid unless the argument is "target")
     "target": ["/some/path", None, 3],
-    "draft": [3, 1.5, object(), "ngram:x", "layerskip:abc"],
+    "draft": [3, 1.5, object(), "ngram:x", "ngram:0", "ngram:10000000000", "layerskip:abc",
+              "layerskip:2"],
     "num_speculative_tokens": [0, 33, -1, 2.0, True, "4", "many"],
     "mode": ["fast", 1, ""],
     "static_iterations": [0, -3, 1.5, None, True, 2**31],

@@ -2,7 +2,8 @@
 
     default            the trained draft head shipped for the target, or none (the API decides)
     none               plain decoding
-    ngram[:N]          prompt lookup over the row's own tokens, longest suffix N (default 3)
+    ngram[:N]          prompt lookup over the row's own tokens, longest suffix N (default 3,
+                       at most NGRAM_MAX: the draft is unrolled over suffix lengths)
     layerskip:K        the target's first K layers as its own draft
     anything else      a model sharing the target's tokenizer, or a draft head checkpoint:
                        a path or a model name
@@ -19,6 +20,7 @@ from jaxspec.errors import UserError
 
 NONE, NGRAM, LAYERSKIP, MODEL, DEFAULT = "none", "ngram", "layerskip", "model", "default"
 NGRAM_DEFAULT = 3
+NGRAM_MAX = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,10 @@ def parse(spec: str | None) -> DraftName:
         return DraftName(DEFAULT)
     kind, colon, arg = spec.partition(":")
     if kind == NGRAM:
-        return DraftName(NGRAM, number=max(1, _number(spec, arg, NGRAM_DEFAULT)))
+        number = _number(spec, arg, NGRAM_DEFAULT)
+        if not 1 <= number <= NGRAM_MAX:
+            raise UserError(f"draft {spec!r}: the n-gram length must be in 1..{NGRAM_MAX}")
+        return DraftName(NGRAM, number=number)
     if kind == LAYERSKIP:
         return DraftName(LAYERSKIP, number=_number(spec, arg if colon else "", None))
     return DraftName(MODEL, source=spec)

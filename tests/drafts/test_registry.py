@@ -22,7 +22,7 @@ from jaxspec.generate import build_parser, validate
     ("none", registry.DraftName(registry.NONE)),
     ("ngram", registry.DraftName(registry.NGRAM, number=3)),
     ("ngram:5", registry.DraftName(registry.NGRAM, number=5)),
-    ("ngram:0", registry.DraftName(registry.NGRAM, number=1)),  # clamped to at least 1
+    ("ngram:32", registry.DraftName(registry.NGRAM, number=32)),
     ("layerskip:8", registry.DraftName(registry.LAYERSKIP, number=8)),
     ("./some/path", registry.DraftName(registry.MODEL, source="./some/path")),
     ("smollm2-135m-instruct", registry.DraftName(registry.MODEL, source="smollm2-135m-instruct")),
@@ -32,7 +32,8 @@ def test_parse(spec, expected):
     assert registry.parse(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["ngram:two", "ngram:²", "layerskip", "layerskip:x"])
+@pytest.mark.parametrize("spec", ["ngram:two", "ngram:²", "layerskip", "layerskip:x", "ngram:0",
+                                  "ngram:33", "ngram:99999999999"])
 def test_parse_rejects_bad_numbers(spec):
     """A missing or non-numeric number after ngram:/layerskip: is a UserError naming the draft."""
     with pytest.raises(UserError, match=spec):
