@@ -37,7 +37,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 ENV = "JAXSPEC_LAYOUT"
@@ -72,14 +71,13 @@ class Panels:
         return self.data.dtype
 
 
-def pack(w) -> Panels:
-    """w[K, *O] (a concrete array) -> Panels, on w's device. Packed in NumPy: eager JAX ops
-    would compile a program per weight shape at every start-up."""
-    flat = np.asarray(w).reshape(w.shape[0], -1)  # [K, N]
-    flat = np.pad(flat, ((0, 0), (0, -flat.shape[1] % PANEL)))
-    data = np.ascontiguousarray(flat.reshape(flat.shape[0], -1, PANEL).transpose(1, 0, 2))
-    data = jnp.array(data, device=w.sharding if isinstance(w, jax.Array) else None)
-    return Panels(data=data, shape=tuple(w.shape))  # data [N / PANEL, K, PANEL]
+def pack(w: jax.Array) -> Panels:
+    """w[K, *O] -> Panels."""
+    flat = w.reshape(w.shape[0], -1)  # [K, N]
+    pad = -flat.shape[1] % PANEL
+    flat = jnp.pad(flat, ((0, 0), (0, pad)))
+    data = flat.reshape(flat.shape[0], -1, PANEL).transpose(1, 0, 2)  # [N / PANEL, K, PANEL]
+    return Panels(data=data, shape=tuple(w.shape))
 
 
 def unpack(p: Panels) -> jax.Array:
