@@ -63,7 +63,7 @@ def test_api_restores_shards_and_decodes_alike(results):
     api = results["api"]
     assert api["restored"] == {"embed": ["model"], "wqkv": [None, "model"], "w_down": ["model"]}
     assert api["loaded_tp2"] == api["single"] and api["decoder_tp2_dp2"] == api["single"]
-    assert "token ids must be in" in api.get("bad_token_error", "")
+    assert "must be a token id" in api.get("bad_token_error", "")
 
 
 @pytest.mark.parametrize("tp,dp,message", [
