@@ -80,7 +80,7 @@ def test_bad_meshes_are_refused_in_one_line(tp, dp, message):
 
 @pytest.mark.parametrize("flags,message", [
     (["--tp", "2"], "tp × dp = 2 needs 2 devices; 1 available"),
-    (["--dp", "2"], "--dp 1 for the CLI's single prompt"),
+    (["--dp", "2"], "--dp must be 1 for the CLI's single prompt"),
 ])
 def test_cli_refuses_meshes_it_cannot_build(tmp_path, capsys, flags, message):
     from helpers import tiny_hf_model
