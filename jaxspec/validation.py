@@ -129,7 +129,10 @@ def _prompt(i: int, row, vocab: int) -> list[int]:
         if row.ndim != 1:
             raise UserError(f"prompts[{i}] must be a list of token ids, got an array of shape "
                             f"{row.shape}")
-        row = list(row)
+        if (row.dtype.kind in "iu" and row.size and row.min() >= 0
+                and row.max() < vocab):  # the common case, checked without a Python loop
+            return row.tolist()
+        row = list(row)  # the loop below names the bad id
     if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
         raise UserError(f"prompts[{i}] must be a list of token ids (encode text with the "
                         f"model's tokenizer first), got {show(row)}")
