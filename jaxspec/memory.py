@@ -65,11 +65,11 @@ class Plan:
     draft_state: int
     token_buffer: int
     activations: int  # verify
-    prefill: int = 0
+    prefill: int
 
     @property
     def total(self) -> int:
-        held = (self.params + self.target_cache + self.draft_state + self.token_buffer)
+        held = self.params + self.target_cache + self.draft_state + self.token_buffer
         return held + max(self.activations, self.prefill)
 
     @property

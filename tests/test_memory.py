@@ -188,7 +188,7 @@ def test_capacity_sources(tmp_path):
 
 def test_check_counts_params_only_against_a_whole_pool():
     plan = memory.Plan(target_params=600, draft_params=100, target_cache=200, draft_state=0,
-                       token_buffer=50, activations=50)
+                       token_buffer=50, activations=50, prefill=20)
     assert plan.total == 1000 and plan.params == 700
     memory.check(plan, memory.Capacity(1000, "pool"))
     memory.check(plan, memory.Capacity(300, "free", counts_params=False))

@@ -69,9 +69,7 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
 def _batch(records: Records, rows) -> dict:
     """The rows as the objective's batch, at the records' full width (one compiled shape)."""
     chosen = records.take(rows)
-    return {"tokens": chosen.tokens, "hidden": chosen.hidden, "top_ids": chosen.top_ids,
-            "top_logp": chosen.top_logp, "lengths": chosen.lengths,
-            "prompt_lengths": chosen.prompt_lengths}
+    return {f.name: getattr(chosen, f.name) for f in dataclasses.fields(chosen)}
 
 
 def batch_rows(config: TrainConfig, step: int, rows: int) -> np.ndarray:
