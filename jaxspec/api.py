@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxspec import compile_cache, devices, kernels, memory, tuning, validation
+from jaxspec import compile_cache, devices, kernels, memory, program_cache, tuning, validation
 from jaxspec.checkpoint import names
 from jaxspec.decode import loop, sampling
 from jaxspec.decode.sizing import loop_max_len, prompt_width
@@ -223,15 +223,15 @@ class SpeculativeDecoder:
                     f"{m.config.max_position_embeddings}")
 
     def _compile(self, name: str, fn: Callable, spec: LoopSpec, *args, donate=()):
-        """AOT-compile fn(spec, *args) once per spec and argument shapes; (compiled, seconds)."""
+        """AOT-compile fn(spec, *args) once per spec and argument shapes, or load it as an
+        earlier process compiled it (jaxspec.program_cache); (compiled, seconds)."""
         shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), jax.tree.leaves(args)))
         key = (name, spec, shapes)
         if key in self._compiled:
             return self._compiled[key], 0.0
         start = time.perf_counter()
-        jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate)
-        with devices.on(self.device):
-            compiled = jitted.lower(spec, *args).compile()
+        compiled, _ = program_cache.load_or_compile(fn, spec, *args, donate=donate,
+                                                    device=self.device)
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - start
 

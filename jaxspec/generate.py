@@ -245,5 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_now(status: int) -> None:
+    """Flush stdout and stderr, then end the process without the interpreter's teardown
+    (about 0.4 s of freeing JAX's buffers and modules on the CPU machine): the CLI has written
+    everything and holds nothing that needs closing (no file or checkpoint is being written)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            status = status or 1
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -3,6 +3,7 @@ model name -> a `Model` whose params are laid out for the backend they will run 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 
@@ -19,8 +20,9 @@ from jaxspec.models.loaded import Model
 
 
 def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True) -> Model:
-    """A jaxspec checkpoint directory; the default model's is converted again (once) when its
-    params cannot be restored (default_model.convert_again)."""
+    """A jaxspec checkpoint directory, without its tokenizer (load_model loads it meanwhile);
+    the default model's is converted again (once) when its params cannot be restored
+    (default_model.convert_again)."""
     config, version = store.read_meta(path)
     mesh = mesh_of(config)
     try:
@@ -30,8 +32,7 @@ def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True) -> Mode
             raise
         default_model.convert_again(str(e))
         return _load_converted(path, dtype, mesh_of, repair=False)
-    return Model(config=config, params=params, tokenizer=load_tokenizer(path), path=path,
-                 mesh=mesh)
+    return Model(config=config, params=params, path=path, mesh=mesh)
 
 
 def _load_in_memory(path: str, dtype: str, mesh_of) -> Model:
@@ -66,11 +67,19 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
     if not os.path.exists(source):
         source = default_model.ensure_converted()
     path = os.path.abspath(source)
-    load = _load_converted if source_kind(path) == "jaxspec" else _load_in_memory
+    converted = source_kind(path) == "jaxspec"
+    load = _load_converted if converted else _load_in_memory
     platform = devices.platform(device)
-    model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,
-                                                               platform=platform))
-    return place(model, layouts.for_platform(platform), device)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # a converted checkpoint's tokenizer (mostly: importing transformers) loads in a
+        # thread while the params are read and laid out (tensorstore's and XLA's threads)
+        tokenizer = pool.submit(load_tokenizer, path) if converted else None
+        model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,
+                                                                   platform=platform))
+        model = place(model, layouts.for_platform(platform), device)
+        if tokenizer is not None:
+            model = dataclasses.replace(model, tokenizer=tokenizer.result())
+    return model
 
 
 def place(model: Model, layout: layouts.Layout, device=None) -> Model:

@@ -119,24 +119,38 @@ def apply(layout: Layout, params: dict, tied: bool) -> dict:
     """params in the policy's layout: its output layer (adds lm_head = embed.T to tied models
     where the policy wants a copy, removes a copy where it does not; untied models keep their
     own), then fp32 projections packed into Panels where it wants panels and the kernel is
-    available (jaxspec.kernels.cpu_matmul), unpacked where it does not."""
+    available (jaxspec.kernels.cpu_matmul), unpacked where it does not. The weights that change
+    are converted by one compiled program (one pass over memory, not a few eager ops each);
+    the others are passed through as they are."""
     params = _output_layer(layout, params, tied)
     from jaxspec.kernels import cpu_matmul
 
     packed = layout.panels and cpu_matmul.available()
 
-    def convert(w):
-        if isinstance(w, Panels):
-            return w if packed else unpack(w)
-        return pack(w) if packed and w.dtype == jnp.float32 else w
+    def changes(w) -> bool:
+        return not packed if isinstance(w, Panels) else packed and w.dtype == jnp.float32
 
+    layers = params.get("layers", [])
+    todo = {f"{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()
+            if k in PACKED and changes(v)}
+    if "lm_head" in params and changes(params["lm_head"]):
+        todo["lm_head"] = params["lm_head"]
+    if not todo:
+        return params
+    done = _convert(todo)
     params = dict(params)
     if "layers" in params:
-        params["layers"] = [{k: convert(v) if k in PACKED else v for k, v in layer.items()}
-                            for layer in params["layers"]]
-    if "lm_head" in params:
-        params["lm_head"] = convert(params["lm_head"])
+        params["layers"] = [{k: done.get(f"{i}.{k}", v) for k, v in layer.items()}
+                            for i, layer in enumerate(layers)]
+    if "lm_head" in done:
+        params["lm_head"] = done["lm_head"]
     return params
+
+
+@jax.jit
+def _convert(weights: dict) -> dict:
+    """Each weight packed into Panels, each Panels unpacked."""
+    return {k: unpack(w) if isinstance(w, Panels) else pack(w) for k, w in weights.items()}
 
 
 def _output_layer(layout: Layout, params: dict, tied: bool) -> dict:
