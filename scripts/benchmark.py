@@ -6,6 +6,7 @@
                                         [--drafts ngram,layerskip:8] [--draft PATH] [--no-hf]
     python scripts/benchmark.py --kernel [--gammas 1,2,4,8]
     python scripts/benchmark.py --stream [--draft none]
+    python scripts/benchmark.py --startup [--repeats 5]
 
 --ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
 `generate` on the same fp32 weights and prompt, and checks the two greedy outputs match.
@@ -22,6 +23,9 @@ decoding, prefill and a forward step on 1 and γ + 1 tokens, v = step time ÷ 1-
 --stream measures the CLI's streamed decoding (static chunks of the CLI's size, each decoded
 and written through its TextStream) against the library's non-streaming dynamic loop, same
 prompt and draft (default: the CLI's default draft), runs interleaved.
+--startup measures whole CLI processes on the default model (jaxspec.bench_startup): the first
+one in a fresh cache, then warm ones with jaxspec's program cache and with JAX's compilation
+cache only, alternating.
 """
 
 from __future__ import annotations
@@ -35,23 +39,25 @@ import sys
 
 from tqdm import tqdm
 
-from jaxspec import bench, bench_kernel, bench_suite, tuning
+from jaxspec import bench, bench_kernel, bench_startup, bench_suite, tuning
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
 FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET, STREAM_TARGET = 0.85, 2.5, 0.9, 0.95
+WARM_START_TARGET, COLD_START_TARGET = 3.0, 10.0  # seconds of wall time (--startup)
 SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
-# per mode: (--ar/--spec, --suite, --kernel, --stream)
-MODE_DEFAULTS = {"draft": ("layerskip:8", None, None, "default"),
-                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8", "1"),
-                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128, 128),
-                 "repeats": (3, 1, 5, 5),
+# per mode: (--ar/--spec, --suite, --kernel, --stream, --startup)
+MODE_DEFAULTS = {"draft": ("layerskip:8", None, None, "default", None),
+                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8", "1", "1"),
+                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128, 128, 128),
+                 "repeats": (3, 1, 5, 5, 5),
+                 "prompt": (DEFAULT_PROMPT,) * 4 + (bench_startup.PROMPT,),
                  "out_json": ("bench.json", "bench_suite.json", "bench_kernel.json",
-                              "bench_stream.json"),
+                              "bench_stream.json", "bench_startup.json"),
                  "out_png": ("bench.png", "bench_suite.png", "bench_kernel.png",
-                             "bench_stream.png")}
+                             "bench_stream.png", "bench_startup.png")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +77,9 @@ def parse_args(argv):
                       "tokens per step")
     mode.add_argument("--stream", action="store_true",
                       help="the CLI's streamed decoding vs the library's non-streaming rate")
+    mode.add_argument("--startup", action="store_true",
+                      help="wall time of whole CLI processes: first, warm, warm with JAX's "
+                      "compilation cache only")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL!r} (default), a .gguf file or a checkpoint directory")
     p.add_argument("--random", action="store_true",
@@ -79,7 +88,8 @@ def parse_args(argv):
                    "or model name (default layerskip:8; --suite: a model draft to add, none)")
     p.add_argument("--gammas", help="comma-separated γ values (default 1,2,3,4,6,8; --suite "
                    "1,...,8)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (chat-templated)")
+    p.add_argument("--prompt", help="user message (chat-templated; default: a short story "
+                   "request, --startup: the capital of France)")
     p.add_argument("--max-new-tokens", type=int, help="default 128 (--suite 64)")
     p.add_argument("--repeats", type=int, help="timed runs per configuration (default 3; "
                    "--suite: per prompt, 1)")
@@ -93,7 +103,7 @@ def parse_args(argv):
     for name, defaults in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, defaults[2 if args.kernel else 3 if args.stream
-                                         else int(args.suite)])
+                                         else 4 if args.startup else int(args.suite)])
     try:
         args.gammas = sorted({int(g) for g in args.gammas.split(",")})
     except ValueError:
@@ -478,6 +488,39 @@ def plot_stream(r: dict, path: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- --startup
+
+
+def startup_mode(args) -> int:
+    if args.random:
+        print("benchmark: error: --startup runs the CLI, which takes --model, not --random",
+              file=sys.stderr)
+        return 2
+    log("one cold process, then warm ones (each loads the model)")
+    other = bench.OtherLoad()
+    model = None if args.model == DEFAULT_MODEL else args.model
+    result = bench_startup.run(args.prompt, args.repeats, model, progress("rounds"))
+    rows = result["rows"]
+    result["targets"] = {
+        "warm": {"target": WARM_START_TARGET, "value": rows["warm"]["wall_s"],
+                 "pass": rows["warm"]["wall_s"] <= WARM_START_TARGET},
+        "cold": {"target": COLD_START_TARGET, "value": rows["cold"]["wall_s"],
+                 "pass": rows["cold"]["wall_s"] <= COLD_START_TARGET}}
+    result.update(mode="startup", model=args.model, cpus=os.cpu_count(),
+                  other_processes_cpu_share=other.fraction())
+    bench_startup.print_table(result)
+    for name, t in result["targets"].items():
+        print(f"{'PASS' if t['pass'] else 'FAIL'} {name} start {t['value']:.2f} s "
+              f"(target ≤ {t['target']:.0f} s)")
+    print(f"warm ÷ warm with JAX's cache only: "
+          f"{rows['warm']['wall_s'] / rows['warm_xla']['wall_s']:.2f}")
+    with open(args.out_json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    bench_startup.plot(result, args.out_png)
+    print(f"wrote {args.out_json} and {args.out_png}")
+    return 0
+
+
 PRINT = {"ar": print_ar, "spec": print_spec, "kernel": bench_kernel.print_table,
          "stream": print_stream}
 PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot, "stream": plot_stream}
@@ -497,6 +540,8 @@ def main(argv=None) -> int:
         except UserError as e:
             print(f"benchmark: error: {e}", file=sys.stderr)
             return 2
+    if args.startup:
+        return startup_mode(args)
     try:
         with contextlib.ExitStack() as stack:
             target, hf_source = load_target(args, stack)

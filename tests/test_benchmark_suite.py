@@ -183,3 +183,23 @@ def test_stream_mode_end_to_end(script, tmp_path, capsys):
     assert "streamed ÷ library" in capsys.readouterr().out
     with open(out_png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_startup_mode_end_to_end(script, tmp_path, capsys):
+    """--startup: whole CLI processes, cold then warm with and without the program cache; the
+    warm processes load the programs the cold one saved (less compile time), same text."""
+    model = tiny_hf_model("llama", tmp_path)
+    out_json, out_png = tmp_path / "startup.json", tmp_path / "startup.png"
+    rc = script.main(["--startup", "--model", model, "--repeats", "1", "--out-json",
+                      str(out_json), "--out-png", str(out_png)])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    rows = result["rows"]
+    assert set(rows) == {"cold", "warm", "warm_xla"} and result["same_text"]
+    assert all(len(row["walls"]) == 1 and row["wall_s"] > 0 for row in rows.values())
+    assert rows["warm"]["compile_s"] < rows["cold"]["compile_s"]
+    assert set(result["targets"]) == {"warm", "cold"}
+    out = capsys.readouterr().out
+    assert "| warm_xla |" in out and "start" in out
+    with open(out_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

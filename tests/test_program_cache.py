@@ -21,13 +21,21 @@ from helpers import REPO, greedy_reference, tiny_hf_model, tiny_model
 from jaxspec import SpeculativeDecoder, compile_cache, program_cache
 
 
+JAX_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                     "jax_persistent_cache_min_entry_size_bytes")
+
+
 @pytest.fixture
 def cache_on(tmp_path, monkeypatch):
-    """The program cache on, in a fresh $JAXSPEC_CACHE; returns its programs folder."""
+    """The program cache on, in a fresh $JAXSPEC_CACHE; returns its programs folder. JAX's own
+    cache options, which the decoder sets on (compile_cache.enable), are restored after."""
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(compile_cache.ENV, "1")
     monkeypatch.setattr(program_cache, "stats", {"loaded": 0, "saved": 0})
-    return tmp_path / "cache" / "programs"
+    options = {name: getattr(jax.config, name) for name in JAX_CACHE_OPTIONS}
+    yield tmp_path / "cache" / "programs"
+    for name, value in options.items():
+        jax.config.update(name, value)
 
 
 @dataclasses.dataclass(frozen=True)
