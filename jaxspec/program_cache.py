@@ -72,20 +72,32 @@ def load_or_compile(fn: Callable, static, *args, donate: tuple[int, ...] = (), d
     leaves, in_tree = jax.tree.flatten(args)
     flat_donate = _leaf_positions(args, donate)
     path = _path(fn, static, args, donate, device)
-    saved = _read(path) if path is not None and os.path.exists(path) else None
-    how = "loaded"
-    if saved is None and path is not None:
-        saved = _export(fn, static, in_tree, leaves, flat_donate, device)
-        how = "saved" if saved is not None and _write(path, saved) else "compiled"
-    with devices.on(device):
-        if saved is None:
+    if path is not None and os.path.exists(path):
+        saved = _read(path)
+        try:
+            program = None if saved is None else _compiled(saved, leaves, flat_donate, device)
+        except Exception:  # a file that reads but does not compile: trace again, replace it
+            program = None
+        if program is not None:
+            stats["loaded"] += 1
+            return program, "loaded"
+    saved = None if path is None else _export(fn, static, in_tree, leaves, flat_donate, device)
+    if saved is None:
+        with devices.on(device):
             return jax.jit(fn, static_argnums=0, donate_argnums=donate).lower(
                 static, *args).compile(), "compiled"
-        exported, out_tree = saved
+    how = "saved" if _write(path, saved) else "compiled"
+    if how == "saved":
+        stats["saved"] += 1
+    return _compiled(saved, leaves, flat_donate, device), how
+
+
+def _compiled(saved, leaves: list, flat_donate: tuple[int, ...], device) -> Program:
+    """The saved (Exported, out_tree) compiled for these argument leaves (JAX's cache)."""
+    exported, out_tree = saved
+    with devices.on(device):
         compiled = jax.jit(exported.call, donate_argnums=flat_donate).lower(*leaves).compile()
-    if how in stats:
-        stats[how] += 1
-    return Program(compiled, out_tree), how
+    return Program(compiled, out_tree)
 
 
 def _leaf_positions(args: tuple, donate: tuple[int, ...]) -> tuple[int, ...]:

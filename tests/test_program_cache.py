@@ -197,3 +197,21 @@ def test_a_second_process_traces_nothing_of_the_loop(tmp_path):
     assert second["stats"] == {"loaded": 2, "saved": 0}, second
     assert first["traced"] > 0 and second["traced"] == 0
     assert first["tokens"] == second["tokens"] == plain["tokens"]
+
+
+def test_a_file_that_reads_but_does_not_compile_is_replaced(cache_on, monkeypatch):
+    x, state = _args()
+    program_cache.load_or_compile(step, Spec(2.0), x, state)
+    real = program_cache._compiled
+    calls = []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("incompatible")
+        return real(*args)
+
+    monkeypatch.setattr(program_cache, "_compiled", failing_once)
+    program, how = program_cache.load_or_compile(step, Spec(2.0), x, state)
+    assert how == "saved" and len(calls) == 2
+    np.testing.assert_array_equal(program(x, state)["y"], x * 2.0)
