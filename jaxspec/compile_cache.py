@@ -4,8 +4,8 @@ the programs an earlier one compiled instead of compiling them again.
 `enable()` is called by `load_model`, `SpeculativeDecoder` and the CLI before they compile
 anything. It leaves JAX alone when the user configured a cache directory of their own
 (`jax_compilation_cache_dir`) or set `JAXSPEC_COMPILE_CACHE=0` (`=xla` keeps this cache and
-turns off only jaxspec.program_cache, which saves traced programs on top of it). Otherwise it caches every
-program the process compiles from then on (no minimum size or compile time: jaxspec's
+turns off only jaxspec.program_cache, which saves traced programs on top of it). Otherwise it
+caches every program the process compiles from then on (no minimum size or compile time: jaxspec's
 programs on small models compile in under a second, and they are what start-up waits for).
 JAX decides once per process, at its first compilation, whether the cache is used: a program
 compiled before `enable()` keeps the process uncached. A `$JAXSPEC_CACHE` that cannot be written

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file whose paragraphs become extra prompts (repeatable)")
     p.add_argument("--prompts", type=int, default=recipe.prompts, metavar="N",
-                   help=f"generated chat prompts (default {recipe.prompts})")
+                   help=f"generated one-line chat requests (default {recipe.prompts})")
+    p.add_argument("--compound", type=int, default=recipe.compound, metavar="N",
+                   help="generated multi-part chat requests, after those (default "
+                   f"{recipe.compound})")
     p.add_argument("--new-tokens", type=int, default=recipe.new_tokens, metavar="N",
                    help=f"tokens the target generates per prompt (default {recipe.new_tokens})")
     p.add_argument("--steps", type=int, default=train.steps, metavar="N",
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                      "checkpoint_every", "gamma"):
             if getattr(args, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if args.compound < 0:
+            raise UserError("--compound must be at least 0")
         check_work_dir(args.output)
         if args.head:
             check_work_dir(os.path.dirname(os.path.abspath(args.head)))
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
         target = load_model(args.model)
         raise_if_unusable(target)
-        recipe = DataRecipe(prompts=args.prompts, text_files=tuple(args.text),
-                            new_tokens=args.new_tokens)
+        recipe = DataRecipe(prompts=args.prompts, compound=args.compound,
+                            text_files=tuple(args.text), new_tokens=args.new_tokens)
         config = TrainConfig(steps=args.steps, batch=args.batch, unroll=args.unroll,
                              learning_rate=args.learning_rate, draft_vocab=args.draft_vocab,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)

@@ -21,6 +21,8 @@ import dataclasses
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +261,16 @@ def quantize_roundtrip(torch_model, qtype: str) -> None:
                 w = p.numpy().astype(np.float32)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, quant),
                                                                 quant).reshape(w.shape)))
+
+
+def script_json(code: str, *args: str, cache: str, compile_cache: str = "1") -> dict:
+    """Run `python -c code *args` from the repository root with $JAXSPEC_CACHE = cache and
+    $JAXSPEC_COMPILE_CACHE = compile_cache; the JSON object its last stdout line holds."""
+    env = {**os.environ, "JAXSPEC_CACHE": cache, "JAXSPEC_COMPILE_CACHE": compile_cache}
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def read_json(path: str):

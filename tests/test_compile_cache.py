@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-from helpers import REPO, tiny_hf_model
+from helpers import script_json, tiny_hf_model
 
 from jaxspec import compile_cache
 
@@ -29,18 +28,10 @@ print(json.dumps({"hits": events.get("/jax/compilation_cache/cache_hits", 0),
 """
 
 
-def _run(model_dir: str, cache: str) -> dict:
-    env = {**os.environ, "JAXSPEC_CACHE": cache, compile_cache.ENV: "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, model_dir], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_second_process_compiles_nothing(tmp_path):
     model_dir = tiny_hf_model("llama", tmp_path)
     cache = str(tmp_path / "cache")
-    first, second = _run(model_dir, cache), _run(model_dir, cache)
+    first, second = (script_json(SCRIPT, model_dir, cache=cache) for _ in range(2))
     assert first["dir"] == second["dir"] == os.path.join(cache, "xla")
     assert first["misses"] > 0 and first["hits"] == 0, first
     assert second["misses"] == 0 and second["hits"] >= first["misses"], second

@@ -7,16 +7,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, greedy_reference, tiny_hf_model, tiny_model
+from helpers import greedy_reference, script_json, tiny_hf_model, tiny_model
 
 from jaxspec import SpeculativeDecoder, compile_cache, program_cache
 
@@ -180,19 +177,11 @@ print(json.dumps({"tokens": out.tokens, "stats": program_cache.stats, "traced": 
 """
 
 
-def _run(model_dir: str, cache: str, setting: str) -> dict:
-    env = {**os.environ, "JAXSPEC_CACHE": cache, compile_cache.ENV: setting}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, model_dir], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_a_second_process_traces_nothing_of_the_loop(tmp_path):
     model_dir = tiny_hf_model("llama", tmp_path)
     cache = str(tmp_path / "cache")
-    first, second = _run(model_dir, cache, "1"), _run(model_dir, cache, "1")
-    plain = _run(model_dir, str(tmp_path / "off"), "0")
+    first, second = (script_json(SCRIPT, model_dir, cache=cache) for _ in range(2))
+    plain = script_json(SCRIPT, model_dir, cache=str(tmp_path / "off"), compile_cache="0")
     assert first["stats"] == {"loaded": 0, "saved": 2}, first
     assert second["stats"] == {"loaded": 2, "saved": 0}, second
     assert first["traced"] > 0 and second["traced"] == 0

@@ -1,11 +1,14 @@
-"""Training prompts: a built-in generator of chat requests, and users' own text files.
+"""Training prompts: built-in generators of chat requests, and users' own text files.
 
-The generator crosses request templates with subjects, in an order fixed by a seed. It is
-written for the project and shares no prompt with the benchmark's set (scripts/prompts).
+`generated` crosses one-line request templates with subjects; `compound` builds longer
+multi-part requests (a situation, a task in several parts, a constraint on the answer) about
+the same subjects. Both draw in an order fixed by a seed, are written for the project and
+share no prompt with the benchmark's set (scripts/prompts).
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 from jaxspec.errors import UserError
@@ -49,6 +52,59 @@ def generated(count: int, seed: int) -> list[str]:
     pairs = [(t, s) for t in TEMPLATES for s in SUBJECTS]
     random.Random(seed).shuffle(pairs)
     return [t.format(s=s) for t, s in pairs[:count]]
+
+
+SITUATIONS = (
+    "I am a teacher and next week I have to introduce {s} to a class of teenagers.",
+    "A friend asked me about {s} over dinner and I realised I could not explain it well.",
+    "I am writing a blog post about {s} for readers who know nothing about it.",
+    "I have a job interview on Monday and {s} might come up in the conversation.",
+    "I want to spend my weekends learning about {s}, but I do not know where to begin.",
+    "My grandmother keeps asking me about {s} and I would like to give her a good answer.",
+    "I am giving a five-minute talk about {s} at a local club next month.",
+    "My daughter has a school project on {s} and she asked me for help.",
+    "I read a confusing article about {s} this morning and it left me with more questions.",
+    "I am planning a small workshop for adults who are curious about {s}.",
+    "I keep hearing people argue about {s} and I want to understand both sides.",
+    "I am a nurse on night shifts, and I like to read about {s} during my breaks.",
+)
+TASKS = (
+    "Could you explain the basic idea, give one everyday example, and say why it matters?",
+    "What are the three most important points, and how would you connect them into a story?",
+    "How should I structure a short introduction, and which mistakes should I avoid?",
+    "What would be a sensible first step, what comes after it, and how do I know I am "
+    "making progress?",
+    "Can you suggest an outline with a beginning, a middle and an end, and a few questions "
+    "to check understanding?",
+    "What do people usually get wrong about it, and how would you correct them politely?",
+    "Could you compare two ways of thinking about it and tell me which one is easier to "
+    "remember?",
+    "Which simple comparison or picture would make it click, and how would you use it?",
+)
+CONSTRAINTS = (
+    "Please keep it friendly and not too long.",
+    "Use simple words, and end with one question I could ask others.",
+    "Please use a numbered list and finish with one practical tip.",
+    "Keep it under two hundred words, and avoid jargon.",
+    "Write in a warm tone, as if you were talking to a friend.",
+    "Please add a short summary at the end in one sentence.",
+)
+
+
+def compound(count: int, seed: int) -> list[str]:
+    """`count` distinct multi-part requests, each a situation, a task in several parts and a
+    constraint about one subject, drawn without repeats in a seeded order."""
+    parts = (SITUATIONS, TASKS, CONSTRAINTS, SUBJECTS)
+    space = math.prod(len(p) for p in parts)
+    requests = []
+    for index in random.Random(seed).sample(range(space), min(count, space)):
+        chosen = []
+        for options in parts:
+            index, i = divmod(index, len(options))
+            chosen.append(options[i])
+        situation, task, constraint, subject = chosen
+        requests.append(f"{situation.format(s=subject)} {task} {constraint}")
+    return requests
 
 
 def from_files(paths, max_chars: int = 600) -> list[str]:

@@ -26,7 +26,8 @@ from jaxspec.training.trainer import TrainConfig, Trainer, draft_vocabulary
 
 @dataclasses.dataclass(frozen=True)
 class DataRecipe:
-    prompts: int = 1280  # built-in generated prompts
+    prompts: int = 1280  # built-in one-line requests (prompts.generated)
+    compound: int = 0  # built-in multi-part requests (prompts.compound)
     text_files: tuple[str, ...] = ()
     new_tokens: int = 160  # greedy tokens recorded per prompt
     held_out: float = 0.05  # fraction of prompts kept for evaluation
@@ -47,9 +48,11 @@ def check_work_dir(path: str) -> None:
 
 
 def request_texts(recipe: DataRecipe, seed: int) -> list[str]:
-    """The training requests: generated ones, then the text files' paragraphs."""
-    return prompt_sources.generated(recipe.prompts, seed) + prompt_sources.from_files(
-        recipe.text_files)
+    """The training requests: one-line ones, multi-part ones, then the text files' paragraphs
+    (the held-out rows are the last ones)."""
+    return (prompt_sources.generated(recipe.prompts, seed)
+            + prompt_sources.compound(recipe.compound, seed)
+            + prompt_sources.from_files(recipe.text_files))
 
 
 def recorded(target, texts: list[str], recipe: DataRecipe, layers, work_dir: str) -> Records:

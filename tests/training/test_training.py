@@ -76,12 +76,19 @@ def test_recorded_rows_are_the_targets_greedy_text(target):
     assert recs.hidden.shape[2:] == (2, target.config.hidden_size)
 
 
-def test_generated_prompts_are_distinct_seeded_and_not_the_benchmarks():
-    a, b = prompts.generated(500, 0), prompts.generated(500, 0)
-    assert a == b and len(set(a)) == 500 and prompts.generated(500, 1) != a
+@pytest.mark.parametrize("generate", [prompts.generated, prompts.compound])
+def test_generated_prompts_are_distinct_seeded_and_not_the_benchmarks(generate):
+    a, b = generate(500, 0), generate(500, 0)
+    assert a == b and len(set(a)) == 500 and generate(500, 1) != a
     with open(os.path.join(REPO, "scripts", "prompts", "suite.jsonl"), encoding="utf-8") as f:
         bench = {json.loads(line)["prompt"] for line in f if line.strip()}
-    assert not bench & set(prompts.generated(10_000, 0))
+    assert not bench & set(generate(10_000, 0))
+
+
+def test_compound_requests_have_several_parts():
+    for request in prompts.compound(200, 3):
+        assert request.count("?") >= 1 and request.count(".") >= 2, request
+        assert any(subject in request for subject in prompts.SUBJECTS)
 
 
 def _script(*args):
@@ -115,14 +122,15 @@ def test_train_draft_end_to_end_then_generate(tmp_path):
     text.write_text("First paragraph about tea.\n\nSecond paragraph about coffee.\n")
     work, head = tmp_path / "work", tmp_path / "head"
     args = ["--output", str(work), "--head", str(head), "--model", model, "--text", str(text),
-            "--prompts", "10", "--new-tokens", "8", "--steps", "4", "--batch", "4",
+            "--prompts", "10", "--compound", "3", "--new-tokens", "8", "--steps", "4",
+            "--batch", "4",
             "--draft-vocab", "32", "--checkpoint-every", "2"]
     proc = _script(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tau=" in proc.stdout
     meta = head_store.read_meta(str(head))
     assert meta["gamma"] == 4 and meta["training"]["train_rows"] + meta["training"][
-        "held_out_rows"] == 12  # 10 generated prompts and the file's 2 paragraphs
+        "held_out_rows"] == 15  # 10 + 3 generated requests and the file's 2 paragraphs
     assert sorted(os.listdir(work / "train_state")) == ["2", "4"]
     proc = _script(*args, "--gamma", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
