@@ -86,9 +86,10 @@ def load_or_compile(fn: Callable, static, *args, donate: tuple[int, ...] = (), d
         with devices.on(device):
             return jax.jit(fn, static_argnums=0, donate_argnums=donate).lower(
                 static, *args).compile(), "compiled"
-    how = "saved" if _write(path, saved) else "compiled"
-    if how == "saved":
+    how = "compiled"
+    if _write(path, saved):
         stats["saved"] += 1
+        how = "saved"
     return _compiled(saved, leaves, flat_donate, device), how
 
 
