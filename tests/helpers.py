@@ -273,6 +273,15 @@ def script_json(code: str, *args: str, cache: str, compile_cache: str = "1") -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def truncate_largest_file(folder: str) -> None:
+    """Cut the largest file under folder (e.g. an Orbax checkpoint's tensor data) to a tenth of
+    its size."""
+    files = [os.path.join(parent, name) for parent, _, names in os.walk(folder)
+             for name in names]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 10)
+
+
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -34,7 +34,7 @@ class _FinishingPolicy(asyncio.DefaultEventLoopPolicy):
 
 
 @contextlib.contextmanager
-def _finishing_loops() -> Iterator[None]:
+def finishing_loops() -> Iterator[None]:
     """Meanwhile, every new event loop of the process is a _FinishingLoop."""
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_FinishingPolicy())
@@ -46,7 +46,7 @@ def _finishing_loops() -> Iterator[None]:
 
 def save(directory: str, tree) -> None:
     """Save a pytree of arrays into directory (which must not exist), waiting until written."""
-    with _finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
+    with finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory, tree)
         checkpointer.wait_until_finished()
 
@@ -54,5 +54,5 @@ def save(directory: str, tree) -> None:
 def restore(directory: str, target):
     """The pytree saved in directory, shaped like target (jax.ShapeDtypeStructs); Orbax's and
     tensorstore's exceptions pass through, but only once all reads have ended."""
-    with _finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
+    with finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(directory, target)

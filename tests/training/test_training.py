@@ -11,9 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, successor_model, tiny_hf_model, trained_head
+from helpers import (REPO, successor_model, tiny_hf_model, trained_head,
+                     truncate_largest_file)
 
 from jaxspec.checkpoint import head_store
+from jaxspec.errors import UserError
 from jaxspec.training import prompts, record, trainer
 
 
@@ -39,6 +41,22 @@ def test_a_resumed_run_reaches_the_same_params(tmp_path, target):
         fitter.config, seed=1)).fit(train, held_out, str(tmp_path / "c"), progress=False)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(straight),
                                                         jax.tree.leaves(different)))
+
+
+def test_a_damaged_training_checkpoint_is_one_line(tmp_path, target, capfd):
+    """Resuming from a checkpoint whose tensor data was cut: one UserError naming the folder,
+    and no late tracebacks from Orbax's reads on stderr."""
+    config, _, fitter, (train, held_out) = trained_head(target, draft_vocab=24, steps=1)
+    fitter = trainer.Trainer(target, config, np.asarray(fitter.d2t), trainer.TrainConfig(
+        steps=4, batch=8, draft_vocab=24, checkpoint_every=2, eval_every=4, eval_rows=8))
+    work = tmp_path / "train_state"
+    fitter.fit(train, held_out, str(work), progress=False, stop_after=2)
+    truncate_largest_file(str(work / "2"))
+    capfd.readouterr()
+    with pytest.raises(UserError, match="cannot resume training from") as error:
+        fitter.fit(train, held_out, str(work), progress=False)
+    assert f"delete {work} to start over" in str(error.value) and "\n" not in str(error.value)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def dataclass_replace(config, **changes):
