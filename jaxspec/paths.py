@@ -10,6 +10,7 @@ programs, the kernel, γ) goes on without it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -35,3 +36,20 @@ def writable_cache_dir(*parts: str) -> str:
         raise UserError(f"the jaxspec cache {path} is not writable ({reason}); set "
                         "JAXSPEC_CACHE to a writable directory") from None
     return path
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write data to path through a temporary file in the same folder renamed into place, so
+    that readers see the old file or the new one, never part of one; the temporary file is
+    removed when writing fails (OSError passes through)."""
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", delete=False,
+                                     prefix=f".{os.path.basename(path)}.tmp-") as f:
+        temporary = f.name
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise

@@ -29,7 +29,6 @@ import hashlib
 import importlib.util
 import os
 import pickle
-import tempfile
 import types
 from collections.abc import Callable
 
@@ -40,7 +39,7 @@ from jax.api_util import shaped_abstractify
 
 from jaxspec import compile_cache, devices
 from jaxspec.errors import UserError
-from jaxspec.paths import writable_cache_dir
+from jaxspec.paths import writable_cache_dir, write_atomically
 
 FORMAT = 1  # bump when what a file holds changes
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
@@ -258,16 +257,8 @@ def _write(path: str, saved) -> bool:
         data = pickle.dumps((FORMAT, bytes(exported.serialize()), out_tree))
     except Exception:  # e.g. a tree node that does not pickle
         return False
-    temporary = None
     try:
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False,
-                                         prefix=".tmp-") as f:
-            temporary = f.name
-            f.write(data)
-        os.replace(temporary, path)
+        write_atomically(path, data)
     except OSError:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
         return False
     return True

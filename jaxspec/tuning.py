@@ -20,7 +20,7 @@ import json
 import os
 
 from jaxspec.errors import UserError
-from jaxspec.paths import cache_dir, writable_cache_dir
+from jaxspec.paths import cache_dir, writable_cache_dir, write_atomically
 
 MAX_AUTO_GAMMA = 8
 PROFILE_TOKENS = 32  # new tokens of the run that measures α
@@ -118,10 +118,7 @@ def store(key: str, choice: Choice) -> None:
                     if k in ("gamma", "alpha", "c", "v")}
     try:
         writable_cache_dir()
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(entries, f, indent=1)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(entries, indent=1).encode("utf-8"))
     except (OSError, UserError):
         pass
 
