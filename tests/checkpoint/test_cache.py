@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from helpers import REPO, plain_params, tiny_torch_model, truncate_largest_file, write_tiny_gguf
 
-from jaxspec import compile_cache, tuning
+from jaxspec import compile_cache, paths, tuning
 from jaxspec.checkpoint import convert, default_model, load_model, temp_dirs
 from jaxspec.errors import UserError
 
@@ -222,3 +222,18 @@ def test_default_model_conversion_removes_what_a_killed_one_left(default_cache):
     stale = _planted(default_cache, NAME, dead_pid())
     load_model(NAME)
     assert not os.path.exists(stale) and not _hidden(default_cache)
+
+
+def test_write_atomically_replaces_whole_files_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "gamma.json"
+    paths.write_atomically(str(path), b"old")
+    paths.write_atomically(str(path), b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["gamma.json"]
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        paths.write_atomically(str(path), b"newer")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["gamma.json"]
