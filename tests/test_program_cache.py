@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import greedy_reference, script_json, tiny_hf_model, tiny_model
+from helpers import (greedy_reference, script_json, successor_model, tiny_hf_model,
+                     tiny_model, trained_head)
 
 from jaxspec import SpeculativeDecoder, compile_cache, program_cache
+from jaxspec.drafts.head import HeadDraft
 
 
 JAX_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -140,13 +142,26 @@ def test_uncacheable_static_compiles_as_before(cache_on):
     assert how == "compiled" and not cache_on.exists()
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_decoder_output_is_the_same_from_loaded_programs(cache_on, temperature):
-    target, draft = tiny_model(0), tiny_model(1)
-    prompts = [[3, 4, 5, 6], [7, 8]]
+def _decoder_args(kind: str):
+    """(target, draft, draft_params) for one draft kind."""
+    if kind == "head":  # the kind the CLI uses by default (with SmolLM2)
+        target = successor_model(40)
+        config, params, *_ = trained_head(target, draft_vocab=24, steps=2, rows=16)
+        return target, HeadDraft(config, threshold=0.2), {"head": params,
+                                                           "embed": target.params["embed"]}
+    target = tiny_model(0)
+    return target, tiny_model(1) if kind == "model" else "ngram:2", None
+
+
+@pytest.mark.parametrize("kind, temperature", [("model", 0.0), ("model", 0.8), ("ngram", 0.8),
+                                               ("head", 0.0), ("head", 0.8)])
+def test_decoder_output_is_the_same_from_loaded_programs(cache_on, kind, temperature):
+    target, draft, draft_params = _decoder_args(kind)
+    prompts = [[3, 4, 5, 6, 3, 4], [7, 8]]
 
     def run(mode):
-        decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=3, mode=mode)
+        decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=3, mode=mode,
+                                     draft_params=draft_params)
         return decoder.generate(prompts, max_new_tokens=10, temperature=temperature, seed=4)
 
     fresh = {mode: run(mode) for mode in ("dynamic", "static")}
