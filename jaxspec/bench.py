@@ -102,8 +102,9 @@ def read_bandwidth(nbytes: int = 1 << 30, *, repeats: int = 5, threads: int = 1)
 class OtherLoad:
     """Share of the machine's CPU time that other processes used since creation (Linux).
 
-    System busy time from /proc/stat minus this process's own CPU time, over wall × CPUs:
-    0 on a quiet machine; e.g. 0.5 means another job kept one of two cores busy.
+    System busy time from /proc/stat minus this process's own CPU time and its finished
+    children's (--startup's CLI processes), over wall × CPUs: 0 on a quiet machine; e.g. 0.5
+    means another job kept one of two cores busy.
     """
 
     def __init__(self):
@@ -119,7 +120,8 @@ class OtherLoad:
         own = os.times()
         tick = os.sysconf("SC_CLK_TCK")
         busy = (sum(ticks) - ticks[3] - ticks[4]) / tick  # all but idle and iowait, seconds
-        return busy, own.user + own.system, time.monotonic()
+        mine = own.user + own.system + own.children_user + own.children_system
+        return busy, mine, time.monotonic()
 
     def fraction(self) -> float | None:
         end = self._sample()

@@ -514,6 +514,9 @@ def startup_mode(args) -> int:
               f"(target ≤ {t['target']:.0f} s)")
     print(f"warm ÷ warm with JAX's cache only: "
           f"{rows['warm']['wall_s'] / rows['warm_xla']['wall_s']:.2f}")
+    share = result["other_processes_cpu_share"]
+    if share is not None:
+        print(f"other processes used {share:.0%} of the {os.cpu_count()} CPUs during the run")
     with open(args.out_json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     bench_startup.plot(result, args.out_png)
