@@ -4,7 +4,8 @@ Flags follow vLLM (`--model`, `--draft`, `--num-speculative-tokens`, `--temperat
 `--top-k`, `--seed`, `--max-new-tokens`). Text streams chunk by chunk (static loop mode, a few
 iterations per compiled call); statistics go to stderr. `--json` prints one JSON object with
 `text`, `tokens` and `stats` instead. `--device` picks the backend (default auto: neuron,
-then gpu, then cpu); `--verbose` also prints the device and the memory plan to stderr. Bad
+then gpu, then cpu); `--verbose` also prints the device, the memory plan and where start-up
+time went to stderr. Bad
 input (a missing device and a run that does not fit in memory included) prints one line
 `error: ...` and exits 2.
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from jaxspec import devices, validation
 from jaxspec.checkpoint.names import DEFAULT_MODEL, check_exists
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data parallelism over M more device groups (the CLI's one prompt "
                         "needs 1; default 1)")
     p.add_argument("--verbose", action="store_true",
-                   help="also print the device and the memory plan to stderr")
+                   help="also print the device, the memory plan and where start-up time went "
+                        "to stderr")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, stats) instead of streaming")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
@@ -199,13 +202,16 @@ def run(args: argparse.Namespace) -> int:
     from jaxspec.api import SpeculativeDecoder
     from jaxspec.checkpoint.load import load_model
 
+    started = time.perf_counter()
     device = devices.resolve(args.device)
     target = load_model(args.model, dtype=args.dtype, device=device, tp=args.tp)
+    loaded = time.perf_counter()
     prompt = encode_prompt(target, args.prompt, args.chat_template)
     draft = None if args.draft == "none" else args.draft
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
                                  mode="static", static_iterations=STATIC_ITERATIONS,
                                  device=device)
+    seconds = {"model": loaded - started, "draft": time.perf_counter() - loaded}
     if args.verbose:
         for line in plan_lines(decoder, prompt, args):
             print(line, file=sys.stderr, flush=True)
@@ -220,9 +226,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         stream.update(tokens, final=True)
         print(flush=True)
-    for line in stats_lines(stats, decoder.draft is not None):
+    lines = stats_lines(stats, decoder.draft is not None)
+    if args.verbose:
+        lines.append(startup_line(seconds, stats["compile_seconds"]))
+    for line in lines:
         print(line, file=sys.stderr)
     return 0
+
+
+def startup_line(seconds: dict, compile_seconds: float) -> str:
+    """--verbose: where start-up went (loading the model; resolving the draft; the programs,
+    traced and compiled or loaded from jaxspec.program_cache)."""
+    from jaxspec import program_cache
+
+    counts = program_cache.stats
+    return (f"[jaxspec] start-up: model {seconds['model']:.2f} s, draft {seconds['draft']:.2f} s, "
+            f"programs {compile_seconds:.2f} s ({counts['loaded']} loaded from the program "
+            f"cache, {counts['saved']} traced and saved)")
 
 
 def _one_line(error: BaseException) -> str:

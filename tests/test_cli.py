@@ -99,6 +99,16 @@ def test_streams_text(model_dir, greedy_json):
     assert f"{len(greedy_json['tokens'])} new tokens" in stats[0]
 
 
+def test_verbose_prints_device_plan_and_startup(model_dir, capsys):
+    assert cli_module.main([PROMPT, "--model", model_dir, "--max-new-tokens", "4",
+                            "--verbose"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[jaxspec] device ") and err[1] == "[jaxspec] memory plan:"
+    startup = [line for line in err if line.startswith("[jaxspec] start-up: model ")]
+    assert len(startup) == 1 and " s, programs " in startup[0], err
+    assert "from the program cache" in startup[0]
+
+
 def test_json_with_draft_accepts_everything(model_dir, greedy_json):
     done = cli(PROMPT, "--model", model_dir, "--draft", model_dir, "--num-speculative-tokens",
                "3", "--max-new-tokens", str(MAX_NEW), "--json")
