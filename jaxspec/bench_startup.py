@@ -10,8 +10,8 @@ linked in from the user's cache, so no download, conversion or kernel build is c
             what start-up was before the program cache
 
 Warm runs of the two kinds alternate, so that both see the same machine. Each row reports the
-wall times and what the CLI's stderr says of them (compile, i.e. trace + compile or load, and
-decode seconds).
+wall times and what the CLI's `--verbose` stderr says of them: seconds loading the model,
+resolving the draft, getting the programs (traced and compiled, or loaded) and decoding.
 """
 
 from __future__ import annotations
@@ -29,23 +29,26 @@ from jaxspec.paths import cache_dir
 
 PROMPT = "What is the capital of France?"
 LINKED = ("kernels",)  # besides the converted default model
-STATS = re.compile(r"in ([\d.]+) s: .*compile ([\d.]+) s")
+DECODE = re.compile(r"in ([\d.]+) s: ")
+STARTUP = re.compile(r"start-up: model ([\d.]+) s, draft ([\d.]+) s, programs ([\d.]+) s")
+PARTS = ("model_s", "draft_s", "programs_s", "decode_s")
 
 
 def run_cli(prompt: str, cache: str, setting: str, model: str | None = None) -> dict:
-    """One CLI process: wall seconds, and the compile and decode seconds it reports."""
+    """One CLI process: wall seconds, and the seconds its --verbose stderr reports (PARTS)."""
     env = {**os.environ, "JAXSPEC_CACHE": cache, "JAXSPEC_COMPILE_CACHE": setting}
-    command = [sys.executable, "-m", "jaxspec.generate", prompt]
+    command = [sys.executable, "-m", "jaxspec.generate", prompt, "--verbose"]
     start = time.perf_counter()
     done = subprocess.run(command + (["--model", model] if model else []), env=env,
                           capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"the CLI failed: {done.stderr.strip()[-500:]}")
-    found = STATS.search(done.stderr)
-    decode, compile_seconds = (float(found[1]), float(found[2])) if found else (None, None)
-    return {"wall_s": wall, "compile_s": compile_seconds, "decode_s": decode,
-            "text": done.stdout.strip()}
+    decode, startup = DECODE.search(done.stderr), STARTUP.search(done.stderr)
+    if decode is None or startup is None:
+        raise RuntimeError(f"unexpected CLI statistics: {done.stderr.strip()[-500:]}")
+    seconds = [float(x) for x in startup.groups()] + [float(decode[1])]
+    return {"wall_s": wall, **dict(zip(PARTS, seconds)), "text": done.stdout.strip()}
 
 
 def fresh_cache(folder: str, model: str | None) -> str:
@@ -79,27 +82,19 @@ def run(prompt: str = PROMPT, repeats: int = 5, model: str | None = None,
 
 
 def _summary(runs: list[dict]) -> dict:
-    def median(key):
-        values = [r[key] for r in runs if r[key] is not None]
-        return statistics.median(values) if values else None
-
-    return {"wall_s": median("wall_s"), "compile_s": median("compile_s"),
-            "decode_s": median("decode_s"), "walls": [r["wall_s"] for r in runs]}
+    medians = {key: statistics.median(r[key] for r in runs) for key in ("wall_s", *PARTS)}
+    return {**medians, "walls": [r["wall_s"] for r in runs]}
 
 
 def print_table(r: dict) -> None:
     print(f"`python -m jaxspec.generate {r['prompt']!r}`: medians of {r['repeats']} warm runs "
           f"(cold: one run); same text in every run: {r['same_text']}")
-    print("| process | wall s | compile s (stderr) | decode s (stderr) | walls |\n"
-          "|---|---|---|---|---|")
+    print("| process | wall s | model s | draft s | programs s | decode s | walls |\n"
+          "|---|---|---|---|---|---|---|")
     for name, row in r["rows"].items():
+        parts = " | ".join(f"{row[key]:.2f}" for key in PARTS)
         walls = ", ".join(f"{w:.2f}" for w in row["walls"])
-        print(f"| {name} | {row['wall_s']:.2f} | {_fmt(row['compile_s'])} | "
-              f"{_fmt(row['decode_s'])} | {walls} |")
-
-
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.2f}"
+        print(f"| {name} | {row['wall_s']:.2f} | {parts} | {walls} |")
 
 
 def plot(r: dict, path: str) -> None:

@@ -197,7 +197,8 @@ def test_startup_mode_end_to_end(script, tmp_path, capsys):
     rows = result["rows"]
     assert set(rows) == {"cold", "warm", "warm_xla"} and result["same_text"]
     assert all(len(row["walls"]) == 1 and row["wall_s"] > 0 for row in rows.values())
-    assert rows["warm"]["compile_s"] < rows["cold"]["compile_s"]
+    assert rows["warm"]["programs_s"] < rows["cold"]["programs_s"]
+    assert all(row["model_s"] > 0 and row["decode_s"] > 0 for row in rows.values())
     assert set(result["targets"]) == {"warm", "cold"}
     out = capsys.readouterr().out
     assert "| warm_xla |" in out and "start" in out
