@@ -131,6 +131,32 @@ class OtherLoad:
         return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
 
 
+# rated memory bandwidth (GB/s) by a substring of jax.Device.device_kind
+RATED_GB_S = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
+
+
+def device_copy_bandwidth(device, nbytes: int = 1 << 30, *, repeats: int = 5) -> dict:
+    """GB/s of a compiled elementwise pass (read nbytes, write nbytes) over an array that lives
+    on `device`: the floor a decode step there can approach."""
+    import jax.numpy as jnp
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    x = jax.jit(lambda: jnp.zeros(nbytes // 4, jnp.float32), out_shardings=sharding)()
+    step = jax.jit(lambda a: a + 1).lower(x).compile()
+    step(x).block_until_ready()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(x).block_until_ready()
+        rates.append(2 * x.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"bytes": int(x.nbytes), **best_median(rates)}
+
+
+def rated_bandwidth(device) -> float | None:
+    """The device's rated memory bandwidth in GB/s, when its kind is known."""
+    return next((v for k, v in RATED_GB_S.items() if k in device.device_kind), None)
+
+
 # ---------------------------------------------------------------------------- models
 
 

@@ -7,6 +7,7 @@
     python scripts/benchmark.py --kernel [--gammas 1,2,4,8]
     python scripts/benchmark.py --stream [--draft none]
     python scripts/benchmark.py --startup [--repeats 5]
+    python scripts/benchmark.py --ar|--spec|--exactness --preset llama3-8b [--device gpu]
 
 --ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
 `generate` on the same fp32 weights and prompt, and checks the two greedy outputs match.
@@ -26,6 +27,14 @@ prompt and draft (default: the CLI's default draft), runs interleaved.
 --startup measures whole CLI processes on the default model (jaxspec.bench_startup): the first
 one in a fresh cache, then warm ones with jaxspec's program cache and with JAX's compilation
 cache only, alternating.
+--preset NAME replaces the model by random weights of a real shape made on the device
+(jaxspec.presets; bf16 unless --dtype float32), for --ar, --spec and --exactness: speed and
+cost, not acceptance (its default draft is `self`, the target drafting for itself, which
+accepts everything). On an accelerator --ar also measures the device's copy bandwidth and,
+for a known device, compares with its rated bandwidth.
+--exactness compares greedy speculative output with greedy plain output, token for token, on
+--repeats random prompts at each γ (batch 1): the mismatch rate, and where the first mismatch
+fell (bf16 verifies and one-token steps may round differently on some backends).
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ import sys
 
 from tqdm import tqdm
 
-from jaxspec import bench, bench_kernel, bench_startup, bench_suite, tuning
+from jaxspec import (bench, bench_exactness, bench_kernel, bench_startup, bench_suite,
+                     presets, tuning)
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -47,17 +57,22 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
 FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET, STREAM_TARGET = 0.85, 2.5, 0.9, 0.95
 WARM_START_TARGET, COLD_START_TARGET = 3.0, 10.0  # seconds of wall time (--startup)
+# --ar --preset on a device of known rated bandwidth: (what is compared, target)
+PRESET_TARGETS = {"llama3-8b": ("fraction_of_rated", 0.8), "llama3.2-1b": ("fraction_of_rated", 0.6),
+                  "smollm2-135m": ("tok_s", 2500.0)}
+EXACTNESS_PROMPT_TOKENS = 32
 SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
-# per mode: (--ar/--spec, --suite, --kernel, --stream, --startup)
-MODE_DEFAULTS = {"draft": ("layerskip:8", None, None, "default", None),
-                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8", "1", "1"),
-                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128, 128, 128),
-                 "repeats": (3, 1, 5, 5, 5),
-                 "prompt": (DEFAULT_PROMPT,) * 4 + (bench_startup.PROMPT,),
+# per mode: (--ar/--spec, --suite, --kernel, --stream, --startup, --exactness)
+MODE_DEFAULTS = {"draft": ("layerskip:8", None, None, "default", None, "layerskip:8"),
+                 "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8", "1", "1",
+                            "2,4"),
+                 "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128, 128, 128, 128),
+                 "repeats": (3, 1, 5, 5, 5, 4),
+                 "prompt": (DEFAULT_PROMPT,) * 4 + (bench_startup.PROMPT, DEFAULT_PROMPT),
                  "out_json": ("bench.json", "bench_suite.json", "bench_kernel.json",
-                              "bench_stream.json", "bench_startup.json"),
+                              "bench_stream.json", "bench_startup.json", "bench_exactness.json"),
                  "out_png": ("bench.png", "bench_suite.png", "bench_kernel.png",
-                             "bench_stream.png", "bench_startup.png")}
+                             "bench_stream.png", "bench_startup.png", "bench_exactness.png")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +92,8 @@ def parse_args(argv):
                       "tokens per step")
     mode.add_argument("--stream", action="store_true",
                       help="the CLI's streamed decoding vs the library's non-streaming rate")
+    mode.add_argument("--exactness", action="store_true",
+                      help="greedy speculative vs plain output, token for token, per γ")
     mode.add_argument("--startup", action="store_true",
                       help="wall time of whole CLI processes: first, warm, warm with JAX's "
                       "compilation cache only")
@@ -84,6 +101,11 @@ def parse_args(argv):
                    help=f"{DEFAULT_MODEL!r} (default), a .gguf file or a checkpoint directory")
     p.add_argument("--random", action="store_true",
                    help="random weights of SmolLM2-135M's shape instead of --model")
+    p.add_argument("--preset", choices=sorted(presets.PRESETS),
+                   help="random weights of a real shape, made on the device (--ar, --spec, "
+                   "--exactness)")
+    p.add_argument("--dtype", choices=presets.DTYPES, help="a preset's dtype (default bfloat16)")
+    p.add_argument("--device", help="auto, cpu, gpu or neuron: where a preset lives and runs")
     p.add_argument("--draft", help="layerskip:K, ngram[:N] (c taken as 0), a checkpoint path "
                    "or model name (default layerskip:8; --suite: a model draft to add, none)")
     p.add_argument("--gammas", help="comma-separated γ values (default 1,2,3,4,6,8; --suite "
@@ -100,10 +122,13 @@ def parse_args(argv):
                    "bench_suite_speedup.png and bench_suite_acceptance.png)")
     bench_suite.add_arguments(p)
     args = p.parse_args(argv)
+    if args.preset and args.draft is None:
+        args.draft = "self"  # acceptance of other drafts means nothing on random weights
+    column = (2 if args.kernel else 3 if args.stream else 4 if args.startup
+              else 5 if args.exactness else int(args.suite))
     for name, defaults in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, defaults[2 if args.kernel else 3 if args.stream
-                                         else 4 if args.startup else int(args.suite)])
+            setattr(args, name, defaults[column])
     try:
         args.gammas = sorted({int(g) for g in args.gammas.split(",")})
     except ValueError:
@@ -115,6 +140,13 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.copy_mb < 512:
         p.error("--copy-mb must be >= 512")
+    if (args.preset or args.dtype or args.device) and not (args.ar or args.spec
+                                                           or args.exactness):
+        p.error("--preset, --dtype and --device go with --ar, --spec or --exactness")
+    if (args.dtype or args.device) and not args.preset:
+        p.error("--dtype and --device need --preset")
+    if args.preset and args.random:
+        p.error("--preset and --random are two kinds of random weights: give one")
     if not args.suite:
         given = [n for n in bench_suite.SUITE_ONLY if getattr(args, n) is not None]
         if given or args.no_hf:
@@ -137,15 +169,27 @@ def progress(desc: str):
 
 def load_target(args, stack: contextlib.ExitStack):
     """(target model, source for transformers or None)."""
+    if args.preset:
+        import jax
+
+        log(f"making preset {args.preset} ({args.dtype or 'bfloat16'}) on the device")
+        target = presets.random_model(args.preset, dtype=args.dtype or "bfloat16",
+                                      device=args.device)
+        device = next(iter(target.params["embed"].devices()))
+        jax.config.update("jax_default_device", device)  # the decoders compile for it
+        return target, None
     return bench.load_target(args.model, random=args.random, stack=stack, log=log)
 
 
 def load_draft(spec: str, target):
-    """A checkpoint path or model name is loaded once for all γ; layerskip:K and ngram pass."""
+    """A checkpoint path or model name is loaded once for all γ; `self` is the target itself;
+    layerskip:K and ngram pass."""
     from jaxspec.drafts import registry
 
     from jaxspec.checkpoint import head_store
 
+    if spec == "self":
+        return target
     if registry.parse(spec).kind != registry.MODEL or head_store.is_head_dir(spec):
         return spec
     from jaxspec.checkpoint.load import load_model
@@ -192,10 +236,19 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
         "step_tok_s": {k: 1 / v["best"] for k, v in steps.items()},
         "all_runs_identical": all(t == tokens for t, _ in runs),
     }
+    if args.preset:  # an array on the preset's device, and the device's rated bandwidth
+        device = next(iter(target.params["embed"].devices()))
+        log(f"copy bandwidth on {device.device_kind}")
+        bw["device"] = bench.device_copy_bandwidth(device, nbytes)
+        rated = bench.rated_bandwidth(device)
+        if rated:
+            bw["rated"] = {"best": rated, "median": rated, "device_kind": device.device_kind}
     result = {"jaxspec": jax_result, "bandwidth_gb_s": bw,
               "weight_bytes_per_token": bench.weight_bytes_per_token(target),
-              "kv_bytes_per_step": bench.kv_bytes_per_step(target.config, max_len),
-              "prompt_tokens": len(prompt), "max_new_tokens": n}
+              "kv_bytes_per_step": bench.kv_bytes_per_step(
+                  target.config, max_len, target.params["embed"].dtype.itemsize),
+              "prompt_tokens": len(prompt), "max_new_tokens": n,
+              "dtype": str(target.params["embed"].dtype)}
     result["floor_tok_s"] = {k: v["best"] * 1e9 / result["weight_bytes_per_token"]
                              for k, v in bw.items()}
     result["eos_at"] = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
@@ -205,6 +258,10 @@ def ar_mode(args, target, hf_source, eos_ids) -> dict:
     result["targets"] = {
         "floor": {"target": FLOOR_TARGET, "value": result["fraction_of_floor"]["1_thread"]},
     }
+    if "rated" in bw and args.preset in PRESET_TARGETS:  # an accelerator's targets
+        kind, value = PRESET_TARGETS[args.preset]
+        measured = result["fraction_of_floor"]["rated"] if kind == "fraction_of_rated" else best
+        result["targets"] = {kind: {"target": value, "value": measured}}
     if result["hf"]:
         result["vs_hf"] = best / result["hf"]["tok_s"]["best"]
         result["targets"]["vs_hf"] = {"target": HF_TARGET, "value": result["vs_hf"]}
@@ -228,15 +285,23 @@ def hf_part(args, source, prompt, jax_tokens) -> dict:
 
 def print_ar(r: dict) -> None:
     j, bw, floor = r["jaxspec"], r["bandwidth_gb_s"], r["floor_tok_s"]
-    print(f"prompt {r['prompt_tokens']} tokens, {j['new_tokens']} new tokens, greedy, fp32, "
-          f"batch 1 (first EOS in output: {r['eos_at']})")
+    print(f"prompt {r['prompt_tokens']} tokens, {j['new_tokens']} new tokens, greedy, "
+          f"{r['dtype']}, batch 1 (first EOS in output: {r['eos_at']})")
     print(f"copy bandwidth   1 thread {bw['1_thread']['best']:6.1f} GB/s (median "
           f"{bw['1_thread']['median']:.1f})   all cores {bw['all_cores']['best']:6.1f} GB/s")
     print(f"weights read per token {r['weight_bytes_per_token'] / 1e6:.1f} MB "
           f"(+ KV cache {r['kv_bytes_per_step'] / 1e6:.1f} MB)")
     print(f"{'':34}{'best':>9}{'median':>9}  tok/s")
+    for key, name in (("device", f"on the device {bw.get('device', {}).get('best', 0):.0f} "
+                                 "GB/s"),
+                      ("rated", f"rated {bw.get('rated', {}).get('best', 0):.0f} GB/s")):
+        if key in bw:
+            print(f"bandwidth {name}")
     print(f"{'floor (1-thread copy)':34}{floor['1_thread']:9.1f}")
     print(f"{'floor (all-core copy)':34}{floor['all_cores']:9.1f}")
+    for key in ("device", "rated"):
+        if key in floor:
+            print(f"{'floor (' + key + ')':34}{floor[key]:9.1f}")
 
     def row(name, d):
         print(f"{name:34}{d['best']:9.1f}{d['median']:9.1f}")
@@ -250,8 +315,9 @@ def print_ar(r: dict) -> None:
     print(f"jaxspec prefill {j['prefill_seconds'] * 1e3:.0f} ms, compile "
           f"{j['compile_seconds']:.1f} s; repeated runs identical: {j['all_runs_identical']}")
     f = r["fraction_of_floor"]
+    extra = "".join(f", {f[k]:.0%} ({k})" for k in ("device", "rated") if k in f)
     print(f"jaxspec / floor: {f['1_thread']:.0%} (1-thread copy), {f['all_cores']:.0%} "
-          "(all-core copy)")
+          f"(all-core copy){extra}")
     if r["hf"]:
         h = r["hf"]
         print(f"jaxspec / transformers: {r['vs_hf']:.2f}x; tokens identical: "
@@ -524,9 +590,23 @@ def startup_mode(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- --exactness
+
+
+def exactness_mode(args, target) -> dict:
+    prompts = bench_exactness.random_prompts(target.config.vocab_size, args.repeats,
+                                             EXACTNESS_PROMPT_TOKENS)
+    log(f"{len(prompts)} prompts, plain then each γ (compiles once per γ)")
+    result = bench_exactness.run(target, load_draft(args.draft, target), args.gammas, prompts,
+                                 args.max_new_tokens, progress("γ"))
+    result["draft"] = args.draft
+    return result
+
+
 PRINT = {"ar": print_ar, "spec": print_spec, "kernel": bench_kernel.print_table,
-         "stream": print_stream}
-PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot, "stream": plot_stream}
+         "stream": print_stream, "exactness": bench_exactness.print_table}
+PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot, "stream": plot_stream,
+        "exactness": bench_exactness.plot}
 
 
 # ---------------------------------------------------------------------------- main
@@ -551,15 +631,19 @@ def main(argv=None) -> int:
             eos_ids = set(target.config.eos_token_ids)
             target = bench.without_eos(target)  # every run makes exactly --max-new-tokens
             other = bench.OtherLoad()
-            mode = next(m for m in ("ar", "kernel", "stream", "spec") if getattr(args, m))
+            mode = next(m for m in ("ar", "kernel", "stream", "exactness", "spec")
+                        if getattr(args, m))
             result = (ar_mode(args, target, hf_source, eos_ids) if args.ar
                       else kernel_mode(args, target) if args.kernel
-                      else stream_mode(args, target) if args.stream else spec_mode(args, target))
+                      else stream_mode(args, target) if args.stream
+                      else exactness_mode(args, target) if args.exactness
+                      else spec_mode(args, target))
     except UserError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
     share = other.fraction()
-    result.update(mode=mode, model="random" if args.random else args.model,
+    model = f"preset:{args.preset}" if args.preset else "random" if args.random else args.model
+    result.update(mode=mode, model=model,
                   other_processes_cpu_share=share, cpus=os.cpu_count())
     PRINT[mode](result)
     if share is not None:

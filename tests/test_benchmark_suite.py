@@ -204,3 +204,57 @@ def test_startup_mode_end_to_end(script, tmp_path, capsys):
     assert "| warm_xla |" in out and "start" in out
     with open(out_png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exactness_mode_end_to_end(script, tmp_path, capsys):
+    """--exactness: speculative == plain greedy output on every prompt (fp32 on CPU)."""
+    model = tiny_hf_model("llama", tmp_path)
+    out_json, out_png = tmp_path / "exact.json", tmp_path / "exact.png"
+    rc = script.main(["--exactness", "--model", model, "--draft", "layerskip:1", "--gammas",
+                      "2,3", "--repeats", "3", "--max-new-tokens", "10", "--out-json",
+                      str(out_json), "--out-png", str(out_png)])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert [row["gamma"] for row in result["rows"]] == [2, 3]
+    for row in result["rows"]:
+        assert row["prompts"] == 3 and row["tokens_compared"] == 30
+        assert row["mismatching_prompts"] == 0 and row["mismatches"] == []
+    assert "| 2 | 3 | 0 | 0.00 | - |" in capsys.readouterr().out
+    with open(out_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_mismatch_counts_a_length_difference():
+    from jaxspec.bench_exactness import first_mismatch
+
+    assert first_mismatch([1, 2, 3], [1, 2, 3]) is None
+    assert first_mismatch([1, 2, 3], [1, 5, 3]) == 1
+    assert first_mismatch([1, 2, 3], [1, 2]) == 2
+
+
+def test_preset_options(script):
+    args = script.parse_args(["--spec", "--preset", "llama3-8b", "--device", "cpu"])
+    assert args.draft == "self" and args.dtype is None
+    assert script.parse_args(["--exactness"]).gammas == [2, 4]
+    for argv in (["--suite", "--preset", "llama3-8b"], ["--ar", "--dtype", "float32"],
+                 ["--ar", "--preset", "smollm2-135m", "--random"]):
+        with pytest.raises(SystemExit) as e:
+            script.parse_args(argv)
+        assert e.value.code == 2
+
+
+def test_ar_mode_on_a_preset(script, tmp_path, capsys):
+    """--ar --preset: random weights of SmolLM2's shape made on the device; the device's own
+    copy bandwidth is a floor too; no transformers comparison (no weights to give it)."""
+    out_json = tmp_path / "ar.json"
+    rc = script.main(["--ar", "--preset", "smollm2-135m", "--dtype", "float32", "--device",
+                      "cpu", "--max-new-tokens", "4", "--repeats", "1", "--cost-steps", "1",
+                      "--copy-mb", "512", "--out-json", str(out_json), "--out-png",
+                      str(tmp_path / "ar.png")])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert result["model"] == "preset:smollm2-135m" and result["hf"] is None
+    assert result["dtype"] == "float32" and result["jaxspec"]["new_tokens"] == 4
+    assert result["bandwidth_gb_s"]["device"]["best"] > 0 and "rated" not in result[
+        "bandwidth_gb_s"]
+    assert "floor (device)" in capsys.readouterr().out
