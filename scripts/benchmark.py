@@ -58,8 +58,8 @@ DEFAULT_PROMPT = "Write a short story about a robot learning to paint."
 FLOOR_TARGET, HF_TARGET, PREDICTION_TARGET, STREAM_TARGET = 0.85, 2.5, 0.9, 0.95
 WARM_START_TARGET, COLD_START_TARGET = 3.0, 10.0  # seconds of wall time (--startup)
 # --ar --preset on a device of known rated bandwidth: (what is compared, target)
-PRESET_TARGETS = {"llama3-8b": ("fraction_of_rated", 0.8), "llama3.2-1b": ("fraction_of_rated", 0.6),
-                  "smollm2-135m": ("tok_s", 2500.0)}
+PRESET_TARGETS = {"llama3-8b": ("fraction_of_rated", 0.8),
+                  "llama3.2-1b": ("fraction_of_rated", 0.6), "smollm2-135m": ("tok_s", 2500.0)}
 EXACTNESS_PROMPT_TOKENS = 32
 SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
 # per mode: (--ar/--spec, --suite, --kernel, --stream, --startup, --exactness)
