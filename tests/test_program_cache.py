@@ -20,21 +20,16 @@ from jaxspec import SpeculativeDecoder, compile_cache, program_cache
 from jaxspec.drafts.head import HeadDraft
 
 
-JAX_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                     "jax_persistent_cache_min_entry_size_bytes")
-
-
 @pytest.fixture
 def cache_on(tmp_path, monkeypatch):
     """The program cache on, in a fresh $JAXSPEC_CACHE; returns its programs folder. JAX's own
-    cache options, which the decoder sets on (compile_cache.enable), are restored after."""
+    persistent cache stays off in this process (compile_cache.enable is a no-op here): once on,
+    it would stay on for every later test in the process."""
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(compile_cache.ENV, "1")
+    monkeypatch.setattr(compile_cache, "enable", lambda: None)
     monkeypatch.setattr(program_cache, "stats", {"loaded": 0, "saved": 0})
-    options = {name: getattr(jax.config, name) for name in JAX_CACHE_OPTIONS}
-    yield tmp_path / "cache" / "programs"
-    for name, value in options.items():
-        jax.config.update(name, value)
+    return tmp_path / "cache" / "programs"
 
 
 @dataclasses.dataclass(frozen=True)
