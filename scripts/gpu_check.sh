@@ -43,6 +43,6 @@ bench ar-big 70 --ar --preset "$BIG" --repeats "$REPEATS" --max-new-tokens "$NEW
 bench ar-small 50 --ar --preset "$SMALL" --repeats "$REPEATS" --max-new-tokens "$NEW"
 bench ar-smollm2 50 --ar --preset smollm2-135m --repeats "$REPEATS" --max-new-tokens "$NEW"
 bench spec-big 80 --spec --preset "$BIG" --gammas 1,2,4 --repeats 2 --max-new-tokens "$NEW"
-part tests 150 python -m pytest -q -m "not slow" -p no:cacheprovider tests/models tests/decode \
+part tests 150 python -m pytest -q -o addopts= -m "not slow" -p no:cacheprovider tests/models tests/decode \
   tests/checkpoint
 cat "$OUT/summary.txt"

@@ -35,9 +35,17 @@ def assert_names(error: pytest.ExceptionInfo, arg: str) -> None:
     assert arg in message and "\n" not in message, message
 
 
+class Opaque:
+    """An object of a type jaxspec knows nothing about; its repr (the test id) names no
+    address, so every pytest-xdist worker collects the same tests."""
+
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
 BAD_DECODER = {  # argument -> bad values (the target is valid unless the argument is "target")
     "target": ["/some/path", None, 3],
-    "draft": [3, 1.5, object(), "ngram:x", "ngram:0", "ngram:10000000000", "layerskip:abc",
+    "draft": [3, 1.5, Opaque(), "ngram:x", "ngram:0", "ngram:10000000000", "layerskip:abc",
               "layerskip:2"],
     "num_speculative_tokens": [0, 33, -1, 2.0, True, "4", "many"],
     "mode": ["fast", 1, ""],

@@ -76,7 +76,7 @@ def test_cpu_policy_packs_fp32_projections_into_panels_and_back():
 def test_suites_pass_with_the_accelerator_layout_forced():
     """Parity, cached decode, loop and GGUF tests with the non-CPU policy, on CPU."""
     env = {**os.environ, layout.ENV: "accelerator"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "not slow",
                            "-p", "no:cacheprovider", *ACCELERATOR_SUITES],
                           cwd=REPO, env=env, capture_output=True, text=True)
     tail = done.stdout[-3000:] + done.stderr[-2000:]
