@@ -6,7 +6,9 @@ anything. It leaves JAX alone when the user configured a cache directory of thei
 (`jax_compilation_cache_dir`) or set `JAXSPEC_COMPILE_CACHE=0` (`=xla` keeps this cache and
 turns off only jaxspec.program_cache, which saves traced programs on top of it). Otherwise it
 caches every program the process compiles from then on (no minimum size or compile time: jaxspec's
-programs on small models compile in under a second, and they are what start-up waits for).
+programs on small models compile in under a second, and they are what start-up waits for), and
+keeps the directory under MAX_BYTES by evicting the least recently used entries (JAX's LRU
+cache; a size limit the user set in `jax_compilation_cache_max_size` is kept).
 JAX decides once per process, at its first compilation, whether the cache is used: a program
 compiled before `enable()` keeps the process uncached. A `$JAXSPEC_CACHE` that cannot be written
 leaves the cache off, silently (JAX would warn at every compilation and compile anyway).
@@ -20,6 +22,7 @@ from jaxspec.errors import UserError
 from jaxspec.paths import writable_cache_dir
 
 ENV = "JAXSPEC_COMPILE_CACHE"
+MAX_BYTES = 2 << 30  # XLA executables of small models are ~0.1-2 MB each
 
 
 def enable() -> str | None:
@@ -39,4 +42,6 @@ def enable() -> str | None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return directory

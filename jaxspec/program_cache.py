@@ -14,7 +14,9 @@ lambda, a mesh or an array; host callbacks; a platform export does not know), is
 before and not saved.
 
 `JAXSPEC_COMPILE_CACHE`: "1" (default) this cache and JAX's, "xla" JAX's only, "0" neither.
-A file that cannot be read is removed and the program traced again. The files hold pickled
+A file that cannot be read is removed and the program traced again. The folder is kept under
+MAX_BYTES: a save removes the least recently used files (a load marks its file used) until the
+rest fit, so programs of older jaxspec versions, models and shapes do not pile up. The files hold pickled
 tree structures, so the cache directory must be as trusted as the code that loads them (as
 JAX's own cache, which holds executables).
 """
@@ -44,6 +46,7 @@ from jaxspec.paths import writable_cache_dir, write_atomically
 FORMAT = 1  # bump when what a file holds changes
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
 CUSTOM_CALLS = ("jaxspec_small_m_matmul",)  # kernels/cpu_matmul.py's FFI target
+MAX_BYTES = 256 << 20  # the programs folder's size after a save (a program is ~0.1-1 MB)
 stats = {"loaded": 0, "saved": 0}  # this process's, for tests
 
 
@@ -79,6 +82,8 @@ def load_or_compile(fn: Callable, static, *args, donate: tuple[int, ...] = (), d
             program = None
         if program is not None:
             stats["loaded"] += 1
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used now: the last to be pruned
             return program, "loaded"
     saved = None if path is None else _export(fn, static, in_tree, leaves, flat_donate, device)
     if saved is None:
@@ -89,6 +94,7 @@ def load_or_compile(fn: Callable, static, *args, donate: tuple[int, ...] = (), d
     if _write(path, saved):
         stats["saved"] += 1
         how = "saved"
+        prune(os.path.dirname(path))
     return _compiled(saved, leaves, flat_donate, device), how
 
 
@@ -248,6 +254,26 @@ def _read(path: str):
         with contextlib.suppress(OSError):
             os.remove(path)
         return None
+
+
+def prune(folder: str, max_bytes: int | None = None) -> None:
+    """Remove the least recently used program files of folder until the others total at most
+    max_bytes (default MAX_BYTES). Files another process removes meanwhile are skipped."""
+    limit = MAX_BYTES if max_bytes is None else max_bytes
+    files = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(OSError):
+                if entry.name.endswith(".bin"):
+                    info = entry.stat()
+                    files.append((info.st_mtime, info.st_size, entry.path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= limit:
+            break
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        total -= size
 
 
 def _write(path: str, saved) -> bool:

@@ -24,7 +24,8 @@ for mode in ("dynamic", "static"):
     tokens.append(dec.generate([[5, 6, 7, 5, 6]], max_new_tokens=6, temperature=0.7).tokens)
 print(json.dumps({"hits": events.get("/jax/compilation_cache/cache_hits", 0),
                   "misses": events.get("/jax/compilation_cache/cache_misses", 0),
-                  "tokens": tokens, "dir": jax.config.jax_compilation_cache_dir}))
+                  "tokens": tokens, "dir": jax.config.jax_compilation_cache_dir,
+                  "max_size": jax.config.jax_compilation_cache_max_size}))
 """
 
 
@@ -36,15 +37,17 @@ def test_second_process_compiles_nothing(tmp_path):
     assert first["misses"] > 0 and first["hits"] == 0, first
     assert second["misses"] == 0 and second["hits"] >= first["misses"], second
     assert second["tokens"] == first["tokens"]
+    assert first["max_size"] == compile_cache.MAX_BYTES  # bounded (least recently used go)
 
 
 def test_opt_out_and_a_users_own_cache_directory_are_respected(tmp_path, monkeypatch):
     monkeypatch.setenv(compile_cache.ENV, "0")
     assert compile_cache.enable() is None
     code = ("import jax; jax.config.update('jax_compilation_cache_dir', sys.argv[1]); "
-            "from jaxspec import compile_cache; print(compile_cache.enable())")
+            "from jaxspec import compile_cache; print(compile_cache.enable(), "
+            "jax.config.jax_compilation_cache_max_size)")
     env = {**os.environ, compile_cache.ENV: "1", "JAXSPEC_CACHE": str(tmp_path / "js")}
     done = subprocess.run([sys.executable, "-c", "import sys; " + code, str(tmp_path / "mine")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == str(tmp_path / "mine")
+    assert done.stdout.strip() == f"{tmp_path / 'mine'} -1"  # JAX's defaults kept

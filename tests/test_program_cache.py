@@ -111,6 +111,20 @@ def test_a_saved_program_is_loaded_and_gives_the_same_results(cache_on):
     assert how == "saved" and len(os.listdir(cache_on)) == 2
 
 
+def test_the_folder_keeps_the_most_recently_used_programs(cache_on, monkeypatch):
+    x, state = _args()
+    for scale in (1.0, 2.0):
+        program_cache.load_or_compile(step, Spec(scale), x, state)
+    sizes = {path.name: path.stat().st_size for path in cache_on.iterdir()}
+    monkeypatch.setattr(program_cache, "MAX_BYTES", sum(sizes.values()) + 100)
+    assert program_cache.load_or_compile(step, Spec(1.0), x, state)[1] == "loaded"  # used now
+    assert program_cache.load_or_compile(step, Spec(3.0), x, state)[1] == "saved"
+    assert sum(p.stat().st_size for p in cache_on.iterdir()) <= program_cache.MAX_BYTES
+    assert program_cache.load_or_compile(step, Spec(1.0), x, state)[1] == "loaded"
+    assert program_cache.load_or_compile(step, Spec(3.0), x, state)[1] == "loaded"
+    assert program_cache.load_or_compile(step, Spec(2.0), x, state)[1] == "saved"  # was pruned
+
+
 def test_damaged_file_is_traced_again_and_replaced(cache_on):
     x, state = _args()
     program_cache.load_or_compile(step, Spec(2.0), x, state)
