@@ -223,17 +223,15 @@ class SpeculativeDecoder:
                     f"{m.config.max_position_embeddings}")
 
     def _compile(self, name: str, fn: Callable, spec: LoopSpec, *args, donate=()):
-        """AOT-compile fn(spec, *args) once per spec and argument shapes, or load it as an
-        earlier process compiled it (jaxspec.program_cache); (compiled, seconds)."""
+        """Start compiling fn(spec, *args) once per spec and argument shapes, or loading it as
+        an earlier process compiled it (jaxspec.program_cache): a program_cache.Pending, whose
+        XLA compile goes on in the background until its `result()` is asked for."""
         shapes = tuple(jax.tree.map(lambda a: (a.shape, a.dtype), jax.tree.leaves(args)))
         key = (name, spec, shapes)
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        start = time.perf_counter()
-        compiled, _ = program_cache.load_or_compile(fn, spec, *args, donate=donate,
-                                                    device=self.device)
-        self._compiled[key] = compiled
-        return compiled, time.perf_counter() - start
+        if key not in self._compiled:
+            self._compiled[key] = program_cache.start(fn, spec, *args, donate=donate,
+                                                      device=self.device)
+        return self._compiled[key]
 
     def _loop_spec(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    sampler: sampling.Sampler) -> LoopSpec:
@@ -322,7 +320,9 @@ class SpeculativeDecoder:
                 *jax.device_put(rest, everywhere))
 
     def _run_dynamic(self, spec, args, on_update):
-        compiled, compile_seconds = self._compile("dynamic", loop.generate_tokens, spec, *args)
+        start = time.perf_counter()
+        compiled = self._compile("dynamic", loop.generate_tokens, spec, *args).result()
+        compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         state = jax.block_until_ready(compiled(*args))
         wall = time.perf_counter() - start
@@ -332,10 +332,13 @@ class SpeculativeDecoder:
 
     def _run_static(self, spec, args, on_update):
         target_params, draft_params, *_, values, _ = args
-        init, init_seconds = self._compile("init", loop.init_state, spec, *args)
+        start = time.perf_counter()
+        init = self._compile("init", loop.init_state, spec, *args)  # compiles meanwhile
         chunk_fn = functools.partial(loop.run_static, iterations=self.static_iterations)
-        chunk, chunk_seconds = self._compile("static", chunk_fn, spec, target_params,
-                                             draft_params, values, init.out_info, donate=(4,))
+        chunk = self._compile("static", chunk_fn, spec, target_params, draft_params, values,
+                              init.out_info, donate=(4,))
+        init, chunk = init.result(), chunk.result()
+        compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         state = init(*args)
         lengths = None
@@ -347,7 +350,7 @@ class SpeculativeDecoder:
                 break
             lengths = _progressed(lengths, np.asarray(now))
             state = chunk(target_params, draft_params, values, state)
-        return state, init_seconds + chunk_seconds, time.perf_counter() - start
+        return state, compile_seconds, time.perf_counter() - start
 
 
 def _progressed(before: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:

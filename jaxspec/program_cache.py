@@ -9,7 +9,9 @@ jaxspec, XLA and Neuron read, the device, the function, its static argument
 and the abstract arguments (tree structure, shapes, dtypes, weak types, shardings). Under that
 key it keeps the program exported with `jax.export` (StableHLO with JAX's compatibility
 guarantees) and the output's tree structure; a later process deserializes it, and compiling
-it hits JAX's cache. What cannot be keyed exactly, or exported (a static argument holding a
+it hits JAX's cache. `start` returns once the program is traced (or read): XLA compiles it in a
+background thread while the caller traces the next one with its output shapes (`out_info`);
+the static loop's two programs compile side by side. What cannot be keyed exactly, or exported (a static argument holding a
 lambda, a mesh or an array; host callbacks; a platform export does not know), is compiled as
 before and not saved.
 
@@ -23,6 +25,7 @@ JAX's own cache, which holds executables).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
@@ -71,31 +74,100 @@ def load_or_compile(fn: Callable, static, *args, donate: tuple[int, ...] = (), d
     on `device` (None: JAX's default), traced by this process or loaded as an earlier one
     saved it. Returns (program, how): program is called like the compiled function (and has
     its `out_info`); how is "loaded", "saved" or "compiled" (not cacheable, or cache off)."""
+    pending = start(fn, static, *args, donate=donate, device=device)
+    return pending.result(), pending.how
+
+
+class Pending:
+    """A program whose trace is done (or read from the cache) and whose XLA compile runs in a
+    background thread, so that the next program can be traced meanwhile; `out_info` (the
+    output's ShapeDtypeStructs) is known before it compiles."""
+
+    def __init__(self, future, out_info, how: str, retrace: Callable | None = None):
+        self._future, self._out_info, self.how, self._retrace = future, out_info, how, retrace
+
+    @property
+    def out_info(self):
+        """The output's ShapeDtypeStructs (without waiting, unless the outputs are sharded)."""
+        return self.result().out_info if self._out_info is None else self._out_info
+
+    def result(self):
+        """The compiled program (waits for its compile)."""
+        try:
+            return self._future.result()
+        except Exception:
+            if self._retrace is None:
+                raise
+        # a file that reads but does not compile: trace again and replace it (once)
+        retrace, self._retrace = self._retrace, None
+        again = retrace()
+        self._future, self.how = again._future, again.how
+        return self._future.result()
+
+
+def start(fn: Callable, static, *args, donate: tuple[int, ...] = (), device=None) -> Pending:
+    """load_or_compile's work up to XLA's compile, which continues in a background thread."""
     leaves, in_tree = jax.tree.flatten(args)
     flat_donate = _leaf_positions(args, donate)
     path = _path(fn, static, args, donate, device)
     if path is not None and os.path.exists(path):
         saved = _read(path)
-        try:
-            program = None if saved is None else _compiled(saved, leaves, flat_donate, device)
-        except Exception:  # a file that reads but does not compile: trace again, replace it
-            program = None
-        if program is not None:
+        if saved is not None:
             stats["loaded"] += 1
             with contextlib.suppress(OSError):
                 os.utime(path)  # used now: the last to be pruned
-            return program, "loaded"
+            return Pending(_compile_later(saved, leaves, flat_donate, device),
+                           _out_info(saved, device), "loaded",
+                           retrace=lambda: _trace(fn, static, args, donate, device, path))
+    return _trace(fn, static, args, donate, device, path)
+
+
+def _trace(fn, static, args, donate, device, path) -> Pending:
+    """Export fn and save it at path (None: not cacheable), or compile it as before when it
+    cannot be exported."""
+    leaves, in_tree = jax.tree.flatten(args)
+    flat_donate = _leaf_positions(args, donate)
     saved = None if path is None else _export(fn, static, in_tree, leaves, flat_donate, device)
     if saved is None:
         with devices.on(device):
-            return jax.jit(fn, static_argnums=0, donate_argnums=donate).lower(
-                static, *args).compile(), "compiled"
+            compiled = jax.jit(fn, static_argnums=0, donate_argnums=donate).lower(
+                static, *args).compile()
+        done = concurrent.futures.Future()
+        done.set_result(compiled)
+        return Pending(done, compiled.out_info, "compiled")
     how = "compiled"
     if _write(path, saved):
         stats["saved"] += 1
         how = "saved"
         prune(os.path.dirname(path))
-    return _compiled(saved, leaves, flat_donate, device), how
+    return Pending(_compile_later(saved, leaves, flat_donate, device), _out_info(saved, device),
+                   how)
+
+
+def _compile_later(saved, leaves, flat_donate, device) -> concurrent.futures.Future:
+    abstract = [_struct(shaped_abstractify(leaf), getattr(leaf, "sharding", None))
+                for leaf in leaves]  # the thread holds no argument buffers
+    return _background().submit(_compiled, saved, abstract, flat_donate, device)
+
+
+@functools.cache
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxspec-compile")
+
+
+def _struct(aval, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
+                                sharding=sharding)
+
+
+def _out_info(saved, device):
+    """The ShapeDtypeStructs of a saved program's outputs on `device`; None for a program
+    over several devices (its output shardings are known once it compiles)."""
+    exported, out_tree = saved
+    if exported.nr_devices != 1:
+        return None
+    sharding = jax.sharding.SingleDeviceSharding(devices.or_default(device))
+    return jax.tree.unflatten(out_tree, [_struct(a, sharding) for a in exported.out_avals])
 
 
 def _compiled(saved, leaves: list, flat_donate: tuple[int, ...], device) -> Program:

@@ -111,6 +111,21 @@ def test_a_saved_program_is_loaded_and_gives_the_same_results(cache_on):
     assert how == "saved" and len(os.listdir(cache_on)) == 2
 
 
+def test_outputs_are_known_before_the_background_compile_ends(cache_on):
+    x, state = _args()
+    want = jax.jit(step, static_argnums=0).lower(Spec(2.0), x, state).compile().out_info
+    for how in ("saved", "loaded"):
+        pending = program_cache.start(step, Spec(2.0), x, state, donate=(2,))
+        assert pending.how == how
+        info = pending.out_info  # from the saved program, while it compiles
+        assert jax.tree.structure(info) == jax.tree.structure(want)
+        assert [(a.shape, a.dtype, a.weak_type) for a in jax.tree.leaves(info)] == [
+            (a.shape, a.dtype, a.weak_type) for a in jax.tree.leaves(want)]
+        out = pending.result()(x, _args()[1])
+        np.testing.assert_array_equal(out["y"], x * 2.0)
+        assert int(out["state"][0]) == 4
+
+
 def test_the_folder_keeps_the_most_recently_used_programs(cache_on, monkeypatch):
     x, state = _args()
     for scale in (1.0, 2.0):
