@@ -126,7 +126,9 @@ SECOND_CPU = textwrap.dedent("""
     tokens = decoder.generate(prompts, **sampling).tokens
     for leaf in jax.tree.leaves((decoder.target.params, decoder.draft_params)):
         assert leaf.devices() == {second}, leaf.devices()
-    for compiled in decoder._compiled.values():
+    for pending in decoder._compiled.values():
+        program = pending.result()
+        compiled = getattr(program, "compiled", program)  # program_cache.Program wraps it
         shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
         assert {d for s in shardings for d in s.device_set} == {second}, shardings
     print(json.dumps(tokens))
