@@ -10,17 +10,17 @@ and the abstract arguments (tree structure, shapes, dtypes, weak types, sharding
 key it keeps the program exported with `jax.export` (StableHLO with JAX's compatibility
 guarantees) and the output's tree structure; a later process deserializes it, and compiling
 it hits JAX's cache. `start` returns once the program is traced (or read): XLA compiles it in a
-background thread while the caller traces the next one with its output shapes (`out_info`);
-the static loop's two programs compile side by side. What cannot be keyed exactly, or exported (a static argument holding a
-lambda, a mesh or an array; host callbacks; a platform export does not know), is compiled as
-before and not saved.
+background thread while the caller traces the next one with its output shapes (`out_info`),
+so the static loop's two programs compile side by side. What cannot be keyed exactly, or
+exported (a static argument holding a lambda, a mesh or an array; host callbacks; a platform
+export does not know), is compiled as before and not saved.
 
 `JAXSPEC_COMPILE_CACHE`: "1" (default) this cache and JAX's, "xla" JAX's only, "0" neither.
 A file that cannot be read is removed and the program traced again. The folder is kept under
 MAX_BYTES: a save removes the least recently used files (a load marks its file used) until the
-rest fit, so programs of older jaxspec versions, models and shapes do not pile up. The files hold pickled
-tree structures, so the cache directory must be as trusted as the code that loads them (as
-JAX's own cache, which holds executables).
+rest fit, so programs of older jaxspec versions, models and shapes do not pile up. The files
+hold pickled tree structures, so the cache directory must be as trusted as the code that loads
+them (as JAX's own cache, which holds executables).
 """
 
 from __future__ import annotations
@@ -94,10 +94,13 @@ class Pending:
     def result(self):
         """The compiled program (waits for its compile)."""
         try:
-            return self._future.result()
+            program = self._future.result()
         except Exception:
             if self._retrace is None:
                 raise
+        else:
+            self._retrace = None  # holds the arguments
+            return program
         # a file that reads but does not compile: trace again and replace it (once)
         retrace, self._retrace = self._retrace, None
         again = retrace()
@@ -107,18 +110,14 @@ class Pending:
 
 def start(fn: Callable, static, *args, donate: tuple[int, ...] = (), device=None) -> Pending:
     """load_or_compile's work up to XLA's compile, which continues in a background thread."""
-    leaves, in_tree = jax.tree.flatten(args)
-    flat_donate = _leaf_positions(args, donate)
     path = _path(fn, static, args, donate, device)
-    if path is not None and os.path.exists(path):
-        saved = _read(path)
-        if saved is not None:
-            stats["loaded"] += 1
-            with contextlib.suppress(OSError):
-                os.utime(path)  # used now: the last to be pruned
-            return Pending(_compile_later(saved, leaves, flat_donate, device),
-                           _out_info(saved, device), "loaded",
-                           retrace=lambda: _trace(fn, static, args, donate, device, path))
+    saved = _read(path) if path is not None and os.path.exists(path) else None
+    if saved is not None:
+        stats["loaded"] += 1
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the last to be pruned
+        return Pending(_compile_later(saved, args, donate, device), _out_info(saved, device),
+                       "loaded", retrace=lambda: _trace(fn, static, args, donate, device, path))
     return _trace(fn, static, args, donate, device, path)
 
 
@@ -140,14 +139,16 @@ def _trace(fn, static, args, donate, device, path) -> Pending:
         stats["saved"] += 1
         how = "saved"
         prune(os.path.dirname(path))
-    return Pending(_compile_later(saved, leaves, flat_donate, device), _out_info(saved, device),
-                   how)
+    return Pending(_compile_later(saved, args, donate, device), _out_info(saved, device), how)
 
 
-def _compile_later(saved, leaves, flat_donate, device) -> concurrent.futures.Future:
+def _compile_later(saved, args: tuple, donate, device) -> concurrent.futures.Future:
+    """_compiled in the background, for the abstract values of args' leaves (the thread holds
+    no argument buffers: they may be donated meanwhile)."""
     abstract = [_struct(shaped_abstractify(leaf), getattr(leaf, "sharding", None))
-                for leaf in leaves]  # the thread holds no argument buffers
-    return _background().submit(_compiled, saved, abstract, flat_donate, device)
+                for leaf in jax.tree.leaves(args)]
+    return _background().submit(_compiled, saved, abstract, _leaf_positions(args, donate),
+                                device)
 
 
 @functools.cache
@@ -328,10 +329,9 @@ def _read(path: str):
         return None
 
 
-def prune(folder: str, max_bytes: int | None = None) -> None:
+def prune(folder: str) -> None:
     """Remove the least recently used program files of folder until the others total at most
-    max_bytes (default MAX_BYTES). Files another process removes meanwhile are skipped."""
-    limit = MAX_BYTES if max_bytes is None else max_bytes
+    MAX_BYTES. Files another process removes meanwhile are skipped."""
     files = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
@@ -341,7 +341,7 @@ def prune(folder: str, max_bytes: int | None = None) -> None:
                     files.append((info.st_mtime, info.st_size, entry.path))
     total = sum(size for _, size, _ in files)
     for _, size, path in sorted(files):
-        if total <= limit:
+        if total <= MAX_BYTES:
             break
         with contextlib.suppress(OSError):
             os.remove(path)
