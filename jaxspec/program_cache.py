@@ -49,7 +49,7 @@ from jaxspec.paths import writable_cache_dir, write_atomically
 FORMAT = 1  # bump when what a file holds changes
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
 CUSTOM_CALLS = ("jaxspec_small_m_matmul",)  # kernels/cpu_matmul.py's FFI target
-MAX_BYTES = 256 << 20  # the programs folder's size after a save (a program is ~0.1-1 MB)
+MAX_BYTES = 256 << 20  # the folder's size after a save (default-model programs: 117-168 KB)
 stats = {"loaded": 0, "saved": 0}  # this process's, for tests
 
 
