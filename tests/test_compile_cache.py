@@ -40,6 +40,21 @@ def test_second_process_compiles_nothing(tmp_path):
     assert first["max_size"] == compile_cache.MAX_BYTES  # bounded (least recently used go)
 
 
+def test_entries_written_while_unbounded_do_not_stop_later_writes(tmp_path):
+    """JAX's LRU eviction reads an access-time file per entry: an entry without one (written
+    by an unbounded cache) made every later write fail, so nothing new was ever cached."""
+    model_dir = tiny_hf_model("llama", tmp_path)
+    cache = tmp_path / "cache"
+    os.makedirs(cache / "xla")
+    (cache / "xla" / f"jit_old-0123{compile_cache.ENTRY}").write_bytes(b"an old entry")
+    first, second = (script_json(SCRIPT, model_dir, cache=str(cache)) for _ in range(2))
+    assert first["misses"] > 0
+    assert second["misses"] == 0 and second["hits"] >= first["misses"], second
+    stamp = (cache / "xla" / f"jit_old-0123{compile_cache.ACCESS_TIME}").read_bytes()
+    assert int.from_bytes(stamp, "little") == os.stat(
+        cache / "xla" / f"jit_old-0123{compile_cache.ENTRY}").st_mtime_ns
+
+
 def test_opt_out_and_a_users_own_cache_directory_are_respected(tmp_path, monkeypatch):
     monkeypatch.setenv(compile_cache.ENV, "0")
     assert compile_cache.enable() is None
