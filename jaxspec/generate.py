@@ -200,6 +200,7 @@ def plan_lines(decoder, prompt: list[int], args: argparse.Namespace) -> list[str
 def run(args: argparse.Namespace) -> int:
     """Load, encode, generate; stream or print JSON. Raises UserError on bad input."""
     from jaxspec.api import SpeculativeDecoder
+    from jaxspec.checkpoint import mapped
     from jaxspec.checkpoint.load import load_model
 
     started = time.perf_counter()
@@ -231,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append(startup_line(seconds, stats["compile_seconds"]))
     for line in lines:
         print(line, file=sys.stderr)
+    mapped.wait()  # the laid-out params of a first load, before exit_now skips the teardown
     return 0
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
+from collections.abc import Callable
 
 from jaxspec.errors import UserError
 
@@ -38,18 +40,45 @@ def writable_cache_dir(*parts: str) -> str:
     return path
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write data to path through a temporary file in the same folder renamed into place, so
-    that readers see the old file or the new one, never part of one; the temporary file is
-    removed when writing fails (OSError passes through)."""
+TEMPORARY = ".tmp-"  # in the names of write_atomically's temporary files
+STALE_SECONDS = 3600  # a temporary file this old was left by a process that died writing it
+
+
+def write_atomically(path: str, data: bytes | Callable) -> None:
+    """Write data (bytes, or a function that writes into the open binary file) to path through
+    a temporary file in the same folder renamed into place, so that readers see the old file
+    or the new one, never part of one; the temporary file is removed when writing fails (the
+    exception passes through)."""
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", delete=False,
-                                     prefix=f".{os.path.basename(path)}.tmp-") as f:
+                                     prefix=f".{os.path.basename(path)}{TEMPORARY}") as f:
         temporary = f.name
     try:
         with open(temporary, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
         os.replace(temporary, path)
-    except OSError:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+
+
+def prune(folder: str, max_bytes: int, suffix: str = ".bin") -> None:
+    """Remove the least recently used (modified) files of folder whose names end in suffix
+    until the others total at most max_bytes, and temporary files older than STALE_SECONDS.
+    Files another process removes meanwhile are skipped."""
+    files, stale = [], time.time() - STALE_SECONDS
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(OSError):
+                info = entry.stat()
+                if entry.name.endswith(suffix):
+                    files.append((info.st_mtime, info.st_size, entry.path))
+                elif TEMPORARY in entry.name and info.st_mtime < stale:
+                    os.remove(entry.path)
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        total -= size

@@ -44,7 +44,7 @@ from jax.api_util import shaped_abstractify
 
 from jaxspec import compile_cache, devices
 from jaxspec.errors import UserError
-from jaxspec.paths import writable_cache_dir, write_atomically
+from jaxspec.paths import prune, writable_cache_dir, write_atomically
 
 FORMAT = 1  # bump when what a file holds changes
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
@@ -138,7 +138,7 @@ def _trace(fn, static, args, donate, device, path) -> Pending:
     if _write(path, saved):
         stats["saved"] += 1
         how = "saved"
-        prune(os.path.dirname(path))
+        prune(os.path.dirname(path), MAX_BYTES)
     return Pending(_compile_later(saved, args, donate, device), _out_info(saved, device), how)
 
 
@@ -327,25 +327,6 @@ def _read(path: str):
         with contextlib.suppress(OSError):
             os.remove(path)
         return None
-
-
-def prune(folder: str) -> None:
-    """Remove the least recently used program files of folder until the others total at most
-    MAX_BYTES. Files another process removes meanwhile are skipped."""
-    files = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            with contextlib.suppress(OSError):
-                if entry.name.endswith(".bin"):
-                    info = entry.stat()
-                    files.append((info.st_mtime, info.st_size, entry.path))
-    total = sum(size for _, size, _ in files)
-    for _, size, path in sorted(files):
-        if total <= MAX_BYTES:
-            break
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        total -= size
 
 
 def _write(path: str, saved) -> bool:

@@ -8,8 +8,10 @@ import os
 import jax
 import pytest
 
-# Tests compile in fresh caches of their own (tests/test_compile_cache.py tests the cache).
+# Tests compile in fresh caches of their own (tests/test_compile_cache.py tests the cache) and
+# restore the checkpoints they load (tests/checkpoint/test_mapped.py tests the params cache).
 os.environ.setdefault("JAXSPEC_COMPILE_CACHE", "0")
+os.environ.setdefault("JAXSPEC_PARAMS_CACHE", "0")
 
 from jaxspec.checkpoint import default_model
 

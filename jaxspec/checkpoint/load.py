@@ -10,7 +10,7 @@ import os
 import jax
 
 from jaxspec import compile_cache, devices, validation
-from jaxspec.checkpoint import default_model, keymap, names, store
+from jaxspec.checkpoint import default_model, keymap, mapped, names, store
 from jaxspec.checkpoint.conversion import open_source, source_kind
 from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
 from jaxspec.errors import UserError
@@ -33,6 +33,20 @@ def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True) -> Mode
         default_model.convert_again(str(e))
         return _load_converted(path, dtype, mesh_of, repair=False)
     return Model(config=config, params=params, path=path, mesh=mesh)
+
+
+def _load_mapped(path: str, dtype: str, layout: layouts.Layout, device) -> Model:
+    """A converted checkpoint on one CPU device: its laid-out params mapped from
+    jaxspec.checkpoint.mapped, or restored, laid out and saved there for the next process."""
+    config, _ = store.read_meta(path)
+    abstract = jax.eval_shape(lambda p: layouts.apply(layout, p, config.tie_word_embeddings),
+                              store.abstract_params(config, dtype))
+    params = mapped.load(mapped.key(path, dtype, layout, abstract), abstract, device)
+    if params is not None:
+        return Model(config=config, params=params, path=path, layout=layout)
+    model = place(_load_converted(path, dtype, lambda config: None), layout, device)
+    mapped.save_later(mapped.key(path, dtype, layout, abstract), model.params)  # after a repair
+    return model
 
 
 def _load_in_memory(path: str, dtype: str, mesh_of) -> Model:
@@ -70,13 +84,17 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
     converted = source_kind(path) == "jaxspec"
     load = _load_converted if converted else _load_in_memory
     platform = devices.platform(device)
+    layout = layouts.for_platform(platform)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # a converted checkpoint's tokenizer (mostly: importing transformers) loads in a
         # thread while the params are read and laid out (tensorstore's and XLA's threads)
         tokenizer = pool.submit(load_tokenizer, path) if converted else None
-        model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,
-                                                                   platform=platform))
-        model = place(model, layouts.for_platform(platform), device)
+        if converted and platform == "cpu" and tp == dp == 1 and mapped.enabled():
+            model = _load_mapped(path, dtype, layout, device)
+        else:
+            model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,
+                                                                       platform=platform))
+            model = place(model, layout, device)
         if tokenizer is not None:
             model = dataclasses.replace(model, tokenizer=tokenizer.result())
     return model

@@ -86,11 +86,16 @@ def _v1_shapes(config: ModelConfig, params):
     return {**params, "layers": [flat(layer) for layer in params["layers"]]}
 
 
+def abstract_params(config: ModelConfig, dtype: str):
+    """The params' ShapeDtypeStructs in dtype (the current format's shapes)."""
+    np_dtype = numpy_dtype(dtype)
+    return jax.eval_shape(lambda: decoder.init_params(config, jax.random.key(0), np_dtype))
+
+
 def restore_params(path: str, config: ModelConfig, version: int, dtype: str, mesh=None):
     """Restore params from path/params in dtype (cast from the stored dtype): numpy arrays, or
     with a mesh jax arrays split by models.sharding, each shard read onto its own device."""
-    np_dtype = numpy_dtype(dtype)
-    target = jax.eval_shape(lambda: decoder.init_params(config, jax.random.key(0), np_dtype))
+    target = abstract_params(config, dtype)
     if mesh is not None and version != 1:
         target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
                               target, sharding.param_shardings(target, mesh))
