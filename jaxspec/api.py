@@ -57,19 +57,21 @@ def resolve_draft(draft, target, device=None, layout=None):
     if not (draft is None or isinstance(draft, (str, Model, head_store.LoadedHead, Draft))):
         raise UserError(f"draft must be a name or path, a model from load_model, a draft head "
                         f"or a Draft object, got {validation.show(draft)}")
+    head_layout = layout or target.layout or layouts.default()
     if draft == registry.DEFAULT:
         draft = head_store.shipped_for(target)
     if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
         names.check_exists(draft, "draft")
-        if head_store.is_head_dir(draft):
-            draft = head_store.load(draft)
+        if head_store.is_head_dir(draft):  # on one CPU device: laid out (mapped) as it loads
+            one_cpu = devices.platform(device) == "cpu" and getattr(target, "mesh", None) is None
+            draft = head_store.load(draft, *((head_layout, device) if one_cpu else ()))
         else:
             from jaxspec.checkpoint.load import load_model
 
             draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name,
                                device=device)
     if isinstance(draft, head_store.LoadedHead):
-        return head_store.as_draft(draft, target, layout or target.layout or layouts.default())
+        return head_store.as_draft(draft, target, head_layout)
     if isinstance(draft, Model):
         draft = placed(draft, device, layout)
     return (*registry.build(draft, target), None)

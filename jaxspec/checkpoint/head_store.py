@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.checkpoint import orbax_io, temp_dirs
+from jaxspec.checkpoint import mapped, orbax_io, temp_dirs
 from jaxspec.checkpoint.source import one_line
 from jaxspec.checkpoint.store import is_jaxspec_dir, numpy_dtype
 from jaxspec.drafts import head as heads
 from jaxspec.errors import UserError
+from jaxspec.models import layout as layouts
 
 MARKER = "jaxspec_draft_head"
 VERSION = 1
@@ -40,7 +41,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoadedHead:
     config: heads.HeadConfig
-    params: dict  # fp32 head params, d2t included
+    params: dict  # fp32 head params, d2t included (laid out when loaded with a layout)
     meta: dict  # config.json: gamma, threshold, fingerprint, training
 
 
@@ -95,8 +96,10 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def load(path: str) -> LoadedHead:
-    """The head at `path` in fp32; a damaged checkpoint raises UserError."""
+def load(path: str, layout=None, device=None) -> LoadedHead:
+    """The head at `path` in fp32; a damaged checkpoint raises UserError. With a `layout`
+    (jaxspec.models.layout) its params are laid out in it and placed on `device`, a CPU
+    device: mapped by jaxspec.checkpoint.mapped when an earlier process saved them."""
     meta = read_meta(path)
     try:
         config = heads.HeadConfig.from_dict(meta["config"])
@@ -104,12 +107,25 @@ def load(path: str) -> LoadedHead:
         raise UserError(f"{path}/config.json: bad head config ({e})") from None
     store = numpy_dtype(meta.get("dtype", "float32"))
     shapes = jax.eval_shape(lambda: heads.init_params(config, jax.random.key(0), dtype=store))
-    try:
-        params = orbax_io.restore(os.path.join(os.path.abspath(path), "params"), shapes)
-    except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
-        raise UserError(f"cannot restore the draft head in {path}: {one_line(e)[:300]}") from None
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if _floating(x)
-                          else jnp.asarray(x), params)
+
+    def restore():
+        try:
+            params = orbax_io.restore(os.path.join(os.path.abspath(path), "params"), shapes)
+        except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
+            raise UserError(f"cannot restore the draft head in {path}: "
+                            f"{one_line(e)[:300]}") from None
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if _floating(x)
+                            else jnp.asarray(x), params)
+
+    if layout is None:
+        return LoadedHead(config, restore(), meta)
+
+    def restore_laid_out():
+        return jax.device_put(layouts.apply(layout, restore(), tied=False), device)
+
+    abstract = jax.eval_shape(lambda: layouts.apply(layout, heads.init_params(
+        config, jax.random.key(0)), tied=False))
+    params = mapped.laid_out(path, "float32", layout, abstract, restore_laid_out, device)
     return LoadedHead(config, params, meta)
 
 
@@ -150,8 +166,6 @@ def shipped_for(target) -> str | None:
 def as_draft(head: LoadedHead, target, layout):
     """(HeadDraft, None, loop params {"head", "embed"}) for `target`, the head's weights in
     `layout` (packed for the CPU kernel where the layout wants it)."""
-    from jaxspec.models import layout as layouts
-
     check_target(head, target)
     draft = heads.HeadDraft(head.config, threshold=float(head.meta.get("threshold", 0.0)),
                             gamma=int(head.meta.get("gamma", 4)))

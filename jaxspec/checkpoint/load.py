@@ -36,17 +36,17 @@ def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True) -> Mode
 
 
 def _load_mapped(path: str, dtype: str, layout: layouts.Layout, device) -> Model:
-    """A converted checkpoint on one CPU device: its laid-out params mapped from
-    jaxspec.checkpoint.mapped, or restored, laid out and saved there for the next process."""
+    """A converted checkpoint on one CPU device, its params laid out by
+    jaxspec.checkpoint.mapped (mapped when an earlier process saved them)."""
     config, _ = store.read_meta(path)
     abstract = jax.eval_shape(lambda p: layouts.apply(layout, p, config.tie_word_embeddings),
                               store.abstract_params(config, dtype))
-    params = mapped.load(mapped.key(path, dtype, layout, abstract), abstract, device)
-    if params is not None:
-        return Model(config=config, params=params, path=path, layout=layout)
-    model = place(_load_converted(path, dtype, lambda config: None), layout, device)
-    mapped.save_later(mapped.key(path, dtype, layout, abstract), model.params)  # after a repair
-    return model
+
+    def restore():
+        return place(_load_converted(path, dtype, lambda config: None), layout, device).params
+
+    params = mapped.laid_out(path, dtype, layout, abstract, restore, device)
+    return Model(config=config, params=params, path=path, layout=layout)
 
 
 def _load_in_memory(path: str, dtype: str, mesh_of) -> Model:
@@ -89,7 +89,7 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
         # a converted checkpoint's tokenizer (mostly: importing transformers) loads in a
         # thread while the params are read and laid out (tensorstore's and XLA's threads)
         tokenizer = pool.submit(load_tokenizer, path) if converted else None
-        if converted and platform == "cpu" and tp == dp == 1 and mapped.enabled():
+        if converted and platform == "cpu" and tp == dp == 1:
             model = _load_mapped(path, dtype, layout, device)
         else:
             model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,

@@ -18,7 +18,8 @@ each of its params files), the dtype, the layout and its abstract laid-out param
 source of this module and of models/layout.py (the packing). Its leaves must match the
 expected abstract params one by one and the file its recorded size (a truncated mapping would
 fault at first touch); otherwise it is removed and the checkpoint restored as before.
-Files are written atomically; the folder keeps its most recently used files under MAX_BYTES.
+Files are written atomically; the folder keeps its most recently used files under MAX_BYTES
+(params larger than that are not saved).
 `JAXSPEC_PARAMS_CACHE=0` turns it off.
 """
 
@@ -31,6 +32,7 @@ import hashlib
 import json
 import mmap
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -82,6 +84,21 @@ def _file(name: str) -> str | None:
         return None
 
 
+def laid_out(path: str, dtype: str, layout: layouts.Layout, abstract, restore: Callable,
+             device=None):
+    """The params of checkpoint `path` in dtype and layout (`abstract`: their expected
+    ShapeDtypeStructs) on a CPU `device`: mapped when an earlier process saved them, else
+    `restore()` (laid out, placed), saved for the next one."""
+    if enabled():
+        params = load(key(path, dtype, layout, abstract), abstract, device)
+        if params is not None:
+            return params
+    params = restore()
+    if enabled():  # keyed again: restoring may have repaired (rewritten) the checkpoint
+        save_later(key(path, dtype, layout, abstract), params)
+    return params
+
+
 def load(name: str, abstract, device=None):
     """The params saved under key `name`, mapped and placed on `device` without a copy (they
     must match `abstract`, the expected ShapeDtypeStructs); None when there is no usable file
@@ -122,9 +139,11 @@ def _map(path: str, name: str, expected: list) -> list[np.ndarray]:
 
 def save_later(name: str, params) -> None:
     """Write params (laid out, on the CPU) under key `name` in a background thread (`wait`
-    joins it); nothing when the cache is off or not writable. Failures leave no file."""
+    joins it); nothing when the cache is off or not writable, or the params alone would
+    exceed MAX_BYTES. Failures leave no file."""
     path = _file(name)
-    if path is None or os.path.exists(path):
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    if path is None or os.path.exists(path) or size > MAX_BYTES:
         return
     _writes.append(_background().submit(_save, path, name, jax.tree.leaves(params)))
 

@@ -88,10 +88,14 @@ def test_each_dtype_and_version_of_the_checkpoint_has_its_own_file(converted, ca
     assert len(files(cache)) == 3
 
 
-def test_turned_off_nothing_is_saved(converted, cache, monkeypatch):
+def test_turned_off_or_too_large_nothing_is_saved(converted, cache, monkeypatch):
     monkeypatch.setenv(mapped.ENV, "0")
     load_saved(converted)
     assert not os.path.exists(cache) or not files(cache)
+    monkeypatch.setenv(mapped.ENV, "1")
+    monkeypatch.setattr(mapped, "MAX_BYTES", 1000)  # the tiny model's params: ~70 KB
+    load_saved(converted)
+    assert not files(cache)
 
 
 def test_saving_prunes_stale_temporary_files_and_keeps_fresh_ones(converted, cache):

@@ -17,7 +17,7 @@ from helpers import (REPO, greedy_reference, successor_model, tiny_hf_model, tin
 from jaxspec.api import SpeculativeDecoder
 from jaxspec.checkpoint.load import load_model
 from jaxspec.drafts import head as heads
-from jaxspec.checkpoint import head_store
+from jaxspec.checkpoint import head_store, mapped
 from jaxspec.errors import UserError
 from jaxspec.models import decoder
 from jaxspec.models.cache import init_cache
@@ -127,6 +127,28 @@ def test_checkpoint_roundtrip(tmp_path, target, head):
         target, PROMPTS, 16)
     assert head_store.matches(loaded.meta, target)
     assert not head_store.matches(loaded.meta, successor_model(40, seed=1, eos=(0,)))
+
+
+def test_a_head_loaded_again_on_the_cpu_is_mapped_not_restored(tmp_path, target, head,
+                                                               monkeypatch):
+    """jaxspec.checkpoint.mapped: the head's laid-out params, saved by the first load."""
+    config, params = head
+    path = str(tmp_path / "head")
+    head_store.save(path, config, params, target_params=target.params, dtype="bfloat16",
+                    gamma=3, threshold=0.0, training={})
+    monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(mapped.ENV, "1")
+    first = SpeculativeDecoder(target, path)
+    mapped.wait()
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("restored although the laid-out params were saved")
+
+    monkeypatch.setattr(head_store.orbax_io, "restore", no_restore)
+    second = SpeculativeDecoder(target, path)
+    jax.tree.map(np.testing.assert_array_equal, first.draft_params, second.draft_params)
+    assert second.generate(PROMPTS, max_new_tokens=16).tokens == greedy_reference(
+        target, PROMPTS, 16)
 
 
 @pytest.mark.parametrize("change", ["hidden", "vocab", "layers"])
