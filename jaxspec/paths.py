@@ -1,11 +1,11 @@
 """Where jaxspec keeps what it makes once and reuses: `$JAXSPEC_CACHE`, else ~/.cache/jaxspec
-(the converted default model, downloads, compiled XLA programs, the CPU matmul kernel, γ
-measurements).
+(the converted default model, downloads, compiled XLA programs, traced programs, params laid
+out for the CPU, the CPU matmul kernel, γ measurements).
 
 Everything that writes there asks `writable_cache_dir` for its folder first: a cache that cannot
 be written (a regular file, a read-only directory) is then one line, not a traceback. What needs
-the cache (the default model) passes that line on; what only saves time with it (compiled
-programs, the kernel, γ) goes on without it.
+the cache (the default model) passes that line on; what only saves time with it (programs,
+laid-out params, the kernel, γ) goes on without it.
 """
 
 from __future__ import annotations

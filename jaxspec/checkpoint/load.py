@@ -68,7 +68,8 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
     device: None (JAX's default device), "auto", "cpu", "gpu", "neuron" or a jax.Device (see
     jaxspec.devices; a platform JAX does not see raises UserError before anything is read).
     The params are placed on that device, in the layout that the layout policy picks for its
-    platform. tp, dp > 1: split over a tp × dp mesh of that platform's devices instead
+    platform; on one CPU device, a converted checkpoint's laid-out params are saved once and
+    mapped by later loads (jaxspec.checkpoint.mapped). tp, dp > 1: split over a tp × dp mesh of that platform's devices instead
     (models.sharding); a converted checkpoint is restored shard by shard, each onto its
     device, without gathering the whole model on one.
     """
