@@ -67,9 +67,10 @@ def resolve_draft(draft, target, device=None, layout=None):
             draft = head_store.load(draft, *((head_layout, device) if one_cpu else ()))
         else:
             from jaxspec.checkpoint.load import load_model
+            from jaxspec.checkpoint.tokenizer import kind_of
 
             draft = load_model(draft, dtype=jnp.dtype(target.params["embed"].dtype).name,
-                               device=device)
+                               device=device, tokenizer=kind_of(target.tokenizer))
     if isinstance(draft, head_store.LoadedHead):
         return head_store.as_draft(draft, target, head_layout)
     if isinstance(draft, Model):

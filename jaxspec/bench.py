@@ -205,17 +205,12 @@ def write_random_hf_checkpoint(directory: str, *, seed: int = 0) -> str:
 
 def prompt_ids(model, text: str, *, random_length: int = 40) -> list[int]:
     """The chat-templated prompt's token ids; fixed pseudo-random ids without a tokenizer."""
-    tok = model.tokenizer
-    if tok is None:
+    from jaxspec.generate import encode_prompt
+
+    if model.tokenizer is None:
         rng = np.random.default_rng(0)
         return rng.integers(3, model.config.vocab_size, random_length).tolist()
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}],
-                                      add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in some versions
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tok(text)["input_ids"]]
+    return encode_prompt(model, text, chat_template=True)
 
 
 # ---------------------------------------------------------------------------- generation

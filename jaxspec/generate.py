@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     device = devices.resolve(args.device)
-    target = load_model(args.model, dtype=args.dtype, device=device, tp=args.tp)
+    target = load_model(args.model, dtype=args.dtype, device=device, tp=args.tp,
+                        tokenizer="light")  # no transformers import
     loaded = time.perf_counter()
     prompt = encode_prompt(target, args.prompt, args.chat_template)
     draft = None if args.draft == "none" else args.draft

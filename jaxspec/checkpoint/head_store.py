@@ -123,8 +123,10 @@ def load(path: str, layout=None, device=None) -> LoadedHead:
     def restore_laid_out():
         return jax.device_put(layouts.apply(layout, restore(), tied=False), device)
 
-    abstract = jax.eval_shape(lambda: layouts.apply(layout, heads.init_params(
-        config, jax.random.key(0)), tied=False))
+    def abstract():
+        return jax.eval_shape(lambda: layouts.apply(layout, heads.init_params(
+            config, jax.random.key(0)), tied=False))
+
     params = mapped.laid_out(path, "float32", layout, abstract, restore_laid_out, device)
     return LoadedHead(config, params, meta)
 

@@ -39,7 +39,9 @@ def _load_mapped(path: str, dtype: str, layout: layouts.Layout, device) -> Model
     """A converted checkpoint on one CPU device, its params laid out by
     jaxspec.checkpoint.mapped (mapped when an earlier process saved them)."""
     config, _ = store.read_meta(path)
-    abstract = jax.eval_shape(lambda p: layouts.apply(layout, p, config.tie_word_embeddings),
+
+    def abstract():
+        return jax.eval_shape(lambda p: layouts.apply(layout, p, config.tie_word_embeddings),
                               store.abstract_params(config, dtype))
 
     def restore():
@@ -49,17 +51,17 @@ def _load_mapped(path: str, dtype: str, layout: layouts.Layout, device) -> Model
     return Model(config=config, params=params, path=path, layout=layout)
 
 
-def _load_in_memory(path: str, dtype: str, mesh_of) -> Model:
+def _load_in_memory(path: str, dtype: str, mesh_of, tokenizer_kind: str) -> Model:
     np_dtype = store.numpy_dtype(dtype)
     with open_source(path) as source:
         params = keymap.build_params(source.config, source.get, np_dtype)
-        tokenizer = tokenizer_from_files(source.tokenizer_files)
+        tokenizer = tokenizer_from_files(source.tokenizer_files, tokenizer_kind)
     return Model(config=source.config, params=params, tokenizer=tokenizer, path=path,
                  mesh=mesh_of(source.config))
 
 
 def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
-               dp: int = 1) -> Model:
+               dp: int = 1, tokenizer: str = "transformers") -> Model:
     """Load a model from a jaxspec checkpoint dir, a Hugging Face dir, a .gguf file or a name.
 
     The only name is "smollm2-135m-instruct" (downloaded and converted once into the cache).
@@ -69,13 +71,17 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
     jaxspec.devices; a platform JAX does not see raises UserError before anything is read).
     The params are placed on that device, in the layout that the layout policy picks for its
     platform; on one CPU device, a converted checkpoint's laid-out params are saved once and
-    mapped by later loads (jaxspec.checkpoint.mapped). tp, dp > 1: split over a tp × dp mesh of that platform's devices instead
-    (models.sharding); a converted checkpoint is restored shard by shard, each onto its
-    device, without gathering the whole model on one.
+    mapped by later loads (jaxspec.checkpoint.mapped). tp, dp > 1: split over a tp × dp mesh
+    of that platform's devices instead (models.sharding); a converted checkpoint is restored
+    shard by shard, each onto its device, without gathering the whole model on one.
+    tokenizer: "transformers" (`Model.tokenizer` is a transformers PreTrainedTokenizerFast) or
+    "light" (a jaxspec.checkpoint.light_tokenizer.LightTokenizer: the same ids, text and chat
+    template without importing transformers; the CLI's).
     """
     source = validation.check_source("source", source)
     validation.one_of("dtype", dtype, tuple(store.DTYPES))
     validation.check_parallel(tp, dp)
+    validation.one_of("tokenizer", tokenizer, ("transformers", "light"))
     device = devices.resolve(device)
     compile_cache.enable()  # before anything here compiles (see jaxspec.compile_cache)
     names.check_exists(source)
@@ -83,21 +89,24 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
         source = default_model.ensure_converted()
     path = os.path.abspath(source)
     converted = source_kind(path) == "jaxspec"
-    load = _load_converted if converted else _load_in_memory
     platform = devices.platform(device)
     layout = layouts.for_platform(platform)
+
+    def mesh_of(config):
+        return sharding.mesh_for(config, tp=tp, dp=dp, platform=platform)
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # a converted checkpoint's tokenizer (mostly: importing transformers) loads in a
-        # thread while the params are read and laid out (tensorstore's and XLA's threads)
-        tokenizer = pool.submit(load_tokenizer, path) if converted else None
+        # a converted checkpoint's tokenizer (with transformers: mostly importing it) loads
+        # in a thread while the params are read and laid out (tensorstore's and XLA's threads)
+        loading = pool.submit(load_tokenizer, path, tokenizer) if converted else None
         if converted and platform == "cpu" and tp == dp == 1:
             model = _load_mapped(path, dtype, layout, device)
+        elif converted:
+            model = place(_load_converted(path, dtype, mesh_of), layout, device)
         else:
-            model = load(path, dtype, lambda config: sharding.mesh_for(config, tp=tp, dp=dp,
-                                                                       platform=platform))
-            model = place(model, layout, device)
-        if tokenizer is not None:
-            model = dataclasses.replace(model, tokenizer=tokenizer.result())
+            model = place(_load_in_memory(path, dtype, mesh_of, tokenizer), layout, device)
+        if loading is not None:
+            model = dataclasses.replace(model, tokenizer=loading.result())
     return model
 
 

@@ -14,10 +14,11 @@ background thread; `wait` joins it), later loads map it.
             "bytes": the data's size}
 
 A file is keyed by the checkpoint (its absolute path, and the size and modification time of
-each of its params files), the dtype, the layout and its abstract laid-out params, and the
-source of this module and of models/layout.py (the packing). Its leaves must match the
-expected abstract params one by one and the file its recorded size (a truncated mapping would
-fault at first touch); otherwise it is removed and the checkpoint restored as before.
+each of its params files), the dtype, the layout, the CPU kernel's setting and the source of
+this module and of models/layout.py (the packing). Its leaves must match the expected
+abstract laid-out params one by one and the file its recorded size (a truncated mapping would
+fault at first touch); otherwise it is removed and the checkpoint restored as before. Without
+a file nothing is done before the restore (a damaged checkpoint fails first).
 Files are written atomically; the folder keeps its most recently used files under MAX_BYTES
 (params larger than that are not saved).
 `JAXSPEC_PARAMS_CACHE=0` turns it off.
@@ -48,8 +49,10 @@ DATA_ALIGN, LEAF_ALIGN = 4096, 64  # the data starts on a page; XLA:CPU aliases 
 _writes: list[concurrent.futures.Future] = []
 
 
-def key(path: str, dtype: str, layout: layouts.Layout, abstract) -> str:
+def key(path: str, dtype: str, layout: layouts.Layout) -> str:
     """sha256 of what the laid-out params depend on (module doc)."""
+    from jaxspec.kernels import cpu_matmul
+
     digest = hashlib.sha256()
     params_dir = os.path.join(os.path.abspath(path), "params")
     for folder, subfolders, files in sorted(os.walk(params_dir)):
@@ -58,16 +61,11 @@ def key(path: str, dtype: str, layout: layouts.Layout, abstract) -> str:
             info = os.stat(os.path.join(folder, name))
             digest.update(f"{os.path.join(folder, name)} {info.st_size} {info.st_mtime_ns}\n"
                           .encode())
-    digest.update(f"{FORMAT} {dtype} {layout} {_describe(abstract)}".encode())
+    digest.update(f"{FORMAT} {dtype} {layout} {os.environ.get(cpu_matmul.ENV)}".encode())
     for module in (__file__, layouts.__file__):
         with open(module, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()
-
-
-def _describe(abstract) -> str:
-    leaves, tree = jax.tree.flatten(abstract)
-    return f"{tree} {[(str(a.dtype), a.shape) for a in leaves]}"
 
 
 def enabled() -> bool:
@@ -84,18 +82,21 @@ def _file(name: str) -> str | None:
         return None
 
 
-def laid_out(path: str, dtype: str, layout: layouts.Layout, abstract, restore: Callable,
-             device=None):
-    """The params of checkpoint `path` in dtype and layout (`abstract`: their expected
-    ShapeDtypeStructs) on a CPU `device`: mapped when an earlier process saved them, else
-    `restore()` (laid out, placed), saved for the next one."""
+def laid_out(path: str, dtype: str, layout: layouts.Layout, abstract: Callable,
+             restore: Callable, device=None):
+    """The params of checkpoint `path` in dtype and layout on a CPU `device`: mapped when an
+    earlier process saved them (`abstract()`: their expected ShapeDtypeStructs, asked only
+    then), else `restore()` (laid out, placed), saved for the next one."""
     if enabled():
-        params = load(key(path, dtype, layout, abstract), abstract, device)
-        if params is not None:
-            return params
+        name = key(path, dtype, layout)
+        path_of = _file(name)
+        if path_of is not None and os.path.exists(path_of):
+            params = load(name, abstract(), device)
+            if params is not None:
+                return params
     params = restore()
     if enabled():  # keyed again: restoring may have repaired (rewritten) the checkpoint
-        save_later(key(path, dtype, layout, abstract), params)
+        save_later(key(path, dtype, layout), params)
     return params
 
 

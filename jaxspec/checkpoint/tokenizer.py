@@ -3,7 +3,8 @@
 A converted checkpoint keeps the tokenizer files of its source. From a GGUF file they are
 rebuilt with the `tokenizers` library (byte-level BPE from `tokenizer.ggml.*`; no torch, no
 transformers GGUF reader) as tokenizer.json and tokenizer_config.json. Loading gives a
-transformers `PreTrainedTokenizerFast`, or None where there are no tokenizer files.
+transformers `PreTrainedTokenizerFast` or a `LightTokenizer` (jaxspec.checkpoint.light_tokenizer),
+or None where there are no tokenizer files.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from jaxspec.checkpoint.gguf_metadata import field
+from jaxspec.checkpoint.light_tokenizer import LightTokenizer
 from jaxspec.checkpoint.source import one_line
 from jaxspec.errors import UserError
 
@@ -136,10 +138,14 @@ def read_tokenizer_files(directory: str) -> dict[str, bytes]:
     return out
 
 
-def load_tokenizer(directory: str):
-    """The tokenizer in directory (transformers fast tokenizer), or None without tokenizer files."""
+def load_tokenizer(directory: str, kind: str = "transformers"):
+    """The tokenizer in directory, or None without tokenizer files. kind: "transformers" (a
+    transformers fast tokenizer) or "light" (a LightTokenizer: the same ids, text and chat
+    template without importing transformers)."""
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return None
+    if kind == "light":
+        return LightTokenizer.from_dir(directory)
     from transformers import PreTrainedTokenizerFast
 
     try:
@@ -149,12 +155,19 @@ def load_tokenizer(directory: str):
                         f"{one_line(e)[:300]}") from None
 
 
-def tokenizer_from_files(files: dict[str, bytes]):
-    """Load a tokenizer from in-memory tokenizer files (via a temporary directory)."""
+def tokenizer_from_files(files: dict[str, bytes], kind: str = "transformers"):
+    """Load a tokenizer of `kind` (load_tokenizer) from in-memory tokenizer files."""
     if "tokenizer.json" not in files:
         return None
+    if kind == "light":
+        return LightTokenizer.from_files(files)
     with tempfile.TemporaryDirectory(prefix="jaxspec-tokenizer-") as tmp:
         for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
         return load_tokenizer(tmp)
+
+
+def kind_of(tokenizer) -> str:
+    """The kind ("light" or "transformers") of a loaded tokenizer."""
+    return "light" if isinstance(tokenizer, LightTokenizer) else "transformers"

@@ -16,7 +16,7 @@ class Model:
 
     config: ModelConfig
     params: Any
-    tokenizer: Any = None  # transformers PreTrainedTokenizerFast, or None (id-only use)
+    tokenizer: Any = None  # transformers PreTrainedTokenizerFast or LightTokenizer, or None
     path: str | None = None
     layout: Layout | None = None  # None: the default backend's policy (models.layout.default)
     mesh: Any = None  # the jax.sharding.Mesh its params are split on (models.sharding), or None
