@@ -205,7 +205,7 @@ def write_random_hf_checkpoint(directory: str, *, seed: int = 0) -> str:
 
 def prompt_ids(model, text: str, *, random_length: int = 40) -> list[int]:
     """The chat-templated prompt's token ids; fixed pseudo-random ids without a tokenizer."""
-    from jaxspec.generate import encode_prompt
+    from jaxspec.checkpoint.tokenizer import encode_prompt
 
     if model.tokenizer is None:
         rng = np.random.default_rng(0)

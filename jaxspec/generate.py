@@ -123,23 +123,6 @@ def validate(args: argparse.Namespace) -> None:
         check_exists(draft.source, "--draft")
 
 
-def encode_prompt(model, prompt: str, chat_template: bool) -> list[int]:
-    """Token ids of the prompt: the chat template's rendering if the tokenizer has one."""
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise UserError(f"{model.path} has no tokenizer files (tokenizer.json): cannot encode "
-                        "a text prompt")
-    if not (chat_template and getattr(tokenizer, "chat_template", None)):
-        return list(tokenizer.encode(prompt))  # adds BOS where the tokenizer does
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # the template is the model's code: any error is the input's
-        raise UserError(f"the chat template of {model.path} failed: {type(e).__name__}: {e} "
-                        "(try --no-chat-template)") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))  # the template has BOS
-
-
 class TextStream:
     """Writes the text of a growing token list incrementally (only what is new each time)."""
 
@@ -202,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxspec.api import SpeculativeDecoder
     from jaxspec.checkpoint import mapped
     from jaxspec.checkpoint.load import load_model
+    from jaxspec.checkpoint.tokenizer import encode_prompt
 
     started = time.perf_counter()
     device = devices.resolve(args.device)

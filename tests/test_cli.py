@@ -20,6 +20,7 @@ import pytest
 from helpers import REPO, tiny_hf_model
 
 from jaxspec import generate as cli_module
+from jaxspec.checkpoint.tokenizer import encode_prompt
 
 PROMPT = "Say hello to the cat."
 MAX_NEW = 8
@@ -79,7 +80,7 @@ def test_json_output(greedy_json):
 def test_json_tokens_equal_library_api(greedy_json, loaded):
     import jaxspec
 
-    prompt = cli_module.encode_prompt(loaded, PROMPT, chat_template=True)
+    prompt = encode_prompt(loaded, PROMPT, chat_template=True)
     out = jaxspec.SpeculativeDecoder(loaded, None).generate([prompt], max_new_tokens=MAX_NEW)
     assert greedy_json["tokens"] == out.tokens[0]
     assert greedy_json["stats"]["prompt_tokens"] == len(prompt)
@@ -339,8 +340,8 @@ def test_text_stream_flushes_a_dangling_byte_at_the_end():
 
 def test_encode_prompt_chat_template_and_raw(loaded):
     tokenizer = loaded.tokenizer
-    chat = cli_module.encode_prompt(loaded, PROMPT, chat_template=True)
-    raw = cli_module.encode_prompt(loaded, PROMPT, chat_template=False)
+    chat = encode_prompt(loaded, PROMPT, chat_template=True)
+    raw = encode_prompt(loaded, PROMPT, chat_template=False)
     assert raw == tokenizer.encode(PROMPT)
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                              add_generation_prompt=True, tokenize=False)

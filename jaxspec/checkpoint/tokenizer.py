@@ -171,3 +171,22 @@ def tokenizer_from_files(files: dict[str, bytes], kind: str = "transformers"):
 def kind_of(tokenizer) -> str:
     """The kind ("light" or "transformers") of a loaded tokenizer."""
     return "light" if isinstance(tokenizer, LightTokenizer) else "transformers"
+
+
+def encode_prompt(model, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids of the prompt: the chat template's rendering if the tokenizer has one."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{model.path} has no tokenizer files (tokenizer.json): cannot encode "
+                        "a text prompt")
+    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        return list(tokenizer.encode(prompt))  # adds BOS where the tokenizer does
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template is the model's code: any error is the input's
+        reason = str(e).removeprefix("the chat template failed: ") if isinstance(
+            e, UserError) else f"{type(e).__name__}: {e}"  # a LightTokenizer's, or another's
+        raise UserError(f"the chat template of {model.path} failed: {reason} "
+                        "(try --no-chat-template)") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))  # the template has BOS
