@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-import orbax.checkpoint as ocp
-
 
 class _FinishingLoop(asyncio.SelectorEventLoop):
     """An event loop that runs the tasks still pending on it to the end before it closes."""
@@ -46,6 +44,8 @@ def finishing_loops() -> Iterator[None]:
 
 def save(directory: str, tree) -> None:
     """Save a pytree of arrays into directory (which must not exist), waiting until written."""
+    import orbax.checkpoint as ocp  # here: a process that maps its params never imports it
+
     with finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory, tree)
         checkpointer.wait_until_finished()
@@ -54,5 +54,7 @@ def save(directory: str, tree) -> None:
 def restore(directory: str, target):
     """The pytree saved in directory, shaped like target (jax.ShapeDtypeStructs); Orbax's and
     tensorstore's exceptions pass through, but only once all reads have ended."""
+    import orbax.checkpoint as ocp
+
     with finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(directory, target)
