@@ -4,10 +4,11 @@
 In a fresh cache folder (the default model's converted checkpoint and the built CPU kernel are
 linked in from the user's cache, so no download, conversion or kernel build is counted):
 
-  cold      the first process: every program is traced and compiled, and saved
-  warm      later processes, with both caches (jaxspec.program_cache and JAX's)
-  warm_xla  later processes with JAX's compilation cache only (`JAXSPEC_COMPILE_CACHE=xla`):
-            what start-up was before the program cache
+  cold      the first process: the params are restored and laid out (and saved for the next
+            process, jaxspec.checkpoint.mapped), every program is traced, compiled and saved
+  warm      later processes, with every cache (mapped params, jaxspec.program_cache, JAX's)
+  warm_xla  later processes whose programs come from JAX's compilation cache only
+            (`JAXSPEC_COMPILE_CACHE=xla`: traced again, not compiled)
 
 Warm runs of the two kinds alternate, so that both see the same machine. Each row reports the
 wall times and what the CLI's `--verbose` stderr says of them: seconds loading the model,

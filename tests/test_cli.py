@@ -152,6 +152,19 @@ def test_without_torch_sampling_raw_prompt(model_dir, loaded, tmp_path):
     assert result["tokens"] == out.tokens[0]
 
 
+def test_the_cli_never_imports_transformers(model_dir, greedy_json, tmp_path):
+    """Its tokenizer is a LightTokenizer (the same ids and text: test_json_tokens_equal_...
+    compares them with transformers')."""
+    (tmp_path / "transformers").mkdir()
+    (tmp_path / "transformers" / "__init__.py").write_text(
+        'raise ImportError("transformers blocked")\n')
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
+    done = cli(PROMPT, "--model", model_dir, "--max-new-tokens", str(MAX_NEW), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tokens"] == greedy_json["tokens"]
+
+
 def test_help():
     done = cli("--help")
     assert done.returncode == 0
