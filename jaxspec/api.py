@@ -63,8 +63,10 @@ def resolve_draft(draft, target, device=None, layout=None):
     if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
         names.check_exists(draft, "draft")
         if head_store.is_head_dir(draft):  # on one CPU device: laid out (mapped) as it loads
-            one_cpu = devices.platform(device) == "cpu" and getattr(target, "mesh", None) is None
-            draft = head_store.load(draft, *((head_layout, device) if one_cpu else ()))
+            if devices.platform(device) == "cpu" and getattr(target, "mesh", None) is None:
+                draft = head_store.load(draft, head_layout, device)
+            else:
+                draft = head_store.load(draft)
         else:
             from jaxspec.checkpoint.load import load_model
             from jaxspec.checkpoint.tokenizer import kind_of

@@ -151,6 +151,11 @@ def read_files(directory: str) -> dict[str, bytes]:
     folder = os.path.join(directory, TEMPLATE_DIR)
     if os.path.isdir(folder):
         names += [f"{TEMPLATE_DIR}/{n}" for n in sorted(os.listdir(folder)) if n.endswith(".jinja")]
+    return read_present(directory, names)
+
+
+def read_present(directory: str, names: Sequence[str]) -> dict[str, bytes]:
+    """{name: contents} of those of the files `names` that are present in directory."""
     out = {}
     for name in names:
         path = os.path.join(directory, name)

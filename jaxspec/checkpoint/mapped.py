@@ -45,6 +45,7 @@ from jaxspec.paths import prune, writable_cache_dir, write_atomically
 ENV = "JAXSPEC_PARAMS_CACHE"
 FORMAT = 1
 MAX_BYTES = 4 << 30  # the default model in fp32: 0.65 GB laid out for the CPU
+MAX_HEADER = 16 << 20  # bytes of JSON: ~60 per leaf
 DATA_ALIGN, LEAF_ALIGN = 4096, 64  # the data starts on a page; XLA:CPU aliases 64-byte aligned
 _writes: list[concurrent.futures.Future] = []
 
@@ -88,28 +89,26 @@ def laid_out(path: str, dtype: str, layout: layouts.Layout, abstract: Callable,
     earlier process saved them (`abstract()`: their expected ShapeDtypeStructs, asked only
     then), else `restore()` (laid out, placed), saved for the next one."""
     if enabled():
-        name = key(path, dtype, layout)
-        path_of = _file(name)
-        if path_of is not None and os.path.exists(path_of):
-            params = load(name, abstract(), device)
-            if params is not None:
-                return params
+        params = load(key(path, dtype, layout), abstract, device)
+        if params is not None:
+            return params
     params = restore()
     if enabled():  # keyed again: restoring may have repaired (rewritten) the checkpoint
         save_later(key(path, dtype, layout), params)
     return params
 
 
-def load(name: str, abstract, device=None):
+def load(name: str, abstract: Callable, device=None):
     """The params saved under key `name`, mapped and placed on `device` without a copy (they
-    must match `abstract`, the expected ShapeDtypeStructs); None when there is no usable file
-    (a damaged one is removed)."""
+    must match `abstract()`, the expected ShapeDtypeStructs, asked only when there is a file);
+    None when there is no usable file (a damaged one is removed)."""
     path = _file(name)
     if path is None or not os.path.exists(path):
         return None
+    abstract = abstract()
     try:
         leaves = _map(path, name, jax.tree.leaves(abstract))
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: its header does not read
         with contextlib.suppress(OSError):
             os.remove(path)
         return None
@@ -123,6 +122,8 @@ def _map(path: str, name: str, expected: list) -> list[np.ndarray]:
     hold exactly `expected` (dtypes and shapes) under key `name`."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if size > MAX_HEADER:
+            raise ValueError("not a params file")
         header = json.loads(f.read(size))
         start = _round_up(8 + size, DATA_ALIGN)
         if header.get("format") != FORMAT or header.get("key") != name:

@@ -18,7 +18,7 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from jaxspec.checkpoint.gguf_metadata import field
-from jaxspec.checkpoint.light_tokenizer import LightTokenizer
+from jaxspec.checkpoint.light_tokenizer import LightTokenizer, read_present
 from jaxspec.checkpoint.source import one_line
 from jaxspec.errors import UserError
 
@@ -129,13 +129,7 @@ def gguf_tokenizer_files(reader: GGUFReader) -> dict[str, bytes]:
 
 def read_tokenizer_files(directory: str) -> dict[str, bytes]:
     """{file name: contents} of the tokenizer files present in directory."""
-    out = {}
-    for name in TOKENIZER_FILES:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = f.read()
-    return out
+    return read_present(directory, TOKENIZER_FILES)
 
 
 def load_tokenizer(directory: str, kind: str = "transformers"):

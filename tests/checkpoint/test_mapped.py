@@ -66,11 +66,16 @@ def test_a_second_load_maps_what_the_first_laid_out(converted, cache, monkeypatc
     assert greedy(second) == greedy(first)
 
 
-def test_a_damaged_file_is_removed_and_the_checkpoint_restored(converted, cache):
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_file_is_removed_and_the_checkpoint_restored(converted, cache, damage):
     first = load_saved(converted)
     [path] = files(cache)
     size = os.path.getsize(path)
-    os.truncate(path, size // 2)  # mapped as it is, its last leaves would fault when read
+    if damage == "truncated":
+        os.truncate(path, size // 2)  # mapped as it is, its last leaves would fault when read
+    else:
+        with open(path, "r+b") as f:
+            f.write(os.urandom(4096))  # the header
     again = load_saved(converted)
     assert_same_params(first.params, again.params)
     assert files(cache) == [path] and os.path.getsize(path) == size  # saved again
