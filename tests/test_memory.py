@@ -122,7 +122,7 @@ def test_cli_refusal_is_one_line_and_verbose_prints_the_plan(monkeypatch, tmp_pa
 
     calls = []
 
-    def fake_load(source, *, dtype, device, tp=1):
+    def fake_load(source, *, dtype, device, tp=1, tokenizer="transformers"):
         calls.append(device)
         loaded = dataclasses.replace(model(), tokenizer=_Tokenizer(), path=source)
         return load_module.place(loaded, layouts.for_platform(device.platform), device)
