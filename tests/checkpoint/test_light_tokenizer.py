@@ -13,10 +13,10 @@ import sys
 import pytest
 from helpers import BOS_ID, CHAT_TEMPLATE, EOS_ID, REPO, SPECIALS, save_tiny_tokenizer, tiny_vocab
 
+from jaxspec.checkpoint import default_model
 from jaxspec.checkpoint.light_tokenizer import LightTokenizer
 from jaxspec.errors import UserError
 
-SMOLLM2_DIR = os.path.expanduser("~/.cache/jaxspec/smollm2-135m-instruct")
 
 TEXTS = [
     "Hello world", "", " ", "   leading and trailing   ", "multiple   spaces\tand\t\ttabs",
@@ -186,9 +186,10 @@ def wordpiece_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    if not os.path.isfile(os.path.join(SMOLLM2_DIR, "tokenizer.json")):
-        pytest.skip("the default model is not in ~/.cache/jaxspec")
-    return SMOLLM2_DIR
+    directory = default_model.converted_dir()  # in $JAXSPEC_CACHE, converted on first use
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        pytest.skip(f"the default model is not converted in {directory}")
+    return directory
 
 
 def read_all(path) -> dict[str, bytes]:
