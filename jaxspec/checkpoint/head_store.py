@@ -106,9 +106,10 @@ def load(path: str, layout=None, device=None) -> LoadedHead:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}/config.json: bad head config ({e})") from None
     store = numpy_dtype(meta.get("dtype", "float32"))
-    shapes = jax.eval_shape(lambda: heads.init_params(config, jax.random.key(0), dtype=store))
 
     def restore():
+        shapes = jax.eval_shape(lambda: heads.init_params(config, jax.random.key(0),
+                                                          dtype=store))
         try:
             params = orbax_io.restore(os.path.join(os.path.abspath(path), "params"), shapes)
         except Exception as e:  # Orbax/tensorstore raise many types for damaged checkpoints
