@@ -15,6 +15,7 @@ draft, platform and dtype, so later processes do not profile again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -124,7 +125,7 @@ def store(key: str, choice: Choice) -> None:
 
 
 def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int,
-            max_gamma: int = MAX_AUTO_GAMMA, steps: int = 8) -> Choice:
+            max_gamma: int = MAX_AUTO_GAMMA, steps: int = 8, rounds: int = 5) -> Choice:
     """Measure α, c and v_γ and choose γ (see the module docstring).
 
     run(γ) -> the statistics of one row generated greedily at that γ (the API's decoder);
@@ -141,21 +142,22 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
     max_len = loop_max_len(prompt_length, max_new_tokens, max_gamma)
     position = min(prompt_length, max_len - max_gamma - 2)
 
-    def seconds(model, width: int, last_only: bool = False) -> float:
-        timer = bench.StepTimer(model, width=width, max_len=max_len, position=position,
-                                steps=steps, last_only=last_only)
-        return min(timer() for _ in range(3))
-
-    decode = seconds(target, 1)
-    v = {w - 1: seconds(target, w) / decode for w in MEASURED_WIDTHS if 1 < w <= max_gamma + 1}
-    v = interpolate({0: 1.0, **v}, max_gamma)
-    if isinstance(draft_model, tuple):
-        def head(width, observe=False):
-            timer = bench.HeadStepTimer(*draft_model, width=width, max_len=max_len,
-                                        position=position, steps=steps, observe=observe)
-            return min(timer() for _ in range(3))
-
-        c = (head(1) + head(max_gamma + 1, True) / max_gamma) / decode
-    else:
-        c = seconds(draft_model, 1, True) / decode if draft_model is not None else 0.0
+    where = dict(max_len=max_len, position=position, steps=steps)
+    widths = [w for w in MEASURED_WIDTHS if w <= max_gamma + 1]
+    timers = {f"verify{w}": functools.partial(bench.StepTimer, target, width=w, **where)
+              for w in widths}
+    if isinstance(draft_model, tuple):  # a proposal step and its share of an observe
+        timers["draft"] = functools.partial(bench.HeadStepTimer, *draft_model, width=1, **where)
+        timers["observe"] = functools.partial(bench.HeadStepTimer, *draft_model,
+                                              width=max_gamma + 1, observe=True, **where)
+    elif draft_model is not None:
+        timers["draft"] = functools.partial(bench.StepTimer, draft_model, width=1,
+                                            last_only=True, **where)
+    built = {name: make() for name, make in timers.items()}  # compiles
+    # every timer once per round, best of the rounds: a busy moment of the machine slows all
+    # widths of a round alike instead of one ratio
+    seconds = {name: min(t) for name, t in bench.interleaved(built, rounds).items()}
+    decode = seconds["verify1"]
+    v = interpolate({w - 1: seconds[f"verify{w}"] / decode for w in widths}, max_gamma)
+    c = (seconds.get("draft", 0.0) + seconds.get("observe", 0.0) / max_gamma) / decode
     return Choice(best_gamma(alpha, c, v), alpha, c, v, "profiled")
