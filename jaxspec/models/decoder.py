@@ -22,7 +22,8 @@ H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights 
 matmul each and split along K or F without reshuffling (for sharding; see models.layout). The
 layer loop is unrolled in Python: each layer's weights are separate buffers that the matmuls
 read directly, with no per-layer slice of a stacked array (which XLA on CPU would copy,
-doubling weight traffic).
+doubling weight traffic). Each layer is a call of one jitted `block`, so a program traces and
+lowers one layer, not L (a few seconds less of a first start-up on CPU); XLA inlines the calls.
 Activations stay in the params' dtype; norms, attention softmax and logits are fp32. Every
 product of fp32 operands asks for full fp32 precision explicitly (XLA on GPU would otherwise
 run them in TF32); bf16 products keep the backend's default.
@@ -145,7 +146,7 @@ def project_qkv(config, layer, x, rope_cs):
     return rope(q, cos[:, :, :, None], sin[:, :, :, None]), rope(k, cos, sin), v
 
 
-def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index: int):
+def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index):
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
     B, T, _ = x.shape
     q, k, v = project_qkv(config, layer, x, rope_cs)
@@ -166,6 +167,18 @@ def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
     return dense(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], layer["w_down"])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def block(config: ModelConfig, layer, x, positions, mask, rope_cs, cache: KVCache, index):
+    """One decoder layer on x[B, T, D] -> (x, cache), its keys and values written at `index`
+    (i32[]). A jitted function of the layer's arrays: a program that runs L layers of the same
+    shapes traces and lowers one and calls it L times, and XLA inlines the calls (the compiled
+    program is the same as a flat one), so tracing a model costs about one layer's work."""
+    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
+    x = x + out
+    return x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)), cache
+
+
 def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
                capture: tuple[int, ...] = ()):
     """Run the decoder stack: tokens[B, T], positions[B, T] -> (hidden[B, T, D], captured, cache).
@@ -181,10 +194,7 @@ def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KV
     streams = {}
     for index, layer in enumerate(params["layers"]):
         streams[index] = x
-        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
-        x = x + out
-        x = x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        x, cache = block(config, layer, x, positions, mask, rope_cs, cache, np.int32(index))
     streams[len(params["layers"])] = x
     captured = None
     if capture:

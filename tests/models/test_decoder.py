@@ -41,3 +41,27 @@ def test_cached_decode_equals_teacher_forced_forward(chunk, layout):
         expected = np.take_along_axis(reference, positions[..., None], axis=1)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
         start += chunk
+
+
+def test_a_program_traces_one_layer_of_a_uniform_stack(monkeypatch):
+    """Layers of the same shapes share one traced `block` (the cold start's tracing cost), and
+    the program computes what op-by-op execution of every layer computes."""
+    import jax
+
+    m = tiny_model(seed=2, layers=4)
+    traced = []
+    original = decoder.attention
+    monkeypatch.setattr(decoder, "attention", lambda *a: traced.append(1) or original(*a))
+    decoder.block.clear_cache()  # traces from earlier tests would be reused
+    tokens, positions = jnp.asarray([[3, 1, 4, 1]]), jnp.arange(4)[None]
+
+    def run(params):
+        cache = init_cache(m.config, 1, 8, jnp.float32, CPU)
+        return decoder.forward(m.config, params, tokens, positions, cache)[0]
+
+    jitted = jax.jit(run)(m.params)
+    assert len(traced) == 1
+    with jax.disable_jit():
+        eager = run(m.params)
+    assert len(traced) == 1 + 4
+    np.testing.assert_allclose(jitted, eager, atol=1e-4, rtol=0)  # fusion reorders sums
