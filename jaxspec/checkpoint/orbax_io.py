@@ -42,12 +42,18 @@ def finishing_loops() -> Iterator[None]:
         asyncio.set_event_loop_policy(previous)
 
 
-def save(directory: str, tree) -> None:
-    """Save a pytree of arrays into directory (which must not exist), waiting until written."""
+def save(directory: str, tree, compress: bool = True) -> None:
+    """Save a pytree of arrays into directory (which must not exist), waiting until written.
+    compress: zstd-compressed (Orbax's default) or stored as they are, which restores about
+    twice as fast (the default model's params: 0.35 s instead of 0.7 s, 514 MB instead of
+    337 MB); `restore` reads both."""
     import orbax.checkpoint as ocp  # here: a process that maps its params never imports it
 
-    with finishing_loops(), ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory, tree)
+    handler = (ocp.StandardCheckpointHandler() if compress
+               else ocp.PyTreeCheckpointHandler(use_compression=False))
+    args = ocp.args.StandardSave(tree) if compress else ocp.args.PyTreeSave(tree)
+    with finishing_loops(), ocp.AsyncCheckpointer(handler) as checkpointer:
+        checkpointer.save(directory, args=args)
         checkpointer.wait_until_finished()
 
 

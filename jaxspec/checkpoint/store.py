@@ -47,8 +47,9 @@ def is_jaxspec_dir(path: str, marker: str = MARKER) -> bool:
 
 def write(directory: str, config: ModelConfig, params, dtype: str,
           tokenizer_files: dict[str, bytes]) -> None:
-    """Write params (Orbax), config.json and tokenizer files into an existing directory."""
-    orbax_io.save(os.path.join(directory, "params"), params)
+    """Write params (Orbax, uncompressed: restored at every start where they are not mapped),
+    config.json and tokenizer files into an existing directory."""
+    orbax_io.save(os.path.join(directory, "params"), params, compress=False)
     for name, data in tokenizer_files.items():
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import (REPO, plain_params, read_json, tiny_hf_model, tiny_torch_model,
-                     write_tiny_gguf)
+from helpers import (REPO, plain_params, read_json, tiny_config, tiny_hf_model, tiny_params,
+                     tiny_torch_model, write_tiny_gguf)
 from safetensors.numpy import load_file, save_file
 
 from jaxspec.checkpoint import conversion, convert, load_model, store
@@ -43,6 +43,29 @@ def test_orbax_round_trip_is_exact(tmp_path):
     assert restored.tokenizer.eos_token == "<|im_end|>"
     assert restored.tokenizer.chat_template == direct.tokenizer.chat_template is not None
     assert read_json(os.path.join(dst, "config.json"))[store.MARKER] == store.FORMAT_VERSION
+
+
+def test_converted_params_are_stored_uncompressed(tmp_path):
+    """store.write keeps the params as they are (a restore reads, not decompresses): a
+    checkpoint of zeros takes at least their bytes, where Orbax's default compresses them to
+    almost nothing; both restore exactly."""
+    from jaxspec.checkpoint import orbax_io
+
+    config = tiny_config(vocab=4096, hidden=64, layers=2)
+    params = jax.tree.map(np.zeros_like, tiny_params(config, 0))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
+
+    def size(folder):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder)
+                   for f in fs)
+
+    os.makedirs(tmp_path / "model")
+    store.write(str(tmp_path / "model"), config, params, "float32", {})
+    orbax_io.save(str(tmp_path / "compressed"), params)
+    assert size(tmp_path / "model" / "params") >= nbytes > 20 * size(tmp_path / "compressed")
+    for folder in (tmp_path / "model" / "params", tmp_path / "compressed"):
+        restored = orbax_io.restore(str(folder), store.abstract_params(config, "float32"))
+        assert leaves_equal(restored, params)
 
 
 def _as_format_1(config, params):
