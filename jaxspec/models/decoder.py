@@ -171,8 +171,9 @@ def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
 def block(config: ModelConfig, layer, x, positions, mask, rope_cs, cache: KVCache, index):
     """One decoder layer on x[B, T, D] -> (x, cache), its keys and values written at `index`
     (i32[]). A jitted function of the layer's arrays: a program that runs L layers of the same
-    shapes traces and lowers one and calls it L times, and XLA inlines the calls (the compiled
-    program is the same as a flat one), so tracing a model costs about one layer's work."""
+    shapes traces and lowers one and calls it L times, and XLA inlines the calls (SmolLM2's
+    loop: the flat loop's fusions, plus one that builds the index), so tracing a model costs
+    about one layer's work."""
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
     x = x + out
