@@ -33,6 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 from tokenizers import AddedToken, Tokenizer
 
+from jaxspec.checkpoint.source import one_line
 from jaxspec.errors import UserError
 
 # Files read from a tokenizer directory (and keys of `from_files`), and the templates' folder.
@@ -74,7 +75,7 @@ class LightTokenizer:
         try:
             backend = Tokenizer.from_buffer(files["tokenizer.json"])
         except Exception as e:  # the Rust library's error type
-            raise UserError(f"cannot read tokenizer.json: {_one_line(e)}") from None
+            raise UserError(f"cannot read tokenizer.json: {one_line(e)[:300]}") from None
         config = _json(files, "tokenizer_config.json")
         template, names = chat_template(config, files)
         special = _add_special_tokens(backend, config, files)
@@ -118,7 +119,7 @@ class LightTokenizer:
                 add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except Exception as e:  # the template is the model's code: any error is the input's
             raise UserError(f"the chat template failed: {type(e).__name__}: "
-                            f"{_one_line(e)}") from None
+                            f"{one_line(e)[:300]}") from None
 
     @property
     def bos_token_id(self) -> int | None:
@@ -171,7 +172,7 @@ def _json(files: Mapping[str, bytes], name: str) -> Any:
     try:
         value = json.loads(files[name].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {name}: {_one_line(e)}") from None
+        raise UserError(f"cannot read {name}: {one_line(e)[:300]}") from None
     if not isinstance(value, dict):
         raise UserError(f"cannot read {name}: not a JSON object")
     return value
@@ -342,10 +343,6 @@ def _copy(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_copy(v) for v in value)
     return value
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 # --- the chat template's jinja2 environment, as transformers builds it ---------------------
