@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compound", type=int, default=recipe.compound, metavar="N",
                    help="generated multi-part chat requests, after those (default "
                    f"{recipe.compound})")
+    p.add_argument("--self-written", type=int, default=recipe.self_written, metavar="N",
+                   help="requests the target writes itself from its chat template, after "
+                   f"those (default {recipe.self_written})")
     p.add_argument("--new-tokens", type=int, default=recipe.new_tokens, metavar="N",
                    help=f"tokens the target generates per prompt (default {recipe.new_tokens})")
     p.add_argument("--steps", type=int, default=train.steps, metavar="N",
@@ -63,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                      "checkpoint_every", "gamma"):
             if getattr(args, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if args.compound < 0:
-            raise UserError("--compound must be at least 0")
+        for name in ("compound", "self_written"):
+            if getattr(args, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 0")
         check_work_dir(args.output)
         if args.head:
             check_work_dir(os.path.dirname(os.path.abspath(args.head)))
@@ -75,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
         target = load_model(args.model)
         raise_if_unusable(target)
+        if args.self_written:
+            from jaxspec.training.self_written import user_turn_prefix
+
+            user_turn_prefix(target)  # a chat template to write requests with
         recipe = DataRecipe(prompts=args.prompts, compound=args.compound,
+                            self_written=args.self_written,
                             text_files=tuple(args.text), new_tokens=args.new_tokens)
         config = TrainConfig(steps=args.steps, batch=args.batch, unroll=args.unroll,
                              learning_rate=args.learning_rate, draft_vocab=args.draft_vocab,

@@ -55,13 +55,11 @@ class Records:
         os.replace(tmp, path)
 
     @staticmethod
-    def load(path: str, prompt_lengths=None) -> Records:
-        """Records from `save`; files written before prompt lengths were recorded take them
-        from `prompt_lengths`."""
+    def load(path: str) -> Records:
+        """Records from `save`."""
         with np.load(path) as f:
             arrays = {name: f[name] for name in f.files}
         arrays["hidden"] = arrays["hidden"].view(ml_dtypes.bfloat16)
-        arrays.setdefault("prompt_lengths", np.asarray(prompt_lengths, np.int32))
         return Records(**arrays)
 
     @staticmethod

@@ -3,7 +3,8 @@ vocabulary, train, save the head. `scripts/train_draft.py` is its command line.
 
 The work directory holds everything a resumed run needs:
 
-    recipe.json    the data recipe; records.npz is reused only when it matches
+    recipe.json    the data recipe and seed; records.npz is reused only when they match
+    requests.json  the requests' texts, in the records' order
     records.npz    the recorded rows (jaxspec.training.record)
     vocab.npy      d2t, the draft vocabulary
     train_state/   Orbax checkpoints of params and optimizer state (jaxspec.training.trainer)
@@ -20,6 +21,7 @@ import numpy as np
 
 from jaxspec.errors import UserError
 from jaxspec.training import prompts as prompt_sources
+from jaxspec.training import self_written
 from jaxspec.training.record import Records, record
 from jaxspec.training.trainer import TrainConfig, Trainer, draft_vocabulary
 
@@ -28,6 +30,7 @@ from jaxspec.training.trainer import TrainConfig, Trainer, draft_vocabulary
 class DataRecipe:
     prompts: int = 1280  # built-in one-line requests (prompts.generated)
     compound: int = 0  # built-in multi-part requests (prompts.compound)
+    self_written: int = 0  # requests the target writes itself (training.self_written)
     text_files: tuple[str, ...] = ()
     new_tokens: int = 160  # greedy tokens recorded per prompt
     held_out: float = 0.05  # fraction of prompts kept for evaluation
@@ -47,30 +50,34 @@ def check_work_dir(path: str) -> None:
         raise UserError(f"cannot write to the output directory {path}: {e.strerror}") from None
 
 
-def request_texts(recipe: DataRecipe, seed: int) -> list[str]:
-    """The training requests: one-line ones, multi-part ones, then the text files' paragraphs
-    (the held-out rows are the last ones)."""
+def request_texts(target, recipe: DataRecipe, seed: int) -> list[str]:
+    """The training requests: one-line ones, multi-part ones, those the target writes, then
+    the text files' paragraphs (the held-out rows are the last ones)."""
     return (prompt_sources.generated(recipe.prompts, seed)
             + prompt_sources.compound(recipe.compound, seed)
+            + self_written.requests(target, recipe.self_written, seed)
             + prompt_sources.from_files(recipe.text_files))
 
 
-def recorded(target, texts: list[str], recipe: DataRecipe, layers, work_dir: str) -> Records:
-    """The records for `texts`, from the work directory when its recipe matches."""
+def recorded(target, recipe: DataRecipe, seed: int, layers, work_dir: str) -> Records:
+    """The records of the recipe's requests, from the work directory when its recipe and seed
+    match; a new recording also writes the requests' texts to requests.json."""
     from jaxspec import bench
 
     path, recipe_path = (os.path.join(work_dir, n) for n in ("records.npz", "recipe.json"))
-    wanted = {**dataclasses.asdict(recipe), "layers": list(layers), "requests": len(texts)}
-    ids = [bench.prompt_ids(target, text) for text in texts]
+    wanted = {**dataclasses.asdict(recipe), "layers": list(layers), "seed": seed}
     if os.path.exists(path) and os.path.exists(recipe_path):
         with open(recipe_path, encoding="utf-8") as f:
             if json.load(f) == json.loads(json.dumps(wanted)):
-                return Records.load(path, prompt_lengths=[len(i) for i in ids])
+                return Records.load(path)
+    texts = request_texts(target, recipe, seed)
+    ids = [bench.prompt_ids(target, text) for text in texts]
     records = record(target, ids, new_tokens=recipe.new_tokens, layers=layers,
                      batch=recipe.batch, k=recipe.top_k)
     records.save(path)
-    with open(recipe_path, "w", encoding="utf-8") as f:
-        json.dump(wanted, f, indent=2)
+    for name, value in (("requests.json", texts), ("recipe.json", wanted)):
+        with open(os.path.join(work_dir, name), "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, ensure_ascii=False)
     return records
 
 
@@ -84,8 +91,7 @@ def train_draft(target, work_dir: str, head_path: str, *, recipe: DataRecipe,
 
     started = time.time()
     layers = heads.default_layers(target.config.num_layers)
-    texts = request_texts(recipe, config.seed)
-    records = recorded(target, texts, recipe, layers, work_dir)
+    records = recorded(target, recipe, config.seed, layers, work_dir)
     held = max(1, int(round(len(records) * recipe.held_out)))
     train, held_out = records.take(slice(0, len(records) - held)), records.take(
         slice(len(records) - held, None))

@@ -114,7 +114,8 @@ def _script(*args):
                            *args], capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("case", ["unwritable", "missing-text", "bad-model", "no-tokenizer"])
+@pytest.mark.parametrize("case", ["unwritable", "missing-text", "bad-model", "no-tokenizer",
+                                  "negative-count"])
 def test_train_draft_refuses_bad_input_before_training(tmp_path, case):
     model = tiny_hf_model("llama", tmp_path, with_tokenizer=case != "no-tokenizer")
     out = tmp_path / "work"
@@ -126,6 +127,8 @@ def test_train_draft_refuses_bad_input_before_training(tmp_path, case):
         args += ["--text", str(tmp_path / "nope.txt")]
     elif case == "bad-model":
         args[3] = str(tmp_path / "no-such-model")
+    elif case == "negative-count":
+        args += ["--self-written", "-1"]
     proc = _script(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
@@ -133,14 +136,16 @@ def test_train_draft_refuses_bad_input_before_training(tmp_path, case):
 
 
 def test_train_draft_end_to_end_then_generate(tmp_path):
-    """A tiny run: records, trains, writes a head that the CLI uses as --draft, and a second
-    invocation resumes (nothing left to train) and rewrites the head with a new γ."""
+    """A tiny run: the target writes a request, records, trains, writes a head that the CLI
+    uses as --draft, and a second invocation resumes (nothing left to train) and rewrites the
+    head with a new γ."""
     model = tiny_hf_model("llama", tmp_path)
     text = tmp_path / "notes.txt"
     text.write_text("First paragraph about tea.\n\nSecond paragraph about coffee.\n")
     work, head = tmp_path / "work", tmp_path / "head"
     args = ["--output", str(work), "--head", str(head), "--model", model, "--text", str(text),
-            "--prompts", "10", "--compound", "3", "--new-tokens", "8", "--steps", "4",
+            "--prompts", "10", "--compound", "3", "--self-written", "1", "--new-tokens", "8",
+            "--steps", "4",
             "--batch", "4",
             "--draft-vocab", "32", "--checkpoint-every", "2"]
     proc = _script(*args)
@@ -148,7 +153,12 @@ def test_train_draft_end_to_end_then_generate(tmp_path):
     assert "tau=" in proc.stdout
     meta = head_store.read_meta(str(head))
     assert meta["gamma"] == 4 and meta["training"]["train_rows"] + meta["training"][
-        "held_out_rows"] == 15  # 10 + 3 generated requests and the file's 2 paragraphs
+        "held_out_rows"] == 16  # 10 + 3 generated, 1 self-written, the file's 2 paragraphs
+    with open(work / "requests.json", encoding="utf-8") as f:
+        texts = json.load(f)
+    assert len(texts) == 16 and texts[:10] == prompts.generated(10, 0)
+    assert texts[14:] == ["Continue this text:\nFirst paragraph about tea.",
+                          "Continue this text:\nSecond paragraph about coffee."]
     assert sorted(os.listdir(work / "train_state")) == ["2", "4"]
     proc = _script(*args, "--gamma", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
