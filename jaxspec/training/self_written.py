@@ -11,12 +11,12 @@ requests are kept.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from tqdm import tqdm
 
+from jaxspec.bench_prompts import load_prompts
 from jaxspec.errors import UserError
 
 _MARK = "\u2063jaxspec-request\u2063"  # a text no template adds by itself
@@ -38,8 +38,7 @@ def user_turn_prefix(model) -> list[int]:
 def _benchmark_prompts() -> set[str]:
     if not os.path.exists(BENCHMARK_PROMPTS):  # an installed package without the scripts
         return set()
-    with open(BENCHMARK_PROMPTS, encoding="utf-8") as f:
-        return {" ".join(json.loads(line)["prompt"].split()) for line in f if line.strip()}
+    return {" ".join(p.text.split()) for p in load_prompts(BENCHMARK_PROMPTS)}
 
 
 def finished_text(model, tokens: list[int]) -> str | None:

@@ -109,9 +109,20 @@ def test_compound_requests_have_several_parts():
         assert any(subject in request for subject in prompts.SUBJECTS)
 
 
-def _script(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train_draft.py"),
-                           *args], capture_output=True, text=True, cwd=REPO)
+def _script(*args, name="train_draft.py"):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def test_distill_draft_is_the_same_script(tmp_path):
+    """DESIGN.md names the script distill_draft.py: it runs train_draft.py, flags and all."""
+    (tmp_path / "file").write_text("")
+    args = ["--output", str(tmp_path / "file" / "work"), "--steps", "2"]
+    proc, same = _script(*args, name="distill_draft.py"), _script(*args)
+    assert proc.returncode == same.returncode == 2
+    assert proc.stderr == same.stderr and proc.stderr.startswith("error: cannot write")
+    help_text = _script("--help", name="distill_draft.py")
+    assert help_text.returncode == 0 and "--self-written" in help_text.stdout
 
 
 @pytest.mark.parametrize("case", ["unwritable", "missing-text", "bad-model", "no-tokenizer",
