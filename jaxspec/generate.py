@@ -50,7 +50,8 @@ def _gamma(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jaxspec.generate",
                 description="Generate text with exact speculative decoding (jaxspec).")
-    p.add_argument("prompt", help="the prompt text (a user message for chat models)")
+    p.add_argument("prompt", help="the prompt text (a user message for chat models); '-' reads "
+                                  "it from stdin (trailing newlines dropped, as \"$(cat FILE)\")")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
                    help="target: jaxspec or Hugging Face directory, .gguf file, or "
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "to stderr")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, stats) instead of streaming")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message before the prompt (chat models; '' for none where "
+                        "the template would add its default)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="encode the prompt as raw text even if the tokenizer has a chat template")
     return p
@@ -103,13 +107,20 @@ def utf8_text(text: str) -> tuple[str, int]:
 
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no model (cheap, before jax is imported); raises UserError. A prompt
-    that is not valid UTF-8 gets its invalid bytes replaced, with one line on stderr."""
+    that is not valid UTF-8 gets its invalid bytes replaced, with one line on stderr. A prompt
+    of '-' is read from stdin first."""
+    if args.prompt == "-":
+        args.prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").rstrip("\n")
     args.prompt, replaced = utf8_text(args.prompt)
     if replaced:
         print(f"warning: the prompt is not valid UTF-8: replaced {replaced} invalid "
               f"byte sequence(s) with U+FFFD", file=sys.stderr)
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
+    if args.system is not None:
+        args.system, _ = utf8_text(args.system)
+        if not args.chat_template:
+            raise UserError("--system needs the chat template (drop --no-chat-template)")
     validation.check_max_new_tokens(args.max_new_tokens, flags=True)
     validation.check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     validation.check_speculative_tokens(args.num_speculative_tokens, flags=True)
@@ -192,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     target = load_model(args.model, dtype=args.dtype, device=device, tp=args.tp,
                         tokenizer="light")  # no transformers import
     loaded = time.perf_counter()
-    prompt = encode_prompt(target, args.prompt, args.chat_template)
+    prompt = encode_prompt(target, args.prompt, args.chat_template, system=args.system)
     draft = None if args.draft == "none" else args.draft
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
                                  mode="static", static_iterations=STATIC_ITERATIONS,

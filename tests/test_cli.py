@@ -21,6 +21,7 @@ from helpers import REPO, tiny_hf_model
 
 from jaxspec import generate as cli_module
 from jaxspec.checkpoint.tokenizer import encode_prompt
+from jaxspec.errors import UserError
 
 PROMPT = "Say hello to the cat."
 MAX_NEW = 8
@@ -29,9 +30,10 @@ DRAFT_STATS_KEYS = {"acceptance_rate", "mean_accepted_length", "accepted_per_pos
                     "target_forward_calls", "draft_forward_calls"}
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None, timeout: float = 600,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jaxspec.generate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
 def assert_user_error(returncode: int, out: str, err: str) -> None:
@@ -206,6 +208,7 @@ CHEAP_BAD = {  # fail before any model is loaded
     "dp 2": ["hi", "--dp", "2"],
     "missing model": ["hi", "--model", "/nonexistent/model"],
     "missing draft": ["hi", "--draft", "/nonexistent/draft"],
+    "system without the template": ["hi", "--system", "Be brief.", "--no-chat-template"],
 }
 ARGPARSE_BAD = {
     "no prompt": [],
@@ -290,6 +293,24 @@ def test_prompt_that_is_not_utf8(model_dir, greedy_json):
     assert out["stats"]["prompt_tokens"] > greedy_json["stats"]["prompt_tokens"]
 
 
+def test_prompt_from_stdin(model_dir, greedy_json):
+    """'-' reads the prompt from stdin, trailing newlines dropped: the same run as argv's."""
+    done = cli("-", "--model", model_dir, "--max-new-tokens", str(MAX_NEW), "--json",
+               stdin=PROMPT + "\n\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["tokens"] == greedy_json["tokens"]
+    assert out["stats"]["prompt_tokens"] == greedy_json["stats"]["prompt_tokens"]
+
+
+def test_empty_stdin_is_one_line(model_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n")))
+    code = cli_module.main(["-", "--model", model_dir])
+    assert_user_error(code, *capsys.readouterr())
+
+
 def test_utf8_text():
     assert cli_module.utf8_text("héllo \ufffd") == ("héllo \ufffd", 0)
     broken = b"a\xffb\xe2\x9c".decode("utf-8", "surrogateescape")
@@ -360,6 +381,28 @@ def test_encode_prompt_chat_template_and_raw(loaded):
                                              add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(chat) == rendered
     assert len(chat) > len(raw)
+
+
+def test_encode_prompt_with_a_system_message(loaded, tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    rendered = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                    tokenize=False)
+    ids = encode_prompt(loaded, PROMPT, chat_template=True, system="Be brief.")
+    assert loaded.tokenizer.decode(ids) == rendered and "Be brief." in rendered
+    assert ids != encode_prompt(loaded, PROMPT, chat_template=True)
+    with pytest.raises(UserError, match="needs a chat template: the prompt is encoded raw"):
+        encode_prompt(loaded, PROMPT, chat_template=False, system="Be brief.")
+    import dataclasses
+
+    class NoTemplate:
+        chat_template = None
+
+        def encode(self, text):
+            return [1]
+
+    with pytest.raises(UserError, match="has none"):
+        encode_prompt(dataclasses.replace(loaded, tokenizer=NoTemplate()), PROMPT,
+                      chat_template=True, system="Be brief.")
 
 
 # --- the real default model -----------------------------------------------------------------

@@ -167,17 +167,25 @@ def kind_of(tokenizer) -> str:
     return "light" if isinstance(tokenizer, LightTokenizer) else "transformers"
 
 
-def encode_prompt(model, prompt: str, chat_template: bool) -> list[int]:
-    """Token ids of the prompt: the chat template's rendering if the tokenizer has one."""
+def encode_prompt(model, prompt: str, chat_template: bool,
+                  system: str | None = None) -> list[int]:
+    """Token ids of the prompt: the chat template's rendering if the tokenizer has one, with
+    a system message first when `system` is given (which needs a chat template)."""
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise UserError(f"{model.path} has no tokenizer files (tokenizer.json): cannot encode "
                         "a text prompt")
     if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        if system is not None:
+            raise UserError("a system message needs a chat template: " + (
+                f"{model.path} has none" if chat_template else "the prompt is encoded raw"))
         return list(tokenizer.encode(prompt))  # adds BOS where the tokenizer does
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
     except Exception as e:  # the template is the model's code: any error is the input's
         reason = str(e).removeprefix("the chat template failed: ") if isinstance(
             e, UserError) else f"{type(e).__name__}: {e}"  # a LightTokenizer's, or another's
