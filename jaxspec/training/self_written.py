@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from jaxspec.bench_prompts import load_prompts
+from jaxspec.decode import loop, sampling
+from jaxspec.decode.sizing import loop_max_len, prompt_width
+from jaxspec.decode.state import LoopSpec
 from jaxspec.errors import UserError
 
 _MARK = "\u2063jaxspec-request\u2063"  # a text no template adds by itself
@@ -54,6 +59,26 @@ def _row_seed(seed: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
 
 
+_generate = jax.jit(loop.generate_tokens, static_argnums=0)
+
+
+def sampled(model, prefix: list[int], seeds: list[int], *, max_tokens: int,
+            temperature: float, top_p: float) -> list[list[int]]:
+    """Plain sampled continuations of `prefix`, one row per seed (u32): what
+    SpeculativeDecoder(model, None).generate returns for the same per-row seeds, through the
+    public pure function jaxspec.generate_tokens (training sits below the API)."""
+    sampler, values = sampling.make(temperature, 0, top_p)
+    spec = LoopSpec(model.config, sampler=sampler, dtype=model.params["embed"].dtype,
+                    max_len=loop_max_len(len(prefix), max_tokens, 0), layout=model.layout)
+    prompt = np.zeros((len(seeds), prompt_width(len(prefix))), np.int32)  # [B, P]
+    prompt[:, :len(prefix)] = prefix
+    state = _generate(spec, model.params, None, jnp.asarray(prompt),
+                      jnp.full(len(seeds), len(prefix), jnp.int32),
+                      jnp.asarray(np.asarray(seeds, np.uint32)), values, jnp.int32(max_tokens))
+    tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
+    return [tokens[b, len(prefix):lengths[b]].tolist() for b in range(len(seeds))]
+
+
 def requests(model, count: int, seed: int, *, temperature: float = 1.0, top_p: float = 0.95,
              max_tokens: int = 64, min_words: int = 4, batch: int = 64,
              progress: bool = True) -> list[str]:
@@ -62,23 +87,19 @@ def requests(model, count: int, seed: int, *, temperature: float = 1.0, top_p: f
     Row i is sampled with its own seed drawn from numpy's SeedSequence([seed, i]), so the
     list depends only on the model, the seed and the settings; gives up with a UserError
     after 4 × count + batch rows without enough usable requests."""
-    from jaxspec.api import SpeculativeDecoder
-
     if count <= 0:
         return []
-    prefix = user_turn_prefix(model)
-    decoder, excluded = SpeculativeDecoder(model, draft=None), _benchmark_prompts()
+    prefix, excluded = user_turn_prefix(model), _benchmark_prompts()
     kept, seen, row = [], set(), 0
     bar = tqdm(total=count, desc="writing requests", unit="request", disable=not progress)
     while len(kept) < count:
         if row >= 4 * count + batch:
             raise UserError(f"{model.path} wrote only {len(kept)} usable requests of {count} "
                             f"in {row} tries")
-        out = decoder.generate([prefix] * batch, max_new_tokens=max_tokens,
-                               temperature=temperature, top_p=top_p,
-                               seed=[_row_seed(seed, row + b) for b in range(batch)])
+        rows = sampled(model, prefix, [_row_seed(seed, row + b) for b in range(batch)],
+                       max_tokens=max_tokens, temperature=temperature, top_p=top_p)
         row += batch
-        for tokens in out.tokens:
+        for tokens in rows:
             text = finished_text(model, tokens)
             words = " ".join((text or "").split())
             if len(words.split()) < min_words or words in seen or words in excluded:

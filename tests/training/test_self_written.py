@@ -47,3 +47,15 @@ def test_a_model_without_a_chat_template_is_refused(tmp_path):
     model.tokenizer.chat_template = None
     with pytest.raises(UserError, match="has no chat template"):
         self_written.user_turn_prefix(model)
+
+
+def test_sampled_rows_are_the_public_decoders(model):
+    """The writer samples through jaxspec.generate_tokens: the same rows as the API's plain
+    decoder with the same per-row seeds."""
+    from jaxspec.api import SpeculativeDecoder
+
+    prefix, seeds = self_written.user_turn_prefix(model), [7, 123456789, 2**32 - 1]
+    rows = self_written.sampled(model, prefix, seeds, max_tokens=12, temperature=1.0, top_p=0.9)
+    out = SpeculativeDecoder(model, draft=None).generate([prefix] * 3, max_new_tokens=12,
+                                                        temperature=1.0, top_p=0.9, seed=seeds)
+    assert rows == out.tokens and len(set(map(tuple, rows))) == 3
