@@ -215,4 +215,4 @@ def test_shipped_head_loads_and_accepts_on_fixed_prompts():
     assert out.stats["mean_accepted_length"] >= SHIPPED_ACCEPTED_LENGTH_FLOOR, out.stats
 
 
-SHIPPED_ACCEPTED_LENGTH_FLOOR = 1.25  # measured 1.36 when shipped (γ = 2, 48 tokens)
+SHIPPED_ACCEPTED_LENGTH_FLOOR = 1.30  # measured 1.39 when shipped (γ = 2, 48 tokens)
