@@ -7,7 +7,9 @@
 // the same. XLA:CPU streams one row at copy bandwidth but takes a slower path for 2-16 rows.
 // Here each panel is one contiguous stream: for a block of up to kMaxRows rows, the 64 columns'
 // partial sums stay in vector registers while k runs through the panel (one broadcast of
-// x[m, k] per row and k), so w is read once per block of rows and in address order.
+// x[m, k] per row and k), so w is read once per block of rows and in address order, each
+// weight vector loaded into a register once (not folded into every row's FMA) and prefetched
+// kPrefetch floats ahead.
 //
 // Every output element accumulates its K products with fused multiply-adds in k order, whatever
 // M, the row block or the thread, so a row's result is bit-identical whether it is computed
@@ -33,6 +35,10 @@ namespace {
 
 constexpr int64_t kPanel = 64;  // columns per panel (models.layout.PANEL)
 constexpr int kMaxRows = 6;     // rows per register block
+// Prefetch distance in floats (8 KB, 32 rows of a panel ahead). Without it, streaming the
+// weights from memory and the FMAs did not overlap on an Intel Xeon: the 49,152-column output
+// layer took 26% longer for 3 rows than for 1 and 2.4x for 5; with it, about the same.
+constexpr int64_t kPrefetch = 2048;
 
 struct Problem {
   const float* x;       // [M, K]
@@ -56,7 +62,12 @@ struct Problem {
       const float* w = p.panels + j * p.K * kPanel + s * NV * LANES;                         \
       for (int64_t k = 0; k < p.K; ++k, w += kPanel) {                                       \
         VEC wv[NV];                                                                          \
-        for (int v = 0; v < NV; ++v) wv[v] = LOAD(w + LANES * v);                            \
+        for (int l = 0; l < NV * LANES / 16; ++l) /* the cache lines this strip reads */     \
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 16 * l), _MM_HINT_T0);  \
+        for (int v = 0; v < NV; ++v) {                                                       \
+          wv[v] = LOAD(w + LANES * v);                                                       \
+          __asm__("" : "+v"(wv[v])); /* a register: one load, not one per row's FMA */       \
+        }                                                                                    \
         for (int r = 0; r < MR; ++r) {                                                       \
           VEC b = SET1(x[r * p.K + k]);                                                      \
           for (int v = 0; v < NV; ++v) acc[r][v] = FMA(b, wv[v], acc[r][v]);                 \
