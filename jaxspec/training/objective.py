@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.drafts import head as heads
 from jaxspec.models import decoder
@@ -75,7 +76,8 @@ def unrolled(config: heads.HeadConfig, head, embed, tokens, hidden, steps: int):
     return jnp.stack(outs)
 
 
-def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int):
+def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int,
+           window: int | None = None):
     """(loss, metrics) for a batch {tokens, hidden, top_ids, top_logp, lengths,
     prompt_lengths}.
 
@@ -90,22 +92,29 @@ def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int)
     Only the entries that are proposals at inference count: p >= prompt_length - 1, whose
     predictions are generated tokens (the prompt's entries are context: the head's keys). A
     prompt's own next tokens are easy to predict (every chat prompt starts with the same
-    system text) and would inflate the agreement."""
+    system text) and would inflate the agreement. `window` (static): at most this many entries
+    per row count, from its first proposing entry on (see `window`; None: the full width).
+    Only those entries go through the output layer, the bulk of the work: the prompt's entries
+    serve only as keys."""
     head = {**params, "d2t": d2t}
     tokens, top_ids = batch["tokens"], batch["top_ids"]
-    B, W = tokens.shape
-    outs = unrolled(config, head, embed, tokens, batch["hidden"], steps)  # [K, B, W, D]
-    logp = jax.nn.log_softmax(heads.head_logits(config, head, outs), axis=-1)  # [K, B, W, V_d]
-    target_ids = jnp.pad(top_ids[:, 1:], ((0, 0), (0, 1), (0, 0)))  # at p + 1: [B, W, k]
-    target_p = jnp.exp(jnp.pad(batch["top_logp"][:, 1:], ((0, 0), (0, 1), (0, 0)),
-                               constant_values=-jnp.inf))
-    draft_ids = t2d[target_ids]  # [B, W, k]
-    picked = jnp.take_along_axis(logp, jnp.maximum(draft_ids, 0)[None], axis=-1)  # [K,B,W,k]
-    ce = -jnp.sum(jnp.where(draft_ids >= 0, target_p * picked, 0.0), axis=-1)  # [K, B, W]
-    p = jnp.arange(W)[None]
+    W = tokens.shape[1]
+    G = W if window is None else min(window, W)
     last = batch["lengths"][:, None] - 2  # [B, 1]: the last entry with x_{p+1} and a target
     first = batch["prompt_lengths"][:, None] - 1  # the first entry that proposes
-    agree = d2t[jnp.argmax(logp, axis=-1)] == target_ids[None, :, :, 0]  # [K, B, W]
+    # the entries that may count, [B, G]; clipped ones repeat W - 1, past every row's last
+    p = jnp.minimum(first + jnp.arange(G), W - 1)
+    outs = unrolled(config, head, embed, tokens, batch["hidden"], steps)  # [K, B, W, D]
+    outs = jnp.take_along_axis(outs, p[None, :, :, None], axis=2)  # [K, B, G, D]
+    logp = jax.nn.log_softmax(heads.head_logits(config, head, outs), axis=-1)  # [K, B, G, V_d]
+    at_next = lambda x: jnp.take_along_axis(  # noqa: E731  x[B, W, k] at p + 1: [B, G, k]
+        jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0))), p[:, :, None], axis=1)
+    target_ids = at_next(top_ids)
+    target_p = jnp.exp(at_next(batch["top_logp"]))  # the padded entry is never valid
+    draft_ids = t2d[target_ids]  # [B, G, k]
+    picked = jnp.take_along_axis(logp, jnp.maximum(draft_ids, 0)[None], axis=-1)  # [K,B,G,k]
+    ce = -jnp.sum(jnp.where(draft_ids >= 0, target_p * picked, 0.0), axis=-1)  # [K, B, G]
+    agree = d2t[jnp.argmax(logp, axis=-1)] == target_ids[None, :, :, 0]  # [K, B, G]
     loss, metrics = 0.0, {}
     for k in range(steps):
         valid = (p >= first + k) & (p <= last)  # step k of a chain that began at p - k
@@ -119,9 +128,15 @@ def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int)
     return loss, metrics
 
 
+def window(lengths, prompt_lengths) -> int:
+    """The most entries any row has that propose (the `window` for `losses`): a row proposes
+    from entry prompt_length - 1 to entry length - 2."""
+    return max(1, int(np.max(np.asarray(lengths) - np.asarray(prompt_lengths))))
+
+
 def _chain_lengths(agree, steps: int) -> jax.Array:
-    """[B, W]: for a chain starting at entry s, how many of its steps agree in a row (step k
-    of the chain is entry s + k - 1 of agree[k - 1])."""
+    """[B, G]: for a chain starting at entry s, how many of its steps agree in a row (step k
+    of the chain is entry s + k - 1 of agree[k - 1]; entries consecutive along G)."""
     W = agree.shape[-1]
     alive = jnp.ones(agree.shape[1:], bool)
     total = jnp.zeros(agree.shape[1:], jnp.int32)

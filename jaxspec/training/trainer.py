@@ -87,6 +87,10 @@ def _batch(records: Records, rows) -> dict:
     return {f.name: getattr(chosen, f.name) for f in dataclasses.fields(chosen)}
 
 
+def _window(records: Records) -> int:
+    return objective.window(records.lengths, records.prompt_lengths)
+
+
 def batch_rows(config: TrainConfig, step: int, rows: int) -> np.ndarray:
     """The rows of training batch `step` (a pure function of the seed and the step)."""
     return np.random.default_rng([config.seed, step]).choice(rows, config.batch, replace=False)
@@ -103,17 +107,20 @@ class Trainer:
         self.tx = optimizer(config)
         frozen = (self.d2t, self.t2d, self.embed)
 
-        def loss(params, batch, d2t, t2d, embed):
-            return objective.losses(head_config, params, d2t, t2d, embed, batch, config.unroll)
+        def loss(params, batch, frozen, window):
+            return objective.losses(head_config, params, *frozen, batch, config.unroll, window)
 
-        def update(params, opt_state, batch, frozen):
-            grads, metrics = jax.grad(loss, has_aux=True)(params, batch, *frozen)
+        def update(params, opt_state, batch, frozen, window):
+            grads, metrics = jax.grad(loss, has_aux=True)(params, batch, frozen, window)
             updates, opt_state = self.tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, metrics
 
-        update, metrics = jax.jit(update), jax.jit(lambda *args: loss(*args)[1])
-        self._update = lambda params, opt_state, batch: update(params, opt_state, batch, frozen)
-        self._evaluate = lambda params, batch: metrics(params, batch, *frozen)
+        update = jax.jit(update, static_argnums=4)
+        metrics = jax.jit(lambda *args: loss(*args)[1], static_argnums=3)
+        # window: the records' objective.window, static (one compiled shape per record set)
+        self._update = lambda params, opt_state, batch, window: update(params, opt_state, batch,
+                                                                        frozen, window)
+        self._evaluate = lambda params, batch, window: metrics(params, batch, frozen, window)
 
     def init(self):
         """(params, opt_state) of a fresh run: the head initialized from the target."""
@@ -124,10 +131,10 @@ class Trainer:
 
     def evaluate(self, params, records: Records) -> dict:
         """Mean metrics over held-out rows, in batches of config.batch."""
-        parts = []
+        parts, window = [], _window(records)
         for start in range(0, len(records), self.config.batch):
             rows = np.arange(start, min(start + self.config.batch, len(records)))
-            parts.append(jax.device_get(self._evaluate(params, _batch(records, rows))))
+            parts.append(jax.device_get(self._evaluate(params, _batch(records, rows), window)))
         return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
 
     def fit(self, records: Records, held_out: Records, directory: str, *,
@@ -144,12 +151,12 @@ class Trainer:
             if start:
                 params, opt_state = _resume(manager, start, params, opt_state, directory)
             end = min(config.steps, stop_after or config.steps)
-            metrics = {}
+            metrics, window = {}, _window(records)
             bar = tqdm(range(start, end), desc="training", unit="step", disable=not progress,
                        initial=start, total=config.steps)
             for step in bar:
                 batch = _batch(records, batch_rows(config, step, len(records)))
-                params, opt_state, train_metrics = self._update(params, opt_state, batch)
+                params, opt_state, train_metrics = self._update(params, opt_state, batch, window)
                 done = step + 1
                 if done % config.eval_every == 0 or done == end:
                     metrics = self.evaluate(params, held_out.take(slice(0, config.eval_rows)))

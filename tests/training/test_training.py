@@ -218,3 +218,32 @@ def test_metrics_count_only_the_entries_that_propose(target):
         measured[name] = float(metrics["agree1"])
         np.testing.assert_allclose(measured[name], expected(starts - 1), rtol=1e-6)
     assert measured["generated"] != measured["all"]
+
+
+def test_the_output_layer_runs_only_on_the_entries_that_count(target):
+    """The loss and metrics over each row's proposing entries (the trainer's window) equal
+    those over every position; a window too short for the rows leaves entries out."""
+    import jax.numpy as jnp
+
+    from jaxspec.training import objective
+
+    config, params, _, (train, _) = trained_head(target, draft_vocab=24, steps=20)
+    d2t = np.asarray(params["d2t"])
+    t2d = trainer.target_to_draft(d2t, target.config.vocab_size)
+    trainable = {k: v for k, v in params.items() if k != "d2t"}
+    rows = train.take(slice(0, 16))
+    batch = {k: jnp.asarray(getattr(rows, k)) for k in
+             ("tokens", "hidden", "top_ids", "top_logp", "lengths", "prompt_lengths")}
+    window = objective.window(rows.lengths, rows.prompt_lengths)
+    assert window < rows.tokens.shape[1]  # the prompts' entries are left out
+
+    def measured(w):
+        loss, metrics = objective.losses(config, trainable, jnp.asarray(d2t), jnp.asarray(t2d),
+                                         target.params["embed"], batch, 3, w)
+        return {k: float(v) for k, v in metrics.items()}
+
+    full, windowed = measured(None), measured(window)
+    assert full.keys() == windowed.keys() == {"agree1", "agree2", "agree3", "tau", "loss"}
+    for key in full:
+        np.testing.assert_allclose(windowed[key], full[key], rtol=1e-5, err_msg=key)
+    assert measured(window - 3)["loss"] != pytest.approx(full["loss"], rel=1e-5)
