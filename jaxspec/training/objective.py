@@ -34,43 +34,60 @@ def _shift(x: jax.Array, m: int) -> jax.Array:
     return jnp.pad(x, pad)[:, : x.shape[1]]
 
 
-def _attention(config, q, keys, values) -> jax.Array:
-    """Step len(keys)'s attention: q [B, W, K, G, Dh], keys/values [B, W, K, Dh] per step so
-    far -> [B, W, H·Dh]."""
-    B, W = q.shape[:2]
+def _gather(x: jax.Array, entries: jax.Array) -> jax.Array:
+    """x[B, W, ...] at entries[B, E] -> [B, E, ...]."""
+    return jnp.take_along_axis(x, entries.reshape(entries.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _attention(config, q, keys, values, entries) -> jax.Array:
+    """Step len(keys)'s attention at entries[B, E]: q [B, E, K, G, Dh]; keys/values[0]
+    [B, W, K, Dh] step 1's, at every position; keys/values[j >= 1] [B, E, K, Dh] step j + 1's,
+    at the same entries -> [B, E, H·Dh]."""
+    B, E = q.shape[:2]
+    W = keys[0].shape[1]
     back = len(keys) - 1  # step k = back + 1
     scale = 1 / math.sqrt(config.head_dim)
     main = decoder.einsum("BTKGD,BSKD->BKGTS", q, keys[0], preferred_element_type=jnp.float32)
-    t, s = jnp.arange(W)[:, None], jnp.arange(W)[None]
-    main = jnp.where(s <= t - back, main * scale, -jnp.inf)
+    visible = jnp.arange(W)[None, None] <= entries[:, :, None] - back  # [B, E, W]
+    main = jnp.where(visible[:, None, None], main * scale, -jnp.inf)
     chain = [decoder.einsum("BTKGD,BTKD->BKGT", q, _shift(keys[j], back - j),
                             preferred_element_type=jnp.float32) * scale
              for j in range(1, len(keys))]
-    scores = jnp.concatenate([main] + [c[..., None] for c in chain], axis=-1)  # [B,K,G,W,W+k-1]
+    scores = jnp.concatenate([main] + [c[..., None] for c in chain], axis=-1)  # [B,K,G,E,W+k-1]
     weights = jax.nn.softmax(scores, axis=-1).astype(values[0].dtype)
     out = decoder.einsum("BKGTS,BSKD->BTKGD", weights[..., :W], values[0])
     for j in range(1, len(keys)):
-        w = weights[..., W + j - 1].transpose(0, 3, 1, 2)[..., None]  # [B, W, K, G, 1]
+        w = weights[..., W + j - 1].transpose(0, 3, 1, 2)[..., None]  # [B, E, K, G, 1]
         out = out + w * _shift(values[j], back - j)[:, :, :, None]
-    return out.reshape(B, W, -1)
+    return out.reshape(B, E, -1)
 
 
-def unrolled(config: heads.HeadConfig, head, embed, tokens, hidden, steps: int):
-    """tokens [B, W], hidden [B, W, C, D] -> outputs [steps, B, W, D] of the unrolled head."""
+def unrolled(config: heads.HeadConfig, head, embed, tokens, hidden, steps: int,
+             entries: jax.Array | None = None):
+    """tokens [B, W], hidden [B, W, C, D] -> outputs [steps, B, E, D] of the unrolled head at
+    entries[B, E] (consecutive positions in each row, clipped repeats of W - 1 at the end
+    aside; None: every position, E = W). Step 1 runs every position (its keys are what the
+    later steps attend to), the later steps only the entries."""
     lc, layer = config.layer, head["layers"][0]
-    W = tokens.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(W), tokens.shape)
-    rope_cs = decoder.rope_tables(positions, decoder.inv_frequencies(lc), jnp.float32)
+    B, W = tokens.shape
+    every = jnp.broadcast_to(jnp.arange(W), (B, W))
+    entries = every if entries is None else entries
     following = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # x_{p+1}
-    feature = heads.fuse(head, hidden)  # [B, W, D]
-    keys, values, outs = [], [], []
-    for _ in range(steps):
-        x = heads.layer_inputs(config, head, embed, following, feature)
+    inv_frequencies = decoder.inv_frequencies(lc)
+
+    def step(at, feature, keys, values):  # at [B, T] positions, feature [B, T, D]
+        rope_cs = decoder.rope_tables(at, inv_frequencies, jnp.float32)
+        x = heads.layer_inputs(config, head, embed, _gather(following, at), feature)
         q, k, v = decoder.project_qkv(lc, layer, x, rope_cs)
-        keys.append(k)
-        values.append(v)
-        attended = decoder.dense(_attention(lc, q, keys, values), layer["wo"])
-        out = heads.layer_output(config, head, feature, attended)
+        keys, values = keys + [k], values + [v]
+        attended = decoder.dense(_attention(lc, q, keys, values, at), layer["wo"])
+        return heads.layer_output(config, head, feature, attended), keys, values
+
+    fed, keys, values = step(every, heads.fuse(head, hidden), [], [])  # [B, W, D]
+    outs = [_gather(fed, entries)]
+    feature = _gather(fed, jnp.maximum(entries - 1, 0))  # step 2 at p: step 1's output at p - 1
+    for _ in range(1, steps):
+        out, keys, values = step(entries, feature, keys, values)
         outs.append(out)
         feature = _shift(out, 1)
     return jnp.stack(outs)
@@ -94,8 +111,8 @@ def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int,
     prompt's own next tokens are easy to predict (every chat prompt starts with the same
     system text) and would inflate the agreement. `window` (static): at most this many entries
     per row count, from its first proposing entry on (see `window`; None: the full width).
-    Only those entries go through the output layer, the bulk of the work: the prompt's entries
-    serve only as keys."""
+    Only those entries go through the output layer and the unrolled steps after the first: the
+    prompt's entries serve only as step 1's keys."""
     head = {**params, "d2t": d2t}
     tokens, top_ids = batch["tokens"], batch["top_ids"]
     W = tokens.shape[1]
@@ -104,8 +121,7 @@ def losses(config: heads.HeadConfig, params, d2t, t2d, embed, batch, steps: int,
     first = batch["prompt_lengths"][:, None] - 1  # the first entry that proposes
     # the entries that may count, [B, G]; clipped ones repeat W - 1, past every row's last
     p = jnp.minimum(first + jnp.arange(G), W - 1)
-    outs = unrolled(config, head, embed, tokens, batch["hidden"], steps)  # [K, B, W, D]
-    outs = jnp.take_along_axis(outs, p[None, :, :, None], axis=2)  # [K, B, G, D]
+    outs = unrolled(config, head, embed, tokens, batch["hidden"], steps, p)  # [K, B, G, D]
     logp = jax.nn.log_softmax(heads.head_logits(config, head, outs), axis=-1)  # [K, B, G, V_d]
     at_next = lambda x: jnp.take_along_axis(  # noqa: E731  x[B, W, k] at p + 1: [B, G, k]
         jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0))), p[:, :, None], axis=1)

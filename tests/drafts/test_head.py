@@ -107,6 +107,13 @@ def test_unrolled_objective_is_the_inference_chain(target, head):
                                               feature, jnp.asarray([[p]]), head_cache)
             np.testing.assert_allclose(out[0, 0], outs[k, 0, p], rtol=1e-5, atol=1e-5)
             feature = out
+    # later steps run only at some entries (the loss's window): the same outputs where step k
+    # of a chain starting inside the window lands
+    entries = jnp.minimum(jnp.arange(4, W + 2), W - 1)[None]  # clipped repeats at the end
+    windowed = objective.unrolled(config, params, embed, tokens, captured, 3, entries)
+    for k in range(3):
+        np.testing.assert_allclose(windowed[k, 0, k:W - 4], outs[k, 0, 4 + k:], rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_checkpoint_roundtrip(tmp_path, target, head):
