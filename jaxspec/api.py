@@ -106,9 +106,12 @@ class SpeculativeDecoder:
       draft_params: the params pytree of a Draft object that has weights; loaded and named
         drafts bring their own.
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft), None
-        (the γ a draft head's checkpoint records, else 4), or
-        "auto": chosen at the first generate call by measurement (jaxspec.tuning), possibly
-        0 (plain decoding) when no γ is predicted to pay; cached per model pair and device.
+        (a loaded draft head's recorded γ for one prompt, and for a batch γ chosen by
+        measurement up to it, as "auto"; else 4), or "auto": chosen by measurement
+        (jaxspec.tuning) at the first generate call of each batch size, possibly 0 (plain
+        decoding) when no γ is predicted to pay; cached per model pair, device and batch
+        size (rounded up to a power of two). `gamma` and `gamma_choice` say what the last
+        call used.
       mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium);
         None: static on Trainium ("neuron", which refuses "dynamic"), dynamic elsewhere.
       static_iterations: iterations per call in static mode.
@@ -154,18 +157,26 @@ class SpeculativeDecoder:
                                                                   self.layout)
         if self.mesh is not None and self.draft_model is not None:
             self.draft_model = sharding.shard_model(self.draft_model, self.mesh)
+        # γ for a batch of B prompts: the requested one, or "auto" (measured per B, up to
+        # _auto_limit); a loaded head's recorded γ is its measured choice for one prompt, and
+        # batches choose by measurement up to it (a verify of B rows costs more on a CPU)
+        self._auto_limit, self._head_gamma = tuning.MAX_AUTO_GAMMA, False
         if head_params is not None:
             draft_params = head_params
             if num_speculative_tokens is None:
-                num_speculative_tokens = self.draft.gamma
+                num_speculative_tokens = self._auto_limit = self.draft.gamma
+                self._head_gamma = True
         self.draft_params = (self.draft_model.params if self.draft_model is not None
                              else devices.put(draft_params, self.device))
         if num_speculative_tokens is None:
             num_speculative_tokens = DEFAULT_GAMMA
         self.platform = platform
         self.rejection = kernels.for_platform(platform)
+        self._requested = num_speculative_tokens
+        self._speculative = (self.draft, self.draft_model, self.draft_params)
+        self._choices: dict[int, tuning.Choice] = {}  # by tuning.batch_bucket
         self.gamma = num_speculative_tokens if self.draft is not None else 0
-        self.gamma_choice: tuning.Choice | None = None  # set when γ is "auto"
+        self.gamma_choice: tuning.Choice | None = None  # set when γ was measured (the last call)
         self._draft_name = draft if isinstance(draft, str) else repr(self.draft)
         self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
         self._compiled: dict = {}
@@ -174,19 +185,39 @@ class SpeculativeDecoder:
     def draft_cost_source(self):
         """What a step timer measures for this decoder's draft cost (jaxspec.bench, tuning):
         the draft model, (HeadDraft, params) for a draft head, None for a model-free draft."""
-        if isinstance(self.draft, HeadDraft):
-            return self.draft, self.draft_params
-        return self.draft_model
+        draft, draft_model, draft_params = self._speculative
+        if isinstance(draft, HeadDraft):
+            return draft, draft_params
+        return draft_model
 
-    def _choose_gamma(self, prompt: Sequence[int], max_new_tokens: int) -> None:
-        """Resolve γ = "auto": from the cache, or by profiling on `prompt` (jaxspec.tuning)."""
-        key = tuning.cache_key(self.target, self._draft_name, self.platform)
+    def _resolve_gamma(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Set γ (and the draft: none when γ is 0) for a call on these prompts."""
+        draft, draft_model, draft_params = self._speculative
+        if draft is None:
+            return
+        batch = tuning.batch_bucket(len(prompts))
+        if self._requested == "auto" or (self._head_gamma and batch > 1):
+            if batch not in self._choices:
+                self._choices[batch] = self._choose_gamma(prompts[0], max_new_tokens, batch)
+            self.gamma_choice = self._choices[batch]
+            self.gamma = self.gamma_choice.gamma
+        else:
+            self.gamma_choice, self.gamma = None, self._requested
+        speculating = self.gamma > 0  # 0: speculation is not predicted to pay, plain decoding
+        self.draft, self.draft_model, self.draft_params = (
+            (draft, draft_model, draft_params) if speculating else (None, None, None))
+
+    def _choose_gamma(self, prompt: Sequence[int], max_new_tokens: int,
+                      batch: int) -> tuning.Choice:
+        """γ for batches of (bucketed) size `batch`: from the cache, or by profiling on `prompt`
+        (jaxspec.tuning)."""
+        key = tuning.cache_key(self.target, self._draft_name, self.platform, batch,
+                               self._auto_limit)
         choice = tuning.load_cached(key)
         if choice is None:
-            if self.draft_model is not None:
-                draft, draft_params = self.draft_model, None
-            else:
-                draft, draft_params = self.draft, self.draft_params
+            draft, draft_model, draft_params = self._speculative
+            if draft_model is not None:
+                draft, draft_params = draft_model, None
 
             def run(gamma):
                 decoder = SpeculativeDecoder(self.target, draft, num_speculative_tokens=gamma,
@@ -196,11 +227,10 @@ class SpeculativeDecoder:
                 return decoder.generate([prompt], max_new_tokens=new).stats["rows"][0]
 
             choice = tuning.profile(self.target, self.draft_cost_source, run,
-                                    prompt_length=len(prompt), max_new_tokens=max_new_tokens)
+                                    prompt_length=len(prompt), max_new_tokens=max_new_tokens,
+                                    max_gamma=self._auto_limit, batch=batch)
             tuning.store(key, choice)
-        self.gamma_choice, self.gamma = choice, choice.gamma
-        if choice.gamma == 0:  # speculation is not predicted to pay: plain decoding
-            self.draft = self.draft_model = self.draft_params = None
+        return choice
 
     def _check(self, prompts, max_new_tokens, temperature, top_k=0, top_p=1.0, seed=0,
                on_update=None) -> tuple[list[list[int]], int | list[int]]:
@@ -211,8 +241,7 @@ class SpeculativeDecoder:
         validation.check_sampling(temperature, top_k, top_p)
         seed = validation.check_seed(seed, len(prompts))
         validation.check_callback("on_update", on_update)
-        if self.gamma == "auto":
-            self._choose_gamma(prompts[0], max_new_tokens)
+        self._resolve_gamma(prompts, max_new_tokens)
         self._check_positions(prompts, max_new_tokens)
         return prompts, seed
 

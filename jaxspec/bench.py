@@ -303,7 +303,7 @@ def run_hf(hf, prompt: list[int], *, max_new_tokens: int, **assist) -> tuple[lis
 
 
 class StepTimer:
-    """Seconds per forward step of a model on `width` tokens, batch 1.
+    """Seconds per forward step of a model on `width` tokens in each of `batch` rows.
 
     `steps` forwards run in one jitted `fori_loop`, each feeding its argmax (the loop's
     first_argmax) to the next (as decode does) and writing the KV cache of `max_len` slots, in
@@ -313,24 +313,24 @@ class StepTimer:
     """
 
     def __init__(self, model, *, width: int, max_len: int, position: int, steps: int,
-                 last_only: bool = False):
+                 last_only: bool = False, batch: int = 1):
         config, params = model.config, model.params
         self.width, self.steps, self.params = width, steps, jax.device_put(params)
         offsets = jnp.arange(width, dtype=jnp.int32)[None]  # [1, T]
 
-        def run(params, cache, token, position):  # token [1, 1], position [] (traced, as
+        def run(params, cache, token, position):  # token [B, 1], position [] (traced, as
             def body(_, carry):  # in the decode loop, so nothing is constant-folded)
                 cache, token = carry
-                tokens = jnp.broadcast_to(token, (1, width))  # [1, T]
-                hidden, cache = decoder.hidden_states(config, params, tokens, position + offsets,
-                                                      cache)
+                tokens = jnp.broadcast_to(token, (batch, width))  # [B, T]
+                positions = jnp.broadcast_to(position + offsets, (batch, width))
+                hidden, cache = decoder.hidden_states(config, params, tokens, positions, cache)
                 logits = decoder.logits(params, hidden[:, -1:] if last_only else hidden)
                 return cache, first_argmax(logits)[:, -1:]
 
             return jax.lax.fori_loop(0, steps, body, (cache, token))
 
-        self.args = (init_cache(config, 1, max_len, params["embed"].dtype, layout_of(model)),
-                     jnp.ones((1, 1), jnp.int32), jnp.int32(position))
+        self.args = (init_cache(config, batch, max_len, params["embed"].dtype, layout_of(model)),
+                     jnp.ones((batch, 1), jnp.int32), jnp.int32(position))
         self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
         self()  # first run: page faults, thread pool start-up
 
@@ -341,13 +341,13 @@ class StepTimer:
 
 
 class HeadStepTimer:
-    """Seconds per draft-head step, batch 1 (jaxspec.drafts.head): a proposal (one entry
-    through the head's layer and its output layer, argmax, as `propose` does per draft) or,
-    with `observe`, one `observe` of `width` target-fed entries (fusion and the layer).
+    """Seconds per draft-head step of `batch` rows (jaxspec.drafts.head): a proposal (one
+    entry through the head's layer and its output layer, argmax, as `propose` does per draft)
+    or, with `observe`, one `observe` of `width` target-fed entries (fusion and the layer).
     Timed like StepTimer: `steps` in one jitted loop, compile and a first run excluded."""
 
     def __init__(self, draft, params, *, width: int, max_len: int, position: int, steps: int,
-                 observe: bool = False):
+                 observe: bool = False, batch: int = 1):
         from jaxspec.drafts import head as heads
 
         config = draft.config
@@ -357,25 +357,26 @@ class HeadStepTimer:
 
         def run(params, token, position, captured):
             head, embed = params["head"], params["embed"]
+            positions = jnp.broadcast_to(position + offsets, (batch, width))  # [B, T]
 
             def body(_, carry):
-                cache, token, feature = carry  # [1, 1], [1, 1, D]
+                cache, token, feature = carry  # [B, 1], [B, 1, D]
                 if observe:
                     out, cache = heads.run_layer(
-                        config, head, embed, jnp.broadcast_to(token, (1, width)),
-                        heads.fuse(head, captured), position + offsets, cache)
+                        config, head, embed, jnp.broadcast_to(token, (batch, width)),
+                        heads.fuse(head, captured), positions, cache)
                     return cache, token, feature + out[:, -1:]
-                out, cache = heads.run_layer(config, head, embed, token, feature,
-                                             position + offsets, cache)
+                out, cache = heads.run_layer(config, head, embed, token, feature, positions,
+                                             cache)
                 logits = heads.head_logits(config, head, out[:, 0])
                 return cache, head["d2t"][first_argmax(logits)][:, None], out
 
-            state = draft.init_state(1, max_len, jnp.float32, layout_of(None))
-            feature = jnp.zeros((1, 1, streams[1]), jnp.float32)
+            state = draft.init_state(batch, max_len, jnp.float32, layout_of(None))
+            feature = jnp.zeros((batch, 1, streams[1]), jnp.float32)
             return jax.lax.fori_loop(0, steps, body, (state.cache, token, feature))
 
-        self.args = (jnp.ones((1, 1), jnp.int32), jnp.int32(position),
-                     jnp.ones((1, width) + streams, jnp.float32))
+        self.args = (jnp.ones((batch, 1), jnp.int32), jnp.int32(position),
+                     jnp.ones((batch, width) + streams, jnp.float32))
         self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
         self()
 

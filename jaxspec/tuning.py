@@ -8,8 +8,11 @@ v_0 = 1 by definition), chosen whenever no γ ≥ 1 is predicted to beat it.
 The profile measures α on one short speculative run at the largest γ (the first prompt,
 greedy, the maximum-likelihood estimate below), c from the draft's one-token forward (0 for
 model-free drafts) and v_γ from the target's forward on γ + 1 tokens at a few widths
-(interpolated between them). The choice is cached in `$JAXSPEC_CACHE/gamma.json` per target,
-draft, platform and dtype, so later processes do not profile again.
+(interpolated between them), all at the batch size of the call: B rows of γ + 1 tokens cost
+more than B steps of one where a forward is compute-bound (a CPU), so the γ that pays for
+one prompt can cost time for eight (README: "Batches"). The choice is cached in
+`$JAXSPEC_CACHE/gamma.json` per target, draft, platform, dtype, batch size (rounded up to a
+power of two: `batch_bucket`) and largest γ, so later processes do not profile again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from jaxspec.paths import cache_dir, writable_cache_dir, write_atomically
 MAX_AUTO_GAMMA = 8
 PROFILE_TOKENS = 32  # new tokens of the run that measures α
 MEASURED_WIDTHS = (1, 2, 3, 5, 9)  # verify widths γ + 1 that are timed; others interpolated
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch size a choice is profiled and cached for: the next power of two (a few
+    profiles cover every size; a larger batch's costs make the choice the cautious one)."""
+    return 1 << max(0, batch - 1).bit_length()
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -89,10 +98,11 @@ def _cache_path() -> str:
     return os.path.join(cache_dir(), "gamma.json")
 
 
-def cache_key(target, draft_name: str, platform: str) -> str:
-    """Per target (its path and config), draft, platform and dtype."""
+def cache_key(target, draft_name: str, platform: str, batch: int = 1,
+              max_gamma: int = MAX_AUTO_GAMMA) -> str:
+    """Per target (its path and config), draft, platform, dtype, batch size and largest γ."""
     dtype = str(target.params["embed"].dtype)
-    ident = repr((target.path, target.config, draft_name, platform, dtype))
+    ident = repr((target.path, target.config, draft_name, platform, dtype, batch, max_gamma))
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -125,8 +135,9 @@ def store(key: str, choice: Choice) -> None:
 
 
 def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int,
-            max_gamma: int = MAX_AUTO_GAMMA, steps: int = 8, rounds: int = 5) -> Choice:
-    """Measure α, c and v_γ and choose γ (see the module docstring).
+            max_gamma: int = MAX_AUTO_GAMMA, steps: int = 8, rounds: int = 5,
+            batch: int = 1) -> Choice:
+    """Measure α, c and v_γ and choose γ (see the module docstring); c and v at `batch` rows.
 
     run(γ) -> the statistics of one row generated greedily at that γ (the API's decoder);
     draft_model: the draft's model (config + params), a draft head as (HeadDraft, its loop
@@ -142,7 +153,7 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
     max_len = loop_max_len(prompt_length, max_new_tokens, max_gamma)
     position = min(prompt_length, max_len - max_gamma - 2)
 
-    where = dict(max_len=max_len, position=position, steps=steps)
+    where = dict(max_len=max_len, position=position, steps=steps, batch=batch)
     widths = [w for w in MEASURED_WIDTHS if w <= max_gamma + 1]
     timers = {f"verify{w}": functools.partial(bench.StepTimer, target, width=w, **where)
               for w in widths}

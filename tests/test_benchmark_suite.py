@@ -185,6 +185,30 @@ def test_stream_mode_end_to_end(script, tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_batches_mode_end_to_end(script, tmp_path, capsys):
+    """--batches: plain, the default γ and fixed γ per batch size, same tokens, a PNG."""
+    model = tiny_hf_model("llama", tmp_path)
+    out_json, out_png = tmp_path / "batches.json", tmp_path / "batches.png"
+    rc = script.main(["--batches", "--model", model, "--draft", "ngram", "--batch-sizes", "3,1",
+                      "--gammas", "1", "--max-new-tokens", "6", "--repeats", "2",
+                      "--out-json", str(out_json), "--out-png", str(out_png)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row["same_tokens"] and set(row["tok_s"]) == {"plain", "default", "gamma1"}
+        assert all(len(v) == 2 for v in row["all_tok_s"].values())
+        assert row["speedup"]["default"] == pytest.approx(
+            row["tok_s"]["default"] / row["tok_s"]["plain"])
+        assert row["default_gamma"] == 4 and row["default_gamma_source"] == "fixed"
+    assert "| 3 |" in capsys.readouterr().out
+    with open(out_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--ar", "--batch-sizes", "2"])
+    assert e.value.code == 2
+
+
 def test_startup_mode_end_to_end(script, tmp_path, capsys):
     """--startup: whole CLI processes, cold then warm with and without the program cache; the
     warm processes load the programs the cold one saved (less compile time), same text."""

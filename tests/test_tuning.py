@@ -3,6 +3,8 @@ synthetic (α, c, v) tables, the α estimate, and the decoder choosing, caching 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import greedy_reference, perturbed, tiny_model
 
@@ -104,3 +106,49 @@ def test_auto_times_a_draft_heads_cost(cache):
     out = dec.generate(prompts, max_new_tokens=12)
     assert out.tokens == greedy_reference(target, prompts, 12)
     assert out.stats["gamma_choice"]["c"] > 0
+
+
+def test_auto_chooses_once_per_batch_size(cache, monkeypatch):
+    """"auto" profiles at the batch size of the call, rounded up to a power of two (its step
+    costs are per batch), once per size in a process and in the cache; output exact."""
+    target = tiny_model(seed=3, layers=2)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [1, 2, 3, 1, 2], [4, 4, 4]]
+    batches = []
+    real = tuning.profile
+    monkeypatch.setattr(tuning, "profile",
+                        lambda *a, **k: batches.append(k["batch"]) or real(*a, **k))
+    dec = jaxspec.SpeculativeDecoder(target, "ngram", num_speculative_tokens="auto")
+    for batch in (prompts[:1], prompts, prompts[:1]):
+        out = dec.generate(batch, max_new_tokens=12)
+        assert out.tokens == greedy_reference(target, batch, 12)
+        assert out.stats["num_speculative_tokens"] == dec.gamma == dec.gamma_choice.gamma
+    assert batches == [1, 4]  # 3 prompts: profiled for 4 (tuning.batch_bucket)
+    assert len(json.loads((cache / "gamma.json").read_text())) == 2
+    assert [tuning.batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+
+
+def test_a_heads_gamma_holds_for_one_prompt_and_a_batch_chooses(tmp_path, cache, monkeypatch):
+    """A loaded head without an explicit γ: its recorded γ for one prompt (no profile); for a
+    batch, γ measured up to it. A batch choosing plain decoding leaves the draft in place for
+    the next single prompt."""
+    from helpers import successor_model, trained_head
+
+    from jaxspec.checkpoint import head_store
+
+    target = successor_model(40)
+    config, params, *_ = trained_head(target, draft_vocab=24, steps=2, rows=16)
+    path = str(tmp_path / "head")
+    head_store.save(path, config, params, target_params=target.params, dtype="bfloat16",
+                    gamma=3, threshold=0.0, training={})
+    calls = []
+    monkeypatch.setattr(tuning, "profile", lambda *a, **k: calls.append(k) or tuning.Choice(
+        0, 0.2, 0.5, {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}, "profiled"))
+    dec = jaxspec.SpeculativeDecoder(target, path)
+    one, two = [[5, 6, 7, 5, 6]], [[5, 6, 7, 5, 6], [9, 1]]
+    for prompts, gamma, proposes in ((one, 3, True), (two, 0, False), (one, 3, True)):
+        out = dec.generate(prompts, max_new_tokens=10)
+        assert out.tokens == greedy_reference(target, prompts, 10)
+        assert out.stats["num_speculative_tokens"] == dec.gamma == gamma
+        assert (out.stats["draft_tokens_proposed"] > 0) == proposes
+        assert ("gamma_choice" in out.stats) == (len(prompts) > 1)
+    assert [(k["batch"], k["max_gamma"]) for k in calls] == [(2, 3)]

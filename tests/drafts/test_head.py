@@ -217,8 +217,11 @@ def test_shipped_head_loads_and_accepts_on_fixed_prompts():
              "Write a short poem about autumn leaves."]
     prompts = [bench.prompt_ids(target, t) for t in texts]
     plain = SpeculativeDecoder(target, None).generate(prompts, max_new_tokens=48)
-    out = SpeculativeDecoder(target).generate(prompts, max_new_tokens=48)
-    assert out.tokens == plain.tokens
+    # the recorded γ pinned: for a batch the default would choose γ by measurement
+    gamma = loaded.meta["gamma"]
+    out = SpeculativeDecoder(target, num_speculative_tokens=gamma).generate(prompts,
+                                                                            max_new_tokens=48)
+    assert out.tokens == plain.tokens and out.stats["num_speculative_tokens"] == gamma
     assert out.stats["mean_accepted_length"] >= SHIPPED_ACCEPTED_LENGTH_FLOOR, out.stats
 
 
