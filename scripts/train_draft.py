@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", metavar="DIR", help="where to write the head (default DIR/head)")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
                    help=f"target model (default {DEFAULT_MODEL!r})")
+    p.add_argument("--init", metavar="HEAD",
+                   help="continue training this draft head (its layers, vocabulary and "
+                   "params) on this run's data, instead of starting from the target")
     p.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file whose paragraphs become extra prompts (repeatable)")
     p.add_argument("--prompts", type=int, default=recipe.prompts, metavar="N",
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", "scripts/train_draft.py", *(argv or sys.argv[1:])])
         metrics = train_draft(target, args.output, args.head or f"{args.output}/head",
                               recipe=recipe, config=config, gamma=args.gamma,
-                              threshold=args.threshold, command=command)
+                              threshold=args.threshold, command=command, init=args.init)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ The work directory holds everything a resumed run needs:
     recipe.json    the data recipe and seed; records.npz is reused only when they match
     requests.json  the requests' texts, in the records' order
     records.npz    the recorded rows (jaxspec.training.record)
-    vocab.npy      d2t, the draft vocabulary
+    vocab.npy      d2t, the draft vocabulary (a run continuing a head takes the head's)
     train_state/   Orbax checkpoints of params and optimizer state (jaxspec.training.trainer)
 """
 
@@ -81,29 +81,59 @@ def recorded(target, recipe: DataRecipe, seed: int, layers, work_dir: str) -> Re
     return records
 
 
+def starting_head(target, path: str):
+    """The trained head at `path` that a run continues from, loaded in fp32; UserError (one
+    line) when it is not a head, or was trained for another target or other weights."""
+    from jaxspec.checkpoint import head_store
+
+    if not head_store.is_head_dir(path):
+        raise UserError(f"--init {path} is not a draft head directory")
+    head = head_store.load(path)
+    head_store.check_target(head, target, where=f"--init {path}")
+    if not head_store.matches(head.meta, target):
+        raise UserError(f"--init {path} was trained on other weights than this target's")
+    return head
+
+
+def _vocabulary(work_dir: str, train: Records, config: TrainConfig, target, start) -> np.ndarray:
+    """d2t: the work directory's, else the starting head's, else the most frequent tokens of
+    the training rows (saved to vocab.npy)."""
+    path = os.path.join(work_dir, "vocab.npy")
+    if start is not None:
+        d2t = np.asarray(start.params["d2t"])
+        if os.path.exists(path) and not np.array_equal(np.load(path), d2t):
+            raise UserError(f"{work_dir} was started with another draft vocabulary than "
+                            "--init's; use a new --output directory")
+    elif os.path.exists(path):
+        return np.load(path)
+    else:
+        d2t = draft_vocabulary(train, config.draft_vocab, target.config.eos_token_ids,
+                               target.config.vocab_size)
+    np.save(path, d2t)
+    return d2t
+
+
 def train_draft(target, work_dir: str, head_path: str, *, recipe: DataRecipe,
                 config: TrainConfig, gamma: int, threshold: float, command: str = "",
-                progress: bool = True) -> dict:
+                progress: bool = True, init: str | None = None) -> dict:
     """The whole run (resumes from `work_dir`); writes the head to head_path and returns the
-    held-out metrics."""
+    held-out metrics. `init`: a trained head to continue from (its layers, vocabulary and
+    params) instead of a head initialized from the target."""
     from jaxspec.drafts import head as heads
     from jaxspec.checkpoint import head_store
 
     started = time.time()
-    layers = heads.default_layers(target.config.num_layers)
+    start = starting_head(target, init) if init else None
+    layers = (tuple(start.config.hidden_layers) if start
+              else heads.default_layers(target.config.num_layers))
     records = recorded(target, recipe, config.seed, layers, work_dir)
     held = max(1, int(round(len(records) * recipe.held_out)))
     train, held_out = records.take(slice(0, len(records) - held)), records.take(
         slice(len(records) - held, None))
-    vocab_path = os.path.join(work_dir, "vocab.npy")
-    if os.path.exists(vocab_path):
-        d2t = np.load(vocab_path)
-    else:
-        d2t = draft_vocabulary(train, config.draft_vocab, target.config.eos_token_ids,
-                               target.config.vocab_size)
-        np.save(vocab_path, d2t)
+    d2t = _vocabulary(work_dir, train, config, target, start)
     head_config = heads.HeadConfig(target.config, layers, len(d2t))
-    trainer = Trainer(target, head_config, d2t, config)
+    trainer = Trainer(target, head_config, d2t, config, start=start and {
+        k: v for k, v in start.params.items() if k != "d2t"})
     params, metrics = trainer.fit(train, held_out, os.path.join(work_dir, "train_state"),
                                   progress=progress)
     trained_tokens = int(train.lengths.sum())
@@ -111,6 +141,8 @@ def train_draft(target, work_dir: str, head_path: str, *, recipe: DataRecipe,
                 "train": dataclasses.asdict(config), "train_rows": len(train),
                 "train_positions": trained_tokens, "held_out_rows": len(held_out),
                 "held_out": metrics, "seconds_this_invocation": round(time.time() - started)}
+    if start:
+        training["init"] = {"path": init, "training": start.meta.get("training", {})}
     head_store.save(head_path, head_config, {**params, "d2t": d2t},
                     target_params=target.params, dtype="bfloat16", gamma=gamma,
                     threshold=threshold, training=training)

@@ -99,8 +99,12 @@ def batch_rows(config: TrainConfig, step: int, rows: int) -> np.ndarray:
 class Trainer:
     """Trains a head for `target` on `records` (train rows) with `held_out` for evaluation."""
 
-    def __init__(self, target, head_config: heads.HeadConfig, d2t, config: TrainConfig):
+    def __init__(self, target, head_config: heads.HeadConfig, d2t, config: TrainConfig,
+                 start: dict | None = None):
+        """`start`: head params (d2t excluded) a fresh run starts from, e.g. a trained head's
+        to continue training it on new data; default: the head initialized from the target."""
         self.target, self.head_config, self.config = target, head_config, config
+        self.start = start
         self.d2t = jnp.asarray(d2t)
         self.t2d = jnp.asarray(target_to_draft(np.asarray(d2t), head_config.target.vocab_size))
         self.embed = target.params["embed"]
@@ -123,10 +127,14 @@ class Trainer:
         self._evaluate = lambda params, batch, window: metrics(params, batch, frozen, window)
 
     def init(self):
-        """(params, opt_state) of a fresh run: the head initialized from the target."""
-        head = heads.init_params(self.head_config, jax.random.key(self.config.seed),
-                                 self.target.params, self.d2t)
-        params = {k: v for k, v in head.items() if k != "d2t"}
+        """(params, opt_state) of a fresh run: `start`, else the head initialized from the
+        target."""
+        if self.start is not None:
+            params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), self.start)
+        else:
+            head = heads.init_params(self.head_config, jax.random.key(self.config.seed),
+                                     self.target.params, self.d2t)
+            params = {k: v for k, v in head.items() if k != "d2t"}
         return params, self.tx.init(params)
 
     def evaluate(self, params, records: Records) -> dict:

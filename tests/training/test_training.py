@@ -43,6 +43,21 @@ def test_a_resumed_run_reaches_the_same_params(tmp_path, target):
                                                         jax.tree.leaves(different)))
 
 
+def test_a_run_continuing_a_head_starts_from_its_params(target):
+    """Trainer(start=...) begins at the given head's params (fresh optimizer state), not at the
+    head initialized from the target."""
+    config, params, fitter, _ = trained_head(target, draft_vocab=24, steps=5)
+    start = {k: v for k, v in params.items() if k != "d2t"}
+    continued = trainer.Trainer(target, config, np.asarray(params["d2t"]), fitter.config,
+                                start=start)
+    began, _ = continued.init()
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(began)):
+        np.testing.assert_array_equal(a, b)
+    fresh, _ = fitter.init()
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh),
+                                                        jax.tree.leaves(began)))
+
+
 def test_a_damaged_training_checkpoint_is_one_line(tmp_path, target, capfd):
     """Resuming from a checkpoint whose tensor data was cut: one UserError naming the folder,
     and no late tracebacks from Orbax's reads on stderr."""
@@ -126,7 +141,7 @@ def test_distill_draft_is_the_same_script(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unwritable", "missing-text", "bad-model", "no-tokenizer",
-                                  "negative-count"])
+                                  "negative-count", "init-not-a-head", "init-other-target"])
 def test_train_draft_refuses_bad_input_before_training(tmp_path, case):
     model = tiny_hf_model("llama", tmp_path, with_tokenizer=case != "no-tokenizer")
     out = tmp_path / "work"
@@ -140,6 +155,14 @@ def test_train_draft_refuses_bad_input_before_training(tmp_path, case):
         args[3] = str(tmp_path / "no-such-model")
     elif case == "negative-count":
         args += ["--self-written", "-1"]
+    elif case == "init-not-a-head":
+        args += ["--init", model]
+    elif case == "init-other-target":  # a head for a target of another vocabulary
+        config, params, _, _ = trained_head(successor_model(40), draft_vocab=24, steps=1,
+                                            rows=16)
+        head_store.save(str(tmp_path / "head"), config, params, target_params=successor_model(
+            40).params, dtype="float32", gamma=2, threshold=0.0, training={})
+        args += ["--init", str(tmp_path / "head")]
     proc = _script(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
@@ -183,6 +206,19 @@ def test_train_draft_end_to_end_then_generate(tmp_path):
     assert gen.returncode == 0 and plain.returncode == 0, gen.stderr[-2000:]
     spec, ref = json.loads(gen.stdout), json.loads(plain.stdout)
     assert spec["tokens"] == ref["tokens"] and spec["stats"]["num_speculative_tokens"] == 2
+    # continuing the head on new data (another seed): its vocabulary and layers, provenance
+    more = args[:args.index("--prompts")] + ["--prompts", "6", "--new-tokens", "8", "--steps",
+                                             "2", "--batch", "4", "--seed", "1"]
+    more[more.index("--output") + 1], more[more.index("--head") + 1] = (str(tmp_path / "work2"),
+                                                                       str(tmp_path / "head2"))
+    proc = _script(*more, "--init", str(head))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = head_store.load(str(head)), head_store.load(str(tmp_path / "head2"))
+    assert second.meta["d2t_sha256"] == first.meta["d2t_sha256"]
+    assert second.config == first.config
+    assert second.meta["training"]["init"]["path"] == str(head)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.params),
+                                                        jax.tree.leaves(second.params)))
 
 
 def test_metrics_count_only_the_entries_that_propose(target):
