@@ -17,6 +17,7 @@ power of two: `batch_bucket`) and largest γ, so later processes do not profile 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -147,9 +148,6 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
     from jaxspec import bench
     from jaxspec.decode.sizing import loop_max_len
 
-    row = run(max_gamma)
-    alpha = alpha_estimate(row["target_forward_calls"] - 1, row["draft_tokens_accepted"],
-                           row["accepted_per_position"][-1])
     max_len = loop_max_len(prompt_length, max_new_tokens, max_gamma)
     position = min(prompt_length, max_len - max_gamma - 2)
 
@@ -164,7 +162,14 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
     elif draft_model is not None:
         timers["draft"] = functools.partial(bench.StepTimer, draft_model, width=1,
                                             last_only=True, **where)
-    built = {name: make() for name, make in timers.items()}  # compiles
+    # the timers compile side by side (XLA releases the GIL) while this thread runs α's row
+    with concurrent.futures.ThreadPoolExecutor(
+            os.cpu_count() or 1, thread_name_prefix="jaxspec-profile") as pool:
+        pending = {name: pool.submit(make) for name, make in timers.items()}
+        row = run(max_gamma)
+        built = {name: future.result() for name, future in pending.items()}
+    alpha = alpha_estimate(row["target_forward_calls"] - 1, row["draft_tokens_accepted"],
+                           row["accepted_per_position"][-1])
     # every timer once per round, best of the rounds: a busy moment of the machine slows all
     # widths of a round alike instead of one ratio
     seconds = {name: min(t) for name, t in bench.interleaved(built, rounds).items()}
