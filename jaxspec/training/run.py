@@ -132,8 +132,7 @@ def train_draft(target, work_dir: str, head_path: str, *, recipe: DataRecipe,
         slice(len(records) - held, None))
     d2t = _vocabulary(work_dir, train, config, target, start)
     head_config = heads.HeadConfig(target.config, layers, len(d2t))
-    trainer = Trainer(target, head_config, d2t, config, start=start and {
-        k: v for k, v in start.params.items() if k != "d2t"})
+    trainer = Trainer(target, head_config, d2t, config, start=start and start.params)
     params, metrics = trainer.fit(train, held_out, os.path.join(work_dir, "train_state"),
                                   progress=progress)
     trained_tokens = int(train.lengths.sum())

@@ -101,8 +101,9 @@ class Trainer:
 
     def __init__(self, target, head_config: heads.HeadConfig, d2t, config: TrainConfig,
                  start: dict | None = None):
-        """`start`: head params (d2t excluded) a fresh run starts from, e.g. a trained head's
-        to continue training it on new data; default: the head initialized from the target."""
+        """`start`: the head params (fp32; d2t, if there, is ignored) a fresh run starts from,
+        e.g. a trained head's to continue it on new data; default: the head initialized from
+        the target."""
         self.target, self.head_config, self.config = target, head_config, config
         self.start = start
         self.d2t = jnp.asarray(d2t)
@@ -129,12 +130,9 @@ class Trainer:
     def init(self):
         """(params, opt_state) of a fresh run: `start`, else the head initialized from the
         target."""
-        if self.start is not None:
-            params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), self.start)
-        else:
-            head = heads.init_params(self.head_config, jax.random.key(self.config.seed),
-                                     self.target.params, self.d2t)
-            params = {k: v for k, v in head.items() if k != "d2t"}
+        head = self.start if self.start is not None else heads.init_params(
+            self.head_config, jax.random.key(self.config.seed), self.target.params, self.d2t)
+        params = {k: v for k, v in head.items() if k != "d2t"}
         return params, self.tx.init(params)
 
     def evaluate(self, params, records: Records) -> dict:
