@@ -49,7 +49,8 @@ def random_model(name: str, *, dtype: str = "bfloat16", device=None, seed: int =
     validation.one_of("preset", name, tuple(PRESETS))
     validation.one_of("dtype", dtype, DTYPES)
     config, device = PRESETS[name], devices.or_default(devices.resolve(device))
-    make = jax.jit(lambda key: decoder.init_params(config, key, numpy_dtype(dtype)),
+    make = jax.jit(lambda key: decoder.init_stacked_params(config, key, numpy_dtype(dtype)),
                    out_shardings=jax.sharding.SingleDeviceSharding(device))
-    model = Model(config=config, params=make(jax.random.key(seed)), path=f"preset:{name}")
+    params = decoder.unstack_layers(make(jax.random.key(seed)))  # sliced on the device
+    model = Model(config=config, params=params, path=f"preset:{name}")
     return place(model, layouts.for_platform(devices.platform(device)), device)

@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
-# Tests compile in fresh caches of their own (tests/test_compile_cache.py tests the cache) and
-# restore the checkpoints they load (tests/checkpoint/test_mapped.py tests the params cache).
+# Tests never use the user's caches: jaxspec's compilation caches are off (tests/
+# test_compile_cache.py and tests/test_program_cache.py turn them on in folders of their own),
+# and checkpoints are restored, not mapped (tests/checkpoint/test_mapped.py tests that cache).
 os.environ.setdefault("JAXSPEC_COMPILE_CACHE", "0")
 os.environ.setdefault("JAXSPEC_PARAMS_CACHE", "0")
+RUN_CACHE = "JAXSPEC_TEST_XLA_CACHE"  # the run's own XLA cache (below), for every process of it
 
 from jaxspec.checkpoint import default_model
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for the whole run, new and empty, shared by the two workers and
+    by the suites rerun in subprocesses (tests/models/test_layout.py): test files build the same
+    tiny models and compile many of the same programs. JAX's own cache only (jaxspec's
+    compile_cache and program_cache stay off), with a size limit so that JAX locks it against
+    the other processes."""
+    if RUN_CACHE not in os.environ:  # the first process of the run (pytest, or xdist's controller)
+        os.environ[RUN_CACHE] = tempfile.mkdtemp(prefix="jaxspec-test-xla-")
+        config.made_run_cache = os.environ[RUN_CACHE]
+    jax.config.update("jax_compilation_cache_dir", os.environ[RUN_CACHE])
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "made_run_cache", ""), ignore_errors=True)
 
 
 # --- the real default model (SmolLM2-135M-Instruct), for tests marked slow ----------------

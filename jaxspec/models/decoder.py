@@ -236,26 +236,48 @@ def forward_capture(config: ModelConfig, params: Params, tokens, positions, cach
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random params in the layout above (for tests and as Orbax's restore target)."""
-    D, F, V, Dh = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    return unstack_layers(init_stacked_params(config, key, dtype))
+
+
+def init_stacked_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """init_params with the layers stacked: params["layers"] is one dict of [L, ...] arrays.
+
+    Keys: embed, then wqkv, wo, w_gate_up, w_down of each layer in turn, then lm_head. Each
+    kind is drawn for all layers at once (vmapped: the same values as one draw per layer), so
+    a program making a 32-layer model compiles four draws, not 128, and no per-layer slices
+    (split the layers outside it: `unstack_layers`)."""
+    D, F, V, Dh, L = (config.hidden_size, config.intermediate_size, config.vocab_size,
+                      config.head_dim, config.num_layers)
     qkv = (config.num_kv_heads, config.num_groups + 2, Dh)
-    keys = iter(jax.random.split(key, 4 * config.num_layers + 2))
+    keys = jax.random.split(key, 4 * L + 2)
+    per_layer = keys[1:1 + 4 * L].reshape(L, 4)  # [L, 4]: wqkv, wo, w_gate_up, w_down
 
-    def dense(shape):
-        return (jax.random.normal(next(keys), shape) * 0.02).astype(dtype)
+    def dense(shape, keys):  # keys [] or [L] -> [*shape] or [L, *shape]
+        draw = lambda k: (jax.random.normal(k, shape) * 0.02).astype(dtype)  # noqa: E731
+        return jax.vmap(draw)(keys) if keys.ndim else draw(keys)
 
-    def layer():
-        p = {"attn_norm": jnp.ones((D,), dtype), "wqkv": dense((D, *qkv)),
-             "wo": dense((config.num_heads * Dh, D)), "mlp_norm": jnp.ones((D,), dtype),
-             "w_gate_up": dense((D, 2, F)), "w_down": dense((F, D))}
-        if config.attention_bias:
-            p["bqkv"] = jnp.zeros(qkv, dtype)
-        if config.qk_norm:
-            p["q_norm"] = jnp.ones((Dh,), dtype)
-            p["k_norm"] = jnp.ones((Dh,), dtype)
-        return p
+    def const(value, shape):  # [L, *shape]
+        return jnp.full((L, *shape), value, dtype)
 
-    params = {"embed": dense((V, D)), "layers": [layer() for _ in range(config.num_layers)],
+    layers = {"attn_norm": const(1, (D,)), "wqkv": dense((D, *qkv), per_layer[:, 0]),
+              "wo": dense((config.num_heads * Dh, D), per_layer[:, 1]),
+              "mlp_norm": const(1, (D,)), "w_gate_up": dense((D, 2, F), per_layer[:, 2]),
+              "w_down": dense((F, D), per_layer[:, 3])}
+    if config.attention_bias:
+        layers["bqkv"] = const(0, qkv)
+    if config.qk_norm:
+        layers["q_norm"] = const(1, (Dh,))
+        layers["k_norm"] = const(1, (Dh,))
+    params = {"embed": dense((V, D), keys[0]), "layers": layers,
               "final_norm": jnp.ones((D,), dtype)}
     if not config.tie_word_embeddings:
-        params["lm_head"] = dense((D, V))
+        params["lm_head"] = dense((D, V), keys[4 * L + 1])
     return params
+
+
+def unstack_layers(params: Params) -> Params:
+    """params with params["layers"] [L, ...] arrays split into the list of L layer dicts."""
+    stacked = params["layers"]
+    count = len(next(iter(stacked.values())))
+    return {**params, "layers": [{name: w[i] for name, w in stacked.items()}
+                                 for i in range(count)]}

@@ -109,9 +109,13 @@ def test_the_default_model_needs_a_writable_cache(unusable_cache, monkeypatch):
 
 def test_what_only_saves_time_goes_on_without_the_cache(unusable_cache, monkeypatch):
     monkeypatch.setenv(compile_cache.ENV, "1")
-    before = jax.config.jax_compilation_cache_dir
-    assert compile_cache.enable() is None
-    assert jax.config.jax_compilation_cache_dir == before
+    run_cache = jax.config.jax_compilation_cache_dir  # the test run's own (conftest.py)
+    jax.config.update("jax_compilation_cache_dir", None)  # as for a user who configured none
+    try:
+        assert compile_cache.enable() is None
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", run_cache)
     choice = tuning.Choice(2, 0.5, 0.1, {0: 1.0, 1: 1.1, 2: 1.2}, "profiled")
     tuning.store("key", choice)  # does not raise
     assert tuning.load_cached("key") is None

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, tiny_model
+from helpers import REPO, UNOPTIMIZED_XLA, tiny_model
 
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
@@ -74,8 +74,10 @@ def test_cpu_policy_packs_fp32_projections_into_panels_and_back():
 
 @pytest.mark.skipif(os.environ.get(layout.ENV) == "accelerator", reason="already forced")
 def test_suites_pass_with_the_accelerator_layout_forced():
-    """Parity, cached decode, loop and GGUF tests with the non-CPU policy, on CPU."""
-    env = {**os.environ, layout.ENV: "accelerator"}
+    """Parity, cached decode, loop and GGUF tests with the non-CPU policy, on CPU (compiled
+    without LLVM's optimizations: what is checked is the layout, not XLA:CPU's code)."""
+    env = {**os.environ, layout.ENV: "accelerator",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {UNOPTIMIZED_XLA}"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "not slow",
                            "-p", "no:cacheprovider", *ACCELERATOR_SUITES],
                           cwd=REPO, env=env, capture_output=True, text=True)

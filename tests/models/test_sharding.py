@@ -1,5 +1,5 @@
 """Tensor and data parallelism on 8 CPU devices (a subprocess with
---xla_force_host_platform_device_count=8): every mesh gives the unsharded output, greedy and
+--xla_force_host_platform_device_count=8, compiled without LLVM's optimizations): every mesh gives the unsharded output, greedy and
 sampled, plain and with model and n-gram drafts; params and caches carry the intended splits."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, tiny_model
+from helpers import REPO, UNOPTIMIZED_XLA, tiny_model
 
 from jaxspec.errors import UserError
 from jaxspec.models import sharding
@@ -18,8 +18,8 @@ from jaxspec.models import sharding
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.path.join(REPO, "tests")}
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests"),  # mesh logic, not codegen:
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {UNOPTIMIZED_XLA}"}
     worker = os.path.join(REPO, "tests", "models", "sharding_worker.py")
     done = subprocess.run([sys.executable, worker, str(tmp_path_factory.mktemp("sharding"))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
