@@ -1,6 +1,7 @@
 """Tensor and data parallelism on 8 CPU devices (a subprocess with
---xla_force_host_platform_device_count=8, compiled without LLVM's optimizations): every mesh gives the unsharded output, greedy and
-sampled, plain and with model and n-gram drafts; params and caches carry the intended splits."""
+--xla_force_host_platform_device_count=8, compiled without LLVM's optimizations): every mesh
+gives the unsharded output, greedy and sampled, plain and with model and n-gram drafts; params
+and caches carry the intended splits."""
 
 from __future__ import annotations
 
