@@ -17,8 +17,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jaxspec import pytree
 from jaxspec.validation import check_sampling
 
 
@@ -29,7 +29,7 @@ class Sampler:
     use_top_p: bool = False  # top-p filter active (p < 1)
 
 
-@struct.dataclass
+@pytree.dataclass
 class SamplingValues:
     temperature: jax.Array  # f32 []
     top_k: jax.Array  # i32 []

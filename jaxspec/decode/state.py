@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.sharding import Mesh
 
+from jaxspec import pytree
 from jaxspec.decode.rejection import REFERENCE, Rejection
 from jaxspec.decode.sampling import Sampler
 from jaxspec.models.cache import KVCache
@@ -56,7 +56,7 @@ class LoopSpec:
         return tuple(getattr(self.draft, "hidden_layers", ())) if self.draft is not None else ()
 
 
-@struct.dataclass
+@pytree.dataclass
 class Stats:
     """Per-row counters, updated inside the loop."""
 
@@ -66,7 +66,7 @@ class Stats:
     accepted_per_position: jax.Array  # [B, γ] iterations whose draft i was accepted
 
 
-@struct.dataclass
+@pytree.dataclass
 class DecodeState:
     tokens: jax.Array  # [B, S] prompt then generated tokens
     lengths: jax.Array  # [B] tokens in the buffer

@@ -18,13 +18,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+
+from jaxspec import pytree
 
 State = Any  # a pytree (or None), owned by the draft
 NO_PROPOSAL = -1  # a draft token meaning "no proposal here" (see Draft.propose)
 
 
-@struct.dataclass
+@pytree.dataclass
 class Observation:
     """What one verify produced, as a draft's `observe` receives it."""
 

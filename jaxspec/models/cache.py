@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from jaxspec import pytree
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.layout import Layout
 
 BUCKET = 128  # S_max is a multiple of this, so new prompt lengths rarely recompile
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
     k: jax.Array  # [L, B, K, S_max, Dh]
     v: jax.Array  # [L, B, K, Dh, S_max] (values_slots_last) or [L, B, K, S_max, Dh]
-    values_slots_last: bool = struct.field(pytree_node=False, default=True)
+    values_slots_last: bool = pytree.static(default=True)
 
     @property
     def max_len(self) -> int:

@@ -37,7 +37,8 @@ import os
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+
+from jaxspec import pytree
 
 ENV = "JAXSPEC_LAYOUT"
 PANEL = 64  # columns per panel (kernels/cpu_matmul.cc's kPanel)
@@ -58,13 +59,13 @@ ACCELERATOR = Layout("accelerator", output_copy=False, values_slots_last=False)
 _BY_NAME = {layout.name: layout for layout in (CPU, CPU_XLA, ACCELERATOR)}
 
 
-@struct.dataclass
+@pytree.dataclass
 class Panels:
     """A [K, *O] weight packed in column panels: data[j, k, c] = w2[k, PANEL * j + c], w2 the
     weight viewed as [K, N] (N = prod(O), zero-padded to a multiple of PANEL)."""
 
     data: jax.Array  # [ceil(N / PANEL), K, PANEL]
-    shape: tuple[int, ...] = struct.field(pytree_node=False)  # the weight's own shape [K, *O]
+    shape: tuple[int, ...] = pytree.static()  # the weight's own shape [K, *O]
 
     @property
     def dtype(self):
