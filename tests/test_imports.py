@@ -169,3 +169,12 @@ def test_runtime_imports_respect_the_layers():
     loaded = _loaded_after(["jaxspec.decode.loop"],
                            ("jaxspec.checkpoint", "jaxspec.api", "jaxspec.generate"))
     assert not loaded, f"importing jaxspec.decode.loop loaded {loaded}"
+
+
+def test_the_decoding_path_does_not_import_flax():
+    """What the CLI loads at run time (the API, the loaders, the drafts) leaves flax out: its
+    import (flax.linen) cost every process about 0.3 s (jaxspec.pytree does what flax.struct
+    did)."""
+    modules = ["jaxspec.api", "jaxspec.checkpoint.load", "jaxspec.drafts.registry",
+               "jaxspec.drafts.head", "jaxspec.decode.loop"]
+    assert _loaded_after(modules, ("flax",)) == []
