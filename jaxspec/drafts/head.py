@@ -29,6 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxspec import pytree
 from jaxspec.decode.sampling import first_argmax, probabilities, sample
 from jaxspec.drafts.base import Draft, confident, decline_unsure
 from jaxspec.models import decoder
@@ -135,8 +136,7 @@ def run_layer(config: HeadConfig, head: dict, embed, tokens, features, positions
     return layer_output(config, head, features, attended), cache
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@pytree.dataclass
 class HeadState:
     cache: KVCache  # the head's one-layer cache
     feature: jax.Array  # [B, D] the target's fused feature at lengths - 2 (entry not yet run)
