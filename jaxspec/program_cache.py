@@ -48,7 +48,6 @@ from jaxspec.paths import prune, writable_cache_dir, write_atomically
 
 FORMAT = 1  # bump when what a file holds changes
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
-CUSTOM_CALLS = ("jaxspec_small_m_matmul",)  # kernels/cpu_matmul.py's FFI target
 MAX_BYTES = 256 << 20  # the folder's size after a save (default-model programs: 117-168 KB)
 stats = {"loaded": 0, "saved": 0}  # this process's, for tests
 
@@ -200,7 +199,9 @@ def _export(fn, static, in_tree, leaves, flat_donate, device):
         out_trees.append(out_tree)
         return out_leaves
 
-    checks = [export.DisabledSafetyCheck.custom_call(name) for name in CUSTOM_CALLS]
+    from jaxspec.kernels import cpu_matmul
+
+    checks = [export.DisabledSafetyCheck.custom_call(name) for name in cpu_matmul.TARGETS]
     try:
         with devices.on(device):
             exported = export.export(jax.jit(flat, donate_argnums=flat_donate),

@@ -152,8 +152,8 @@ void run(const Problem& p, ffi::ThreadPool& pool) {
   while (shared->finished.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
 }
 
-ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error Multiply(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32>& out) {
   auto xd = x.dimensions();
   auto pd = panels.dimensions();
   if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[1] || pd[2] != kPanel)
@@ -167,6 +167,28 @@ ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> out) {
+  return Multiply(pool, x, panels, out);
+}
+
+// The same product with the weight chosen at run time among several of the same shape (one
+// per decoder layer): x[M, K], index i32[], then panels_0 .. panels_{L-1}. A loop over layers
+// (lax.scan) passes every layer's own buffer and its counter, so the weights are read in place
+// where a slice of one stacked array would be copied first.
+ffi::Error SmallMMatmulIndexed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::S32> index, ffi::RemainingArgs layers,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  if (index.element_count() != 1)
+    return ffi::Error::InvalidArgument("jaxspec small-M matmul: index must be a scalar");
+  const int64_t i = *index.typed_data();
+  if (i < 0 || i >= static_cast<int64_t>(layers.size()))
+    return ffi::Error::InvalidArgument("jaxspec small-M matmul: index out of range");
+  auto panels = layers.get<ffi::Buffer<ffi::F32>>(i);
+  if (!panels.has_value()) return panels.error();
+  return Multiply(pool, x, *panels, out);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul, SmallMMatmul,
@@ -174,6 +196,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul, SmallMMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul_indexed, SmallMMatmulIndexed,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int jaxspec_small_m_isa() { return isa->level; }

@@ -8,6 +8,8 @@ row's result is bit-identical whatever M is. The CPU layout policy packs fp32 we
 kernel is available, and the decoder sends every product on panels to it: for many rows
 (prefill) it runs at XLA:CPU's GEMM speed (measured: 168-226 GFLOP/s on 2 cores for M = 16 to
 4096 at SmolLM2's [576, 3072], XLA 122-210), so there is no size at which to switch.
+`matmul_indexed` is the same product with the weight chosen at run time among the layers'
+panels (the decoder's scanned layer loop: each layer's buffer is read where it lies).
 
 The library is compiled once with the system C++ compiler (`$CXX`, else `c++`) into
 `$JAXSPEC_CACHE/kernels/`, under a name that hashes the source, the jaxlib version and the
@@ -33,6 +35,8 @@ import tempfile
 ENV = "JAXSPEC_CPU_MATMUL"
 THREADS_ENV = "JAXSPEC_MATMUL_THREADS"
 TARGET = "jaxspec_small_m_matmul"
+INDEXED_TARGET = "jaxspec_small_m_matmul_indexed"
+TARGETS = (TARGET, INDEXED_TARGET)  # the FFI targets (one per handler in the source)
 CACHE_FOLDER = "kernels"  # in $JAXSPEC_CACHE
 PANEL = 64  # columns per panel (kPanel in the source; models.layout.PANEL)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
@@ -129,8 +133,9 @@ def _load() -> ctypes.CDLL:
     if library.jaxspec_small_m_isa() == 0:
         raise OSError("this CPU lacks AVX2/FMA")
     library.jaxspec_small_m_set_threads(default_threads())
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.jaxspec_small_m_matmul),
-                                platform="cpu")
+    for target in TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)),
+                                    platform="cpu")
     return library
 
 
@@ -150,3 +155,15 @@ def matmul(x, panels):
 
     out = jax.ShapeDtypeStruct((x.shape[0], panels.shape[0] * PANEL), x.dtype)
     return jax.ffi.ffi_call(TARGET, out)(x, panels)
+
+
+def matmul_indexed(x, index, layers):
+    """x[M, K] @ layers[index] -> [M, J * 64] (fp32): `layers` a sequence of panels
+    [J, K, 64] of the same shape (one weight of each decoder layer), index an i32[] chosen at
+    run time; each layer's buffer is read in place (no stacked copy). Call only when
+    `available()`."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct((x.shape[0], layers[0].shape[0] * PANEL), x.dtype)
+    return jax.ffi.ffi_call(INDEXED_TARGET, out)(x, jnp.asarray(index, jnp.int32), *layers)

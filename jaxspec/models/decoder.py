@@ -19,11 +19,13 @@ the differences. Params are a plain pytree (what Orbax saves and the loop receiv
 H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights are stored
 [in, out] so a projection is `x @ w` (on the CPU layout, fp32 projections and lm_head are
 `models.layout.Panels` of these shapes; `dense` takes either); the fused projections are one
-matmul each and split along K or F without reshuffling (for sharding; see models.layout). The
-layer loop is unrolled in Python: each layer's weights are separate buffers that the matmuls
-read directly, with no per-layer slice of a stacked array (which XLA on CPU would copy,
-doubling weight traffic). Each layer is a call of one jitted `block`, so a program traces and
-lowers one layer, not L (a few seconds less of a first start-up on CPU); XLA inlines the calls.
+matmul each and split along K or F without reshuffling (for sharding; see models.layout).
+Each layer's weights are separate buffers that the matmuls read directly, with no per-layer
+slice of a stacked array (which XLA would copy, doubling weight traffic). On the CPU layout
+(every projection in Panels, the CPU kernel available) the layers run as one `lax.scan` whose
+projections hand the kernel every layer's panels and the loop counter (`PanelStack`), so XLA
+compiles one layer's kernels, not L; elsewhere the loop is unrolled in Python, each layer a
+call of one jitted `block` (a program traces one layer, and XLA inlines the calls).
 Activations stay in the params' dtype; norms, attention softmax and logits are fp32. Every
 product of fp32 operands asks for full fp32 precision explicitly (XLA on GPU would otherwise
 run them in TF32); bf16 products keep the backend's default.
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import pytree
 from jaxspec.models import cache as kv
 from jaxspec.models.cache import KVCache
 from jaxspec.models import layout as layouts
@@ -52,23 +55,55 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
 
 
 def dense(x: jax.Array, w) -> jax.Array:
-    """x[..., K] @ w[K, *O] -> [..., *O]: a projection (w an array, or Panels on the CPU layout).
+    """x[..., K] @ w[K, *O] -> [..., *O]: a projection (w an array, or Panels on the CPU layout,
+    or a PanelStack inside the scanned layer loop).
 
     Panels of fp32 weights go through the CPU matmul kernel (jaxspec.kernels.cpu_matmul); a
     program lowered for another platform takes XLA's dot on the same panels.
     """
-    if not isinstance(w, layouts.Panels):
+    if not isinstance(w, (layouts.Panels, PanelStack)):
         return jnp.tensordot(x, w, axes=1, precision=_precision(x, w))
-    from jaxspec.kernels import cpu_matmul
-
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    xla = functools.partial(_panels_dot, precision=_precision(x, w))
-    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():
-        out = jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul, default=xla)
-    else:
-        out = xla(rows, w.data)
+    out = _stack_product(rows, w) if isinstance(w, PanelStack) else _panels_product(rows, w)
     N = math.prod(w.shape[1:])
     return out[:, :N].reshape(x.shape[:-1] + w.shape[1:])
+
+
+@pytree.dataclass
+class PanelStack:
+    """One packed weight of every decoder layer, chosen by `index` (the layer loop's counter):
+    each layer keeps its own buffer, which the CPU kernel reads in place (a slice of one
+    stacked array would be a copy of the weight at every layer of every step)."""
+
+    layers: tuple[jax.Array, ...]  # L x [J, K, PANEL], as Panels.data
+    index: jax.Array | None  # i32[]
+    shape: tuple[int, ...] = pytree.static()  # the weight's own shape [K, *O]
+
+
+def _panels_product(rows, w: layouts.Panels):
+    """rows[M, K] @ w -> [M, J * PANEL]: the CPU kernel where it takes the product."""
+    from jaxspec.kernels import cpu_matmul
+
+    xla = functools.partial(_panels_dot, precision=_precision(rows, w))
+    if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():
+        return jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul, default=xla)
+    return xla(rows, w.data)
+
+
+def _stack_product(rows, w: PanelStack):
+    """rows[M, K] @ w.layers[w.index] -> [M, J * PANEL] (only built where the kernel is
+    available: `scannable`); a program lowered for another platform switches among XLA dots."""
+    from jaxspec.kernels import cpu_matmul
+
+    def kernel(rows, index, *layers):
+        return cpu_matmul.matmul_indexed(rows, index, layers)
+
+    def xla(rows, index, *layers):
+        dots = [functools.partial(_panels_dot, data=d, precision=_precision(rows, d))
+                for d in layers]
+        return jax.lax.switch(index, [lambda r, dot=dot: dot(r) for dot in dots], rows)
+
+    return jax.lax.platform_dependent(rows, w.index, *w.layers, cpu=kernel, default=xla)
 
 
 def _panels_dot(rows, data, *, precision):
@@ -171,9 +206,8 @@ def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
 def block(config: ModelConfig, layer, x, positions, mask, rope_cs, cache: KVCache, index):
     """One decoder layer on x[B, T, D] -> (x, cache), its keys and values written at `index`
     (i32[]). A jitted function of the layer's arrays: a program that runs L layers of the same
-    shapes traces and lowers one and calls it L times, and XLA inlines the calls (SmolLM2's
-    loop: the flat loop's fusions, plus one that builds the index), so tracing a model costs
-    about one layer's work."""
+    shapes traces and lowers one and calls it L times (unrolled: XLA inlines the calls) or
+    once (the body of `_scanned`), so tracing a model costs about one layer's work."""
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
     x = x + out
@@ -192,16 +226,70 @@ def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KV
     tokens = jnp.clip(tokens, 0, params["embed"].shape[0] - 1)  # out-of-range ids never gather OOB
     x = params["embed"][tokens]  # [B, T, D]
     rope_cs = rope_tables(positions, inv_frequencies(config), x.dtype)
+    context = (positions, mask, rope_cs)
+    layers = params["layers"]
+    run = _scanned if scannable(layers) else _unrolled
+    x, captured, cache = run(config, layers, x, context, cache, capture)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), captured, cache
+
+
+def _unrolled(config, layers, x, context, cache, capture):
+    """The layers one after another, each a call of `block` (XLA inlines them all)."""
     streams = {}
-    for index, layer in enumerate(params["layers"]):
+    for index, layer in enumerate(layers):
         streams[index] = x
-        x, cache = block(config, layer, x, positions, mask, rope_cs, cache, np.int32(index))
-    streams[len(params["layers"])] = x
+        x, cache = block(config, layer, x, *context, cache, np.int32(index))
+    streams[len(layers)] = x
     captured = None
     if capture:
         with jax.named_scope("capture_hidden"):
             captured = jnp.stack([streams[i] for i in capture], axis=2)  # [B, T, C, D]
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), captured, cache
+    return x, captured, cache
+
+
+def scannable(layers) -> bool:
+    """Whether the layers run as one `lax.scan` (`_scanned`): every projection packed in
+    Panels (the CPU layout) and the CPU kernel, which reads a layer's panels in place,
+    available."""
+    from jaxspec.kernels import cpu_matmul
+
+    return (len(layers) > 1 and all(isinstance(layer[k], layouts.Panels) for layer in layers
+                                    for k in layouts.PACKED)
+            and cpu_matmul.available())
+
+
+def _scanned(config, layers, x, context, cache, capture):
+    """The layers as one lax.scan over their index: XLA compiles (and XLA:CPU resolves on a
+    program's first run) one layer's kernels instead of L, which is most of a first process's
+    compile and ~0.5 s of every later one's first generation on the default model. The
+    projections read each layer's own panels (PanelStack); the small weights (norms, biases)
+    are stacked [L, ...] in the program. Each layer's input stream in `capture` is written to
+    its slot of captured[C + 1, B, T, D] (the others to slot C, which nothing reads)."""
+    L, C = len(layers), len(capture)
+    packed = {k: PanelStack(tuple(layer[k].data for layer in layers), None, layers[0][k].shape)
+              for k in layouts.PACKED}
+    small = {k: jnp.stack([layer[k] for layer in layers]) for k in layers[0] if k not in packed}
+    table = np.full(L + 1, C, np.int32)  # [L + 1]: the slot of the stream entering layer i
+    for c, i in enumerate(capture):
+        table[i] = c
+    slots = jnp.asarray(table)
+    captured = jnp.zeros((C + 1, *x.shape), x.dtype) if capture else None
+
+    def step(carry, index):
+        x, captured, cache = carry
+        if captured is not None:
+            captured = jax.lax.dynamic_update_index_in_dim(captured, x, slots[index], 0)
+        layer = {**{k: w.replace(index=index) for k, w in packed.items()},
+                 **{k: w[index] for k, w in small.items()}}
+        x, cache = block(config, layer, x, *context, cache, index)
+        return (x, captured, cache), None
+
+    (x, captured, cache), _ = jax.lax.scan(step, (x, captured, cache),
+                                           jnp.arange(L, dtype=jnp.int32))
+    if capture:
+        captured = captured.at[table[L]].set(x)
+        captured = jnp.moveaxis(captured[:C], 0, 2)  # [B, T, C, D]
+    return x, captured, cache
 
 
 def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache: KVCache):

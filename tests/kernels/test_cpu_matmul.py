@@ -63,6 +63,21 @@ def test_each_row_is_bit_identical_whatever_the_number_of_rows(k, n):
 
 
 @needs_kernel
+def test_the_indexed_product_reads_the_layer_it_is_given():
+    """matmul_indexed(x, i, layers) == matmul(x, layers[i]) bit for bit; an index outside the
+    layers is refused."""
+    x, _ = operands(5, 130, 1)
+    weights = [operands(1, 130, 67, seed=s)[1] for s in range(3)]
+    panels = [layout.pack(w).data for w in weights]
+    indexed = jax.jit(cpu_matmul.matmul_indexed)
+    for i, w in enumerate(weights):
+        np.testing.assert_array_equal(np.asarray(indexed(x, i, panels))[:, :67],
+                                      np.asarray(kernel(x, w)))
+    with pytest.raises(Exception, match="index out of range"):
+        jax.block_until_ready(indexed(x, 3, panels))
+
+
+@needs_kernel
 @pytest.mark.parametrize("env", [{cpu_matmul.THREADS_ENV: "1"}, {cpu_matmul.ENV: "avx2"}],
                          ids=["one-thread", "avx2"])
 def test_threads_and_instruction_sets_do_not_change_the_bits(tmp_path, env):

@@ -1,15 +1,24 @@
-"""Cached decode equals a teacher-forced forward (logits), with mixed prompt lengths."""
+"""Cached decode equals a teacher-forced forward (logits), with mixed prompt lengths; the
+layer loop (unrolled, or one scan on the CPU layout) computes the same either way."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import full_logits, tiny_model
+from helpers import full_logits, tiny_config, tiny_model, tiny_params
 
-from jaxspec.models import decoder
+from jaxspec.kernels import cpu_matmul
+from jaxspec.models import decoder, layout
 from jaxspec.models.cache import init_cache
 from jaxspec.models.layout import ACCELERATOR, CPU
+
+needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
 
 
 @pytest.mark.parametrize("layout", [CPU, ACCELERATOR], ids=lambda x: x.name)
@@ -65,3 +74,51 @@ def test_a_program_traces_one_layer_of_a_uniform_stack(monkeypatch):
         eager = run(m.params)
     assert len(traced) == 1 + 4
     np.testing.assert_allclose(jitted, eager, atol=1e-4, rtol=0)  # fusion reorders sums
+
+
+def packed(layers: int, **flags):
+    """A tiny model's config and params in the CPU layout (projections in Panels)."""
+    config = dataclasses.replace(tiny_config(layers=layers), **flags)
+    return config, layout.apply(CPU, tiny_params(config, seed=3), tied=False)
+
+
+def forward_program(config, capture=()):
+    """A new jitted forward_capture (its own trace, so a monkeypatch between two is seen)."""
+    def run(params, tokens, positions):
+        cache = init_cache(config, tokens.shape[0], 16, jnp.float32, CPU)
+        return decoder.forward_capture(config, params, tokens, positions, cache, capture)
+    return jax.jit(run)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", [{}, {"qk_norm": True, "attention_bias": True}],
+                         ids=["llama", "qk-norm-bias"])
+def test_scanned_layers_compute_what_unrolled_layers_compute(monkeypatch, flags):
+    """Logits, the captured streams (the embeddings, a middle layer's input, the last layer's
+    output) and the whole KV cache, with two rows at different positions."""
+    config, params = packed(3, **flags)
+    assert decoder.scannable(params["layers"])
+    tokens = jnp.asarray([[5, 1, 4], [2, 7, 3]])
+    positions = jnp.asarray([[0, 1, 2], [4, 5, 6]])
+    scanned = forward_program(config, (0, 2, 3))(params, tokens, positions)
+    monkeypatch.setattr(decoder, "scannable", lambda layers: False)
+    unrolled = forward_program(config, (0, 2, 3))(params, tokens, positions)
+    assert scanned[2].shape == (2, 3, 3, config.hidden_size)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_a_packed_stack_compiles_one_layer_of_kernels():
+    """On the CPU layout the program's kernels do not grow with the number of layers (XLA
+    compiles, and runs first, one layer's); unpacked params unroll the layers."""
+    def kernels(config, params):
+        text = forward_program(config).lower(params, jnp.ones((1, 2), jnp.int32),
+                                              jnp.arange(2)[None]).compile().as_text()
+        return len(re.findall(r"= \S+ (?:fusion|custom-call)\(", text))
+
+    (c2, p2), (c5, p5) = packed(2), packed(5)
+    assert kernels(c2, p2) == kernels(c5, p5)
+    unpacked = layout.apply(layout.CPU_XLA, p5, tied=False)
+    assert not decoder.scannable(unpacked["layers"])
+    assert kernels(c5, unpacked) > kernels(c2, layout.apply(layout.CPU_XLA, p2, tied=False))
