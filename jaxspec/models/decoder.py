@@ -92,24 +92,25 @@ def _panels_product(rows, w: layouts.Panels):
 
 def _stack_product(rows, w: PanelStack):
     """rows[M, K] @ w.layers[w.index] -> [M, J * PANEL] (only built where the kernel is
-    available: `scannable`); a program lowered for another platform switches among XLA dots."""
+    available: `scannable`). A program lowered for another platform takes XLA's dot on a slice
+    of the stacked layers (a copy of them all: correct, not fast; jaxspec never places panels
+    there)."""
     from jaxspec.kernels import cpu_matmul
 
     def kernel(rows, index, *layers):
         return cpu_matmul.matmul_indexed(rows, index, layers)
 
     def xla(rows, index, *layers):
-        dots = [functools.partial(_panels_dot, data=d, precision=_precision(rows, d))
-                for d in layers]
-        return jax.lax.switch(index, [lambda r, dot=dot: dot(r) for dot in dots], rows)
+        return _panels_dot(rows, jnp.stack(layers)[index], precision=_precision(rows, layers[0]))
 
     return jax.lax.platform_dependent(rows, w.index, *w.layers, cpu=kernel, default=xla)
 
 
 def _panels_dot(rows, data, *, precision):
-    """rows[M, K] @ panels data[J, K, P] -> [M, J * P]."""
-    out = jnp.einsum("MK,JKP->MJP", rows, data, precision=precision)
-    return out.reshape(rows.shape[0], -1)
+    """rows[M, K] @ panels data[J, K, P] -> [M, J * P] (dot_general: einsum costs more to
+    trace, and every program traces this branch)."""
+    out = jax.lax.dot_general(rows, data, (((1,), (1,)), ((), ())), precision=precision)
+    return out.reshape(rows.shape[0], -1)  # [M, J, P] -> [M, J * P]
 
 
 def _precision(a, b):
