@@ -1,6 +1,7 @@
 // Small-M matmul for CPU: out[M, N] = x[M, K] @ w[K, N] in fp32, with w packed in column
 // panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
-// (models.layout.Panels). Built and loaded by cpu_matmul.py; XLA calls it through its FFI
+// (models.layout.Panels), in fp32 or in bf16 (half the bytes to stream; each weight is widened
+// to fp32 exactly as it is loaded, so the products and sums are fp32 either way). Built and loaded by cpu_matmul.py; XLA calls it through its FFI
 // (custom call "jaxspec_small_m_matmul").
 //
 // Decoding reads every weight once per step, and verifying gamma + 1 tokens should cost about
@@ -9,7 +10,7 @@
 // partial sums stay in vector registers while k runs through the panel (one broadcast of
 // x[m, k] per row and k), so w is read once per block of rows and in address order, each
 // weight vector loaded into a register once (not folded into every row's FMA) and prefetched
-// kPrefetch floats ahead.
+// kPrefetch weights ahead.
 //
 // Every output element accumulates its K products with fused multiply-adds in k order, whatever
 // M, the row block or the thread, so a row's result is bit-identical whether it is computed
@@ -35,37 +36,51 @@ namespace {
 
 constexpr int64_t kPanel = 64;  // columns per panel (models.layout.PANEL)
 constexpr int kMaxRows = 6;     // rows per register block
-// Prefetch distance in floats (8 KB, 32 rows of a panel ahead). Without it, streaming the
-// weights from memory and the FMAs did not overlap on an Intel Xeon: the 49,152-column output
-// layer took 26% longer for 3 rows than for 1 and 2.4x for 5; with it, about the same.
+// Prefetch distance in weights (32 rows of a panel ahead: 8 KB of fp32, 4 KB of bf16). Without
+// it, streaming the weights from memory and the FMAs did not overlap on an Intel Xeon: the
+// 49,152-column output layer took 26% longer for 3 rows than for 1 and 2.4x for 5; with it,
+// about the same.
 constexpr int64_t kPrefetch = 2048;
 
 struct Problem {
   const float* x;       // [M, K]
-  const float* panels;  // [N / kPanel, K, kPanel]
+  const void* panels;   // [N / kPanel, K, kPanel], fp32 or bf16 (the weights' dtype)
   float* out;           // [M, N]
   int64_t M, K, N;
+  bool bf16;            // panels hold bf16 (widened to fp32 as they are loaded)
 };
 
-// out[m0 : m0 + MR, columns of panel j] = x[m0 : m0 + MR] @ that panel. NV vectors of LANES
-// floats cover kPanel / STRIPS columns; STRIPS passes cover the panel.
-#define JAXSPEC_BLOCK(NAME, TARGET, VEC, LANES, ZERO, LOAD, STORE, FMA, SET1)                  \
+// bf16 -> fp32 is exact: the 16 bits are the top half of the fp32 pattern.
+__attribute__((target("avx512f"))) inline __m512 load_bf16x16(const uint16_t* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// out[m0 : m0 + MR, columns of panel j] = x[m0 : m0 + MR] @ that panel, its weights of type WT
+// loaded by LOADW. NV vectors of LANES floats cover kPanel / STRIPS columns; STRIPS passes
+// cover the panel.
+#define JAXSPEC_BLOCK(NAME, TARGET, VEC, LANES, ZERO, WT, LOADW, STORE, FMA, SET1)             \
   template <int MR>                                                                          \
   __attribute__((target(TARGET))) void NAME(const Problem& p, int64_t m0, int64_t j) {       \
     constexpr int NV = LANES == 16 ? 4 : 2;                                                  \
     constexpr int STRIPS = kPanel / (NV * LANES);                                            \
+    constexpr int LINES = (NV * LANES * int(sizeof(WT)) + 63) / 64; /* lines a strip reads */\
     const float* x = p.x + m0 * p.K;                                                         \
     for (int s = 0; s < STRIPS; ++s) {                                                       \
       VEC acc[MR][NV];                                                                       \
       for (int r = 0; r < MR; ++r)                                                           \
         for (int v = 0; v < NV; ++v) acc[r][v] = ZERO;                                       \
-      const float* w = p.panels + j * p.K * kPanel + s * NV * LANES;                         \
+      const WT* w = static_cast<const WT*>(p.panels) + j * p.K * kPanel + s * NV * LANES;    \
       for (int64_t k = 0; k < p.K; ++k, w += kPanel) {                                       \
         VEC wv[NV];                                                                          \
-        for (int l = 0; l < NV * LANES / 16; ++l) /* the cache lines this strip reads */     \
-          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 16 * l), _MM_HINT_T0);  \
+        for (int l = 0; l < LINES; ++l)                                                      \
+          _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch) + 64 * l, _MM_HINT_T0);  \
         for (int v = 0; v < NV; ++v) {                                                       \
-          wv[v] = LOAD(w + LANES * v);                                                       \
+          wv[v] = LOADW(w + LANES * v);                                                      \
           __asm__("" : "+v"(wv[v])); /* a register: one load, not one per row's FMA */       \
         }                                                                                    \
         for (int r = 0; r < MR; ++r) {                                                       \
@@ -79,24 +94,33 @@ struct Problem {
     }                                                                                        \
   }
 
-JAXSPEC_BLOCK(block512, "avx512f", __m512, 16, _mm512_setzero_ps(), _mm512_loadu_ps,
+JAXSPEC_BLOCK(block512, "avx512f", __m512, 16, _mm512_setzero_ps(), float, _mm512_loadu_ps,
               _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_set1_ps)
-JAXSPEC_BLOCK(block256, "avx2,fma", __m256, 8, _mm256_setzero_ps(), _mm256_loadu_ps,
+JAXSPEC_BLOCK(block256, "avx2,fma", __m256, 8, _mm256_setzero_ps(), float, _mm256_loadu_ps,
+              _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_set1_ps)
+JAXSPEC_BLOCK(block512_bf16, "avx512f", __m512, 16, _mm512_setzero_ps(), uint16_t, load_bf16x16,
+              _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_set1_ps)
+JAXSPEC_BLOCK(block256_bf16, "avx2,fma", __m256, 8, _mm256_setzero_ps(), uint16_t, load_bf16x8,
               _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_set1_ps)
 
 using Block = void (*)(const Problem&, int64_t, int64_t);
 
 struct Isa {
   int level;  // 2: AVX-512F, 1: AVX2 + FMA, 0: neither (the kernel refuses to run)
-  Block blocks[kMaxRows];
+  Block blocks[kMaxRows];       // fp32 panels, 1..kMaxRows rows
+  Block blocks_bf16[kMaxRows];  // bf16 panels
 };
 
 // AVX-512 has 32 registers (6 rows x 4 accumulators + 4 weights + 1), AVX2 16 (6 x 2 + 2 + 1).
-const Isa kAvx512{2, {block512<1>, block512<2>, block512<3>, block512<4>, block512<5>,
-                      block512<6>}};
-const Isa kAvx2{1, {block256<1>, block256<2>, block256<3>, block256<4>, block256<5>,
-                    block256<6>}};
-const Isa kNone{0, {}};
+const Isa kAvx512{2,
+                  {block512<1>, block512<2>, block512<3>, block512<4>, block512<5>, block512<6>},
+                  {block512_bf16<1>, block512_bf16<2>, block512_bf16<3>, block512_bf16<4>,
+                   block512_bf16<5>, block512_bf16<6>}};
+const Isa kAvx2{1,
+                {block256<1>, block256<2>, block256<3>, block256<4>, block256<5>, block256<6>},
+                {block256_bf16<1>, block256_bf16<2>, block256_bf16<3>, block256_bf16<4>,
+                 block256_bf16<5>, block256_bf16<6>}};
+const Isa kNone{0, {}, {}};
 
 const Isa& detect() {
   __builtin_cpu_init();
@@ -110,9 +134,10 @@ const Isa* isa = &detect();  // jaxspec_small_m_set_isa may lower it (tests of t
 // Panels [j_begin, j_end) for every row, row blocks inside each panel (the panel is read from
 // memory once, then from cache for the next blocks).
 void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
+  const Block* blocks = p.bf16 ? isa->blocks_bf16 : isa->blocks;
   for (int64_t j = j_begin; j < j_end; ++j)
     for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows)
-      isa->blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
+      blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
 }
 
 // ---------------------------------------------------------------- threads
@@ -152,23 +177,25 @@ void run(const Problem& p, ffi::ThreadPool& pool) {
   while (shared->finished.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
 }
 
-ffi::Error Multiply(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x,
-                    ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32>& out) {
+ffi::Error Multiply(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                    ffi::ResultBuffer<ffi::F32>& out) {
   auto xd = x.dimensions();
   auto pd = panels.dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[1] || pd[2] != kPanel)
+  const bool bf16 = panels.element_type() == ffi::DataType::BF16;
+  if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[1] || pd[2] != kPanel ||
+      !(bf16 || panels.element_type() == ffi::DataType::F32))
     return ffi::Error::InvalidArgument(
-        "jaxspec small-M matmul: expected x[M, K] and panels[N / 64, K, 64]");
+        "jaxspec small-M matmul: expected x[M, K] and fp32 or bf16 panels[N / 64, K, 64]");
   if (isa->level == 0) return ffi::Error::Internal("jaxspec small-M matmul: no AVX2/FMA");
-  Problem p{x.typed_data(), panels.typed_data(), out->typed_data(), xd[0], xd[1],
-            pd[0] * kPanel};
+  Problem p{x.typed_data(), panels.untyped_data(), out->typed_data(), xd[0], xd[1],
+            pd[0] * kPanel, bf16};
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   run(p, pool);
   return ffi::Error::Success();
 }
 
-ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                        ffi::ResultBuffer<ffi::F32> out) {
   return Multiply(pool, x, panels, out);
 }
 
@@ -184,7 +211,7 @@ ffi::Error SmallMMatmulIndexed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t i = *index.typed_data();
   if (i < 0 || i >= static_cast<int64_t>(layers.size()))
     return ffi::Error::InvalidArgument("jaxspec small-M matmul: index out of range");
-  auto panels = layers.get<ffi::Buffer<ffi::F32>>(i);
+  auto panels = layers.get<ffi::AnyBuffer>(i);
   if (!panels.has_value()) return panels.error();
   return Multiply(pool, x, *panels, out);
 }
@@ -195,7 +222,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul, SmallMMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_small_m_matmul_indexed, SmallMMatmulIndexed,

@@ -2,10 +2,11 @@
 through JAX's FFI.
 
 `x[M, K] @ w[K, N]` in fp32 for the few rows a decode step or a verify has, with w packed in
-column panels (`models.layout.Panels`: [N / 64, K, 64]): each panel is read once, in address
-order, for up to 6 rows, where XLA:CPU's dot on [K, N] takes a slower path for 2-16 rows; and a
-row's result is bit-identical whatever M is. The CPU layout policy packs fp32 weights when the
-kernel is available, and the decoder sends every product on panels to it: for many rows
+column panels (`models.layout.Panels`: [N / 64, K, 64]), fp32 or bf16 (widened exactly as
+loaded: half the bytes, the same fp32 arithmetic): each panel is read once, in address order,
+for up to 6 rows, where XLA:CPU's dot on [K, N] takes a slower path for 2-16 rows; and a row's
+result is bit-identical whatever M is. The CPU layout policy packs fp32 and bf16 weights when
+the kernel is available, and the decoder sends every product on panels to it: for many rows
 (prefill) it runs at XLA:CPU's GEMM speed (measured: 168-226 GFLOP/s on 2 cores for M = 16 to
 4096 at SmolLM2's [576, 3072], XLA 122-210), so there is no size at which to switch.
 `matmul_indexed` is the same product with the weight chosen at run time among the layers'
@@ -140,17 +141,19 @@ def _load() -> ctypes.CDLL:
 
 
 def fits(x, panels) -> bool:
-    """Whether x[M, K] @ panels[J, K, 64] is a product the kernel takes (shapes and dtypes)."""
+    """Whether x[M, K] @ panels[J, K, 64] is a product the kernel takes (shapes and dtypes:
+    x fp32, panels fp32 or bf16)."""
     import jax.numpy as jnp
 
-    return (x.dtype == jnp.float32 and panels.dtype == jnp.float32 and x.ndim == 2
-            and x.shape[0] >= 1 and panels.ndim == 3
+    return (x.dtype == jnp.float32 and panels.dtype in (jnp.float32, jnp.bfloat16)
+            and x.ndim == 2 and x.shape[0] >= 1 and panels.ndim == 3
             and panels.shape[1:] == (x.shape[1], PANEL))
 
 
 def matmul(x, panels):
-    """x[M, K] @ panels[J, K, 64] -> [M, J * 64] (fp32) through the kernel, the panels being a
-    [K, J * 64] weight's columns (models.layout.pack); call only when `available()`."""
+    """x[M, K] @ panels[J, K, 64] -> [M, J * 64] (fp32; x fp32, panels fp32 or bf16) through
+    the kernel, the panels being a [K, J * 64] weight's columns (models.layout.pack); call only
+    when `available()`."""
     import jax
 
     out = jax.ShapeDtypeStruct((x.shape[0], panels.shape[0] * PANEL), x.dtype)

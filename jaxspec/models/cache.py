@@ -41,6 +41,8 @@ def bucket(n: int, size: int = BUCKET) -> int:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: Layout) -> KVCache:
+    """An empty cache for params of `dtype` (fp32 where the layout wants an fp32 cache)."""
+    dtype = jnp.float32 if layout.fp32_cache else dtype
     heads = (config.num_layers, batch, config.num_kv_heads)
     keys = heads + (max_len, config.head_dim)
     values = heads + (config.head_dim, max_len) if layout.values_slots_last else keys

@@ -54,19 +54,21 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_precision(a, b), **kwargs)
 
 
-def dense(x: jax.Array, w) -> jax.Array:
-    """x[..., K] @ w[K, *O] -> [..., *O]: a projection (w an array, or Panels on the CPU layout,
-    or a PanelStack inside the scanned layer loop).
+def dense(x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """x[..., K] @ w[K, *O] -> [..., *O] in x's dtype (or `out_dtype`): a projection (w an
+    array, or Panels on the CPU layout, or a PanelStack inside the scanned layer loop).
 
-    Panels of fp32 weights go through the CPU matmul kernel (jaxspec.kernels.cpu_matmul); a
-    program lowered for another platform takes XLA's dot on the same panels.
+    Panels (fp32 or bf16 weights) go through the CPU matmul kernel (jaxspec.kernels.cpu_matmul),
+    which multiplies and sums in fp32 whatever the weights' dtype; a program lowered for another
+    platform takes XLA's dot on the same panels, also in fp32.
     """
     if not isinstance(w, (layouts.Panels, PanelStack)):
         return jnp.tensordot(x, w, axes=1, precision=_precision(x, w))
-    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [M, K]
     out = _stack_product(rows, w) if isinstance(w, PanelStack) else _panels_product(rows, w)
     N = math.prod(w.shape[1:])
-    return out[:, :N].reshape(x.shape[:-1] + w.shape[1:])
+    out = out[:, :N].astype(out_dtype or x.dtype)
+    return out.reshape(x.shape[:-1] + w.shape[1:])
 
 
 @pytree.dataclass
@@ -81,13 +83,14 @@ class PanelStack:
 
 
 def _panels_product(rows, w: layouts.Panels):
-    """rows[M, K] @ w -> [M, J * PANEL]: the CPU kernel where it takes the product."""
+    """rows[M, K] (fp32) @ w -> [M, J * PANEL] (fp32): the CPU kernel where it takes the
+    product."""
     from jaxspec.kernels import cpu_matmul
 
-    xla = functools.partial(_panels_dot, precision=_precision(rows, w))
     if cpu_matmul.fits(rows, w.data) and cpu_matmul.available():
-        return jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul, default=xla)
-    return xla(rows, w.data)
+        return jax.lax.platform_dependent(rows, w.data, cpu=cpu_matmul.matmul,
+                                          default=_panels_dot)
+    return _panels_dot(rows, w.data)
 
 
 def _stack_product(rows, w: PanelStack):
@@ -101,15 +104,17 @@ def _stack_product(rows, w: PanelStack):
         return cpu_matmul.matmul_indexed(rows, index, layers)
 
     def xla(rows, index, *layers):
-        return _panels_dot(rows, jnp.stack(layers)[index], precision=_precision(rows, layers[0]))
+        return _panels_dot(rows, jnp.stack(layers)[index])
 
     return jax.lax.platform_dependent(rows, w.index, *w.layers, cpu=kernel, default=xla)
 
 
-def _panels_dot(rows, data, *, precision):
-    """rows[M, K] @ panels data[J, K, P] -> [M, J * P] (dot_general: einsum costs more to
-    trace, and every program traces this branch)."""
-    out = jax.lax.dot_general(rows, data, (((1,), (1,)), ((), ())), precision=precision)
+def _panels_dot(rows, data):
+    """rows[M, K] (fp32) @ panels data[J, K, P] -> [M, J * P] in fp32 at full precision
+    (dot_general: einsum costs more to trace, and every program traces this branch)."""
+    data = data.astype(jnp.float32)
+    out = jax.lax.dot_general(rows, data, (((1,), (1,)), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST)
     return out.reshape(rows.shape[0], -1)  # [M, J, P] -> [M, J * P]
 
 
@@ -188,13 +193,14 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index)
     q, k, v = project_qkv(config, layer, x, rope_cs)
     cache = kv.write(cache, index, positions, k, v)
     keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]; [B, K, Dh, S] or [B, K, S, Dh]
+    q = q.astype(keys.dtype)  # an fp32 cache (models.layout) makes attention fp32
     scores = einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(config.head_dim)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     values_spec = "BKDS" if cache.values_slots_last else "BKSD"
     out = einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
-    out = out.reshape(B, T, config.num_heads * config.head_dim)  # [B, T, H * Dh]
+    out = out.reshape(B, T, config.num_heads * config.head_dim).astype(x.dtype)  # [B, T, H * Dh]
     return dense(out, layer["wo"]), cache
 
 
@@ -302,8 +308,8 @@ def hidden_states(config: ModelConfig, params: Params, tokens, positions, cache:
 def logits(params: Params, hidden: jax.Array) -> jax.Array:
     """Output layer: hidden[..., D] -> logits[..., V] in fp32."""
     head = params.get("lm_head")
-    if isinstance(head, layouts.Panels):  # fp32 (only fp32 weights are packed)
-        return dense(hidden, head)
+    if isinstance(head, layouts.Panels):  # the kernel's fp32 result, kept
+        return dense(hidden, head, out_dtype=jnp.float32)
     if head is not None:
         return einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
     return einsum("...D,VD->...V", hidden, params["embed"], preferred_element_type=jnp.float32)

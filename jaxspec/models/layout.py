@@ -11,13 +11,18 @@ One place decides, from the platform the params will live on, what differs betwe
                       XLA:CPU's weights-times-values product reads; stored slots-first it
                       transposed every layer's values at every step) or [L, B, K, S, Dh], the
                       layout GPU and Trainium attention kernels expect.
-  panels              fp32 projections and the output layer are stored packed in column panels
-                      (`Panels`: [N / 64, K, 64] for a [K, N] weight), the layout of the CPU
-                      small-M kernel (jaxspec.kernels.cpu_matmul): it reads each panel as one
-                      contiguous stream, so products of 1-16 rows (decode steps, verifies,
-                      drafts) cost about one weight read, where XLA:CPU's dot on [K, N] costs
-                      1.5-3 one-row steps for 2-16 rows. Only when the kernel is available; the
-                      decoder takes XLA's dot for longer products (prefill) on the same panels.
+  panels              fp32 and bf16 projections and the output layer are stored packed in
+                      column panels (`Panels`: [N / 64, K, 64] for a [K, N] weight), the layout
+                      of the CPU small-M kernel (jaxspec.kernels.cpu_matmul): it reads each
+                      panel as one contiguous stream, so products of 1-16 rows (decode steps,
+                      verifies, drafts) cost about one weight read, where XLA:CPU's dot on
+                      [K, N] costs 1.5-3 one-row steps for 2-16 rows (and converts bf16 to
+                      fp32 first). Only when the kernel is available.
+  fp32_cache          the KV cache is fp32 whatever the params' dtype (CPU: XLA:CPU widens a
+                      bf16 cache write to fp32 and back over the whole cache, at every layer of
+                      every step: a bf16 step of the default model at 2,048 slots took 5.5x
+                      the fp32 step). Keys and values are computed in the params' dtype, so
+                      the cache holds the same numbers; twice the cache memory in bf16.
 
 Checkpoints store projections one way for every backend, fused and split-friendly at once:
 `wqkv` [D, K, G + 2, Dh] (per key/value head: its G query heads, its key, its value) and
@@ -43,6 +48,7 @@ from jaxspec import pytree
 ENV = "JAXSPEC_LAYOUT"
 PANEL = 64  # columns per panel (kernels/cpu_matmul.cc's kPanel)
 PACKED = ("wqkv", "wo", "w_gate_up", "w_down")  # per layer; and lm_head
+PACKABLE = (jnp.float32, jnp.bfloat16)  # the dtypes the CPU kernel reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +56,13 @@ class Layout:
     name: str
     output_copy: bool  # tied models carry lm_head [D, V] = embed.T
     values_slots_last: bool  # value cache [L, B, K, Dh, S] instead of [L, B, K, S, Dh]
-    panels: bool = False  # fp32 projections packed as Panels for the CPU small-M kernel
+    panels: bool = False  # fp32/bf16 projections packed as Panels for the CPU small-M kernel
+    fp32_cache: bool = False  # the KV cache in fp32 whatever the params' dtype
 
 
-CPU = Layout("cpu", output_copy=True, values_slots_last=True, panels=True)
-CPU_XLA = Layout("cpu-xla", output_copy=True, values_slots_last=True, panels=False)
+CPU = Layout("cpu", output_copy=True, values_slots_last=True, panels=True, fp32_cache=True)
+CPU_XLA = Layout("cpu-xla", output_copy=True, values_slots_last=True, panels=False,
+                 fp32_cache=True)
 ACCELERATOR = Layout("accelerator", output_copy=False, values_slots_last=False)
 _BY_NAME = {layout.name: layout for layout in (CPU, CPU_XLA, ACCELERATOR)}
 
@@ -119,17 +127,17 @@ def for_mesh(layout: Layout) -> Layout:
 def apply(layout: Layout, params: dict, tied: bool) -> dict:
     """params in the policy's layout: its output layer (adds lm_head = embed.T to tied models
     where the policy wants a copy, removes a copy where it does not; untied models keep their
-    own), then fp32 projections packed into Panels where it wants panels and the kernel is
-    available (jaxspec.kernels.cpu_matmul), unpacked where it does not. The weights that change
-    are converted by one compiled program (one pass over memory, not a few eager ops each);
-    the others are passed through as they are."""
+    own), then fp32 and bf16 projections packed into Panels where it wants panels and the
+    kernel is available (jaxspec.kernels.cpu_matmul), unpacked where it does not. The weights
+    that change are converted by one compiled program (one pass over memory, not a few eager
+    ops each); the others are passed through as they are."""
     params = _output_layer(layout, params, tied)
     from jaxspec.kernels import cpu_matmul
 
     packed = layout.panels and cpu_matmul.available()
 
     def changes(w) -> bool:
-        return not packed if isinstance(w, Panels) else packed and w.dtype == jnp.float32
+        return not packed if isinstance(w, Panels) else packed and w.dtype in PACKABLE
 
     layers = params.get("layers", [])
     todo = {f"{i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.items()

@@ -63,6 +63,22 @@ def test_each_row_is_bit_identical_whatever_the_number_of_rows(k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("k,n", [(130, 67), (576, 3072)])
+def test_bf16_panels_multiply_in_fp32_and_rows_stay_independent(k, n):
+    """bf16 weights are widened exactly: the result is the fp32 product with the bf16 weights
+    (to fp32 rounding), and a row's bits do not depend on the number of rows."""
+    x, w = operands(16, k, n, seed=3)
+    w16 = jnp.asarray(w, jnp.bfloat16)
+    wide = np.asarray(w16.astype(jnp.float32)).astype(np.float64)
+    got = np.asarray(kernel(x, w16))
+    scale = np.abs(x).astype(np.float64) @ np.abs(wide)
+    assert np.all(np.abs(got - x.astype(np.float64) @ wide)
+                  <= 4 * k * np.finfo(np.float32).eps * scale + 1e-30)
+    alone = np.concatenate([np.asarray(kernel(x[i:i + 1], w16)) for i in range(16)])
+    np.testing.assert_array_equal(got, alone)
+
+
+@needs_kernel
 def test_the_indexed_product_reads_the_layer_it_is_given():
     """matmul_indexed(x, i, layers) == matmul(x, layers[i]) bit for bit; an index outside the
     layers is refused."""
@@ -192,6 +208,18 @@ def test_greedy_speculative_equals_autoregressive_and_reference(models, policy):
         spec = jaxspec.SpeculativeDecoder(target, draft, num_speculative_tokens=3, mode=mode,
                                           static_iterations=4)
         assert spec.generate(PROMPTS, max_new_tokens=MAX_NEW).tokens == reference
+
+
+def test_bf16_greedy_speculative_equals_plain_on_the_kernel(models):
+    """bf16 weights on the kernel (a row's products independent of how many rows are verified
+    with it) and an fp32 cache: greedy speculative output is plain greedy output."""
+    target, draft = (dataclasses.replace(m, layout=layout.CPU, params=jax.tree.map(
+        lambda a: a.astype(jnp.bfloat16), m.params)) for m in models)
+    plain = jaxspec.SpeculativeDecoder(target).generate(PROMPTS, max_new_tokens=MAX_NEW)
+    for mode in ("dynamic", "static"):
+        spec = jaxspec.SpeculativeDecoder(target, draft, num_speculative_tokens=3, mode=mode,
+                                          static_iterations=4)
+        assert spec.generate(PROMPTS, max_new_tokens=MAX_NEW).tokens == plain.tokens
 
 
 @pytest.mark.parametrize("policy", [layout.CPU, layout.CPU_XLA], ids=lambda p: p.name)

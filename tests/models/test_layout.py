@@ -52,7 +52,7 @@ def test_apply_adds_or_removes_the_output_copy_of_tied_models_only():
 
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")
-def test_cpu_policy_packs_fp32_projections_into_panels_and_back():
+def test_cpu_policy_packs_fp32_and_bf16_projections_into_panels_and_back():
     params = tiny_model(layers=2, tied=True).params
     packed = layout.apply(layout.CPU, params, tied=True)
     for name in layout.PACKED:
@@ -68,8 +68,14 @@ def test_cpu_policy_packs_fp32_projections_into_panels_and_back():
         for name in layout.PACKED:
             np.testing.assert_array_equal(plain["layers"][0][name], params["layers"][0][name])
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    assert not any(isinstance(w, layout.Panels)
-                   for w in layout.apply(layout.CPU, bf16, tied=True)["layers"][0].values())
+    packed16 = layout.apply(layout.CPU, bf16, tied=True)
+    for name in layout.PACKED:
+        w = packed16["layers"][0][name]
+        assert isinstance(w, layout.Panels) and w.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(layout.unpack(w), bf16["layers"][0][name])
+    ints = {"embed": jnp.zeros((4, 3), jnp.int8), "layers": [{"wo": jnp.zeros((3, 3), jnp.int8)}]}
+    assert not isinstance(layout.apply(layout.CPU, ints, tied=True)["layers"][0]["wo"],
+                          layout.Panels)  # only the dtypes the kernel reads
 
 
 @pytest.mark.skipif(os.environ.get(layout.ENV) == "accelerator", reason="already forced")

@@ -20,10 +20,16 @@ from jaxspec.models.cache import init_cache
 @pytest.mark.parametrize("dtype,expected", [(jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")])
 @pytest.mark.parametrize("policy", [layout.CPU_XLA, layout.ACCELERATOR], ids=lambda x: x.name)
 def test_every_product_states_its_precision(dtype, expected, policy):
+    """Attention reads an fp32 cache where the policy keeps one (CPU): its two products are
+    then fp32 ones, in bf16 models too."""
     text = lowered_forward(policy, dtype)
     precisions = re.findall(r"stablehlo\.dot_general .*?precision = \[(\w+), (\w+)\]", text)
     assert len(precisions) == 6 * 2 + 1  # qkv, scores, values, wo, gate/up, down; the logits
-    assert set(precisions) == {(expected, expected)}
+    fp32_attention = 2 * 2 if policy.fp32_cache or dtype == jnp.float32 else 0
+    assert precisions.count(("HIGHEST", "HIGHEST")) == (
+        13 if dtype == jnp.float32 else fp32_attention)
+    assert precisions.count((expected, expected)) == (
+        13 if dtype == jnp.float32 else 13 - fp32_attention)
 
 
 def lowered_forward(policy, dtype, tokens_per_row=3):
@@ -42,16 +48,18 @@ def lowered_forward(policy, dtype, tokens_per_row=3):
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")
 @pytest.mark.parametrize("tokens_per_row", [1, 9])
-def test_cpu_policy_sends_fp32_projections_to_the_kernel(tokens_per_row):
-    """Every projection and the output layer go through the kernel, attention stays XLA's. The
-    layers are one scanned body: its 4 projections pick their layer's panels at run time."""
-    text = lowered_forward(layout.CPU, jnp.float32, tokens_per_row)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_policy_sends_projections_to_the_kernel(tokens_per_row, dtype):
+    """Every projection and the output layer go through the kernel (fp32 and bf16 weights),
+    attention stays XLA's. The layers are one scanned body: its 4 projections pick their
+    layer's panels at run time."""
+    text = lowered_forward(layout.CPU, dtype, tokens_per_row)
     calls = re.findall(r"@(jaxspec_small_m_matmul\w*)\(", text)
     assert Counter(calls) == {cpu_matmul.INDEXED_TARGET: 4, cpu_matmul.TARGET: 1}
     assert len(re.findall(r"stablehlo\.dot_general", text)) == 2  # scores, values
 
 
-def test_bf16_and_other_policies_never_use_the_kernel():
-    """bf16 weights stay unpacked on the CPU policy; the accelerator policy never packs."""
-    assert cpu_matmul.TARGET not in lowered_forward(layout.CPU, jnp.bfloat16)
+def test_other_policies_never_use_the_kernel():
+    """The accelerator policy never packs; cpu-xla keeps XLA's dot."""
     assert cpu_matmul.TARGET not in lowered_forward(layout.ACCELERATOR, jnp.float32)
+    assert cpu_matmul.TARGET not in lowered_forward(layout.CPU_XLA, jnp.bfloat16)
