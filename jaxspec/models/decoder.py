@@ -17,8 +17,8 @@ the differences. Params are a plain pytree (what Orbax saves and the loop receiv
                                                   layout policy adds embed.T (models.layout)
 
 H query heads, K key/value heads, G = H / K, Dh head size, F MLP width. Weights are stored
-[in, out] so a projection is `x @ w` (on the CPU layout, fp32 projections and lm_head are
-`models.layout.Panels` of these shapes; `dense` takes either); the fused projections are one
+[in, out] so a projection is `x @ w` (on the CPU layout, fp32 and bf16 projections and lm_head
+are `models.layout.Panels` of these shapes; `dense` takes either); the fused projections are one
 matmul each and split along K or F without reshuffling (for sharding; see models.layout).
 Each layer's weights are separate buffers that the matmuls read directly, with no per-layer
 slice of a stacked array (which XLA would copy, doubling weight traffic). On the CPU layout
@@ -26,9 +26,11 @@ slice of a stacked array (which XLA would copy, doubling weight traffic). On the
 projections hand the kernel every layer's panels and the loop counter (`PanelStack`), so XLA
 compiles one layer's kernels, not L; elsewhere the loop is unrolled in Python, each layer a
 call of one jitted `block` (a program traces one layer, and XLA inlines the calls).
-Activations stay in the params' dtype; norms, attention softmax and logits are fp32. Every
-product of fp32 operands asks for full fp32 precision explicitly (XLA on GPU would otherwise
-run them in TF32); bf16 products keep the backend's default.
+Activations stay in the params' dtype; norms, attention softmax and logits are fp32, and so is
+all of attention where the layout keeps an fp32 KV cache (CPU); products on Panels are fp32
+(the kernel widens bf16 weights). Every product of fp32 operands asks for full fp32 precision
+explicitly (XLA on GPU would otherwise run them in TF32); bf16 products keep the backend's
+default.
 """
 
 from __future__ import annotations
