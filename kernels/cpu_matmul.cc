@@ -1,8 +1,9 @@
 // Small-M matmul for CPU: out[M, N] = x[M, K] @ w[K, N] in fp32, with w packed in column
 // panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
 // (models.layout.Panels), in fp32 or in bf16 (half the bytes to stream; each weight is widened
-// to fp32 exactly as it is loaded, so the products and sums are fp32 either way). Built and loaded by cpu_matmul.py; XLA calls it through its FFI
-// (custom call "jaxspec_small_m_matmul").
+// to fp32 exactly as it is loaded, so the products and sums are fp32 either way). Built and
+// loaded by cpu_matmul.py; XLA calls it through its FFI (custom calls "jaxspec_small_m_matmul"
+// and "jaxspec_small_m_matmul_indexed").
 //
 // Decoding reads every weight once per step, and verifying gamma + 1 tokens should cost about
 // the same. XLA:CPU streams one row at copy bandwidth but takes a slower path for 2-16 rows.
@@ -177,8 +178,8 @@ void run(const Problem& p, ffi::ThreadPool& pool) {
   while (shared->finished.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
 }
 
-ffi::Error Multiply(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
-                    ffi::ResultBuffer<ffi::F32>& out) {
+ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
+                        ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
   auto pd = panels.dimensions();
   const bool bf16 = panels.element_type() == ffi::DataType::BF16;
@@ -192,11 +193,6 @@ ffi::Error Multiply(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   run(p, pool);
   return ffi::Error::Success();
-}
-
-ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
-                        ffi::ResultBuffer<ffi::F32> out) {
-  return Multiply(pool, x, panels, out);
 }
 
 // The same product with the weight chosen at run time among several of the same shape (one
@@ -213,7 +209,7 @@ ffi::Error SmallMMatmulIndexed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("jaxspec small-M matmul: index out of range");
   auto panels = layers.get<ffi::AnyBuffer>(i);
   if (!panels.has_value()) return panels.error();
-  return Multiply(pool, x, *panels, out);
+  return SmallMMatmul(pool, x, *panels, out);
 }
 
 }  // namespace
