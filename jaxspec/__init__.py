@@ -16,6 +16,7 @@ _LAZY = {
     "load_model": ("jaxspec.checkpoint.load", "load_model"),
     "Model": ("jaxspec.models.loaded", "Model"),
     "Draft": ("jaxspec.drafts.base", "Draft"),
+    "compiler_options": ("jaxspec.xla_options", "compiler_options"),  # for your own jax.jit
 }
 
 

@@ -34,6 +34,7 @@ from jaxspec.decode.sizing import prompt_width
 from jaxspec.models import decoder
 from jaxspec.models import layout as layouts
 from jaxspec.models.cache import init_cache
+from jaxspec.xla_options import compiler_options
 
 # SmolLM2-135M(-Instruct) shape, for a random-weight stand-in of the default model.
 SMOLLM2_SHAPE = {
@@ -331,7 +332,8 @@ class StepTimer:
 
         self.args = (init_cache(config, batch, max_len, params["embed"].dtype, layout_of(model)),
                      jnp.ones((batch, 1), jnp.int32), jnp.int32(position))
-        self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
+        self.compiled = jax.jit(run).lower(self.params, *self.args).compile(
+            compiler_options=compiler_options())
         self()  # first run: page faults, thread pool start-up
 
     def __call__(self) -> float:
@@ -377,7 +379,8 @@ class HeadStepTimer:
 
         self.args = (jnp.ones((batch, 1), jnp.int32), jnp.int32(position),
                      jnp.ones((batch, width) + streams, jnp.float32))
-        self.compiled = jax.jit(run).lower(self.params, *self.args).compile()
+        self.compiled = jax.jit(run).lower(self.params, *self.args).compile(
+            compiler_options=compiler_options())
         self()
 
     def __call__(self) -> float:
@@ -399,7 +402,7 @@ class SingleStep:
             return cache, first_argmax(logits)
 
         self.cache = init_cache(config, 1, max_len, params["embed"].dtype, layout_of(model))
-        self.fn = jax.jit(one, donate_argnums=1)
+        self.fn = jax.jit(one, donate_argnums=1, compiler_options=compiler_options())
         self()
 
     def __call__(self) -> float:
@@ -433,7 +436,8 @@ class Prefill:
         self.params = jax.device_put(model.params)
         self.cache = init_cache(config, 1, max_len, model.params["embed"].dtype,
                                 layout_of(model))
-        self.compiled = jax.jit(run).lower(self.params, self.cache, self.tokens).compile()
+        self.compiled = jax.jit(run).lower(self.params, self.cache, self.tokens).compile(
+            compiler_options=compiler_options())
         self()
 
     def __call__(self) -> float:

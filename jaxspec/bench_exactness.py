@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxspec.models import decoder
+from jaxspec.xla_options import compiler_options
 
 
 def random_prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -40,7 +41,7 @@ def top2_gap(target, tokens: list[int]) -> float:
     positions = jnp.arange(len(tokens), dtype=jnp.int32)[None]
     cache = init_cache(target.config, 1, len(tokens), target.params["embed"].dtype,
                        target.layout or layouts.default())
-    forward = jax.jit(decoder.forward, static_argnums=0)
+    forward = jax.jit(decoder.forward, static_argnums=0, compiler_options=compiler_options())
     logits, _, _ = forward(target.config, target.params, ids, positions, cache)
     top = np.sort(np.asarray(logits[0, -1], np.float32))[-2:]
     return float(top[1] - top[0])

@@ -45,6 +45,7 @@ from jax.api_util import shaped_abstractify
 from jaxspec import compile_cache, devices
 from jaxspec.errors import UserError
 from jaxspec.paths import prune, writable_cache_dir, write_atomically
+from jaxspec.xla_options import compiler_options
 
 FORMAT = 1  # bump when what a file holds changes
 SOURCE_SUFFIXES = (".py", ".cc", ".h")
@@ -70,7 +71,8 @@ class Program:
 
 def load_or_compile(fn: Callable, static, *args, donate: tuple[int, ...] = (), device=None):
     """`jax.jit(fn, static_argnums=0, donate_argnums=donate).lower(static, *args).compile()`
-    on `device` (None: JAX's default), traced by this process or loaded as an earlier one
+    on `device` (None: JAX's default), with jaxspec's XLA options for its platform
+    (jaxspec.xla_options), traced by this process or loaded as an earlier one
     saved it. Returns (program, how): program is called like the compiled function (and has
     its `out_info`); how is "loaded", "saved" or "compiled" (not cacheable, or cache off)."""
     pending = start(fn, static, *args, donate=donate, device=device)
@@ -129,7 +131,7 @@ def _trace(fn, static, args, donate, device, path) -> Pending:
     if saved is None:
         with devices.on(device):
             compiled = jax.jit(fn, static_argnums=0, donate_argnums=donate).lower(
-                static, *args).compile()
+                static, *args).compile(compiler_options=compiler_options(device))
         done = concurrent.futures.Future()
         done.set_result(compiled)
         return Pending(done, compiled.out_info, "compiled")
@@ -174,7 +176,8 @@ def _compiled(saved, leaves: list, flat_donate: tuple[int, ...], device) -> Prog
     """The saved (Exported, out_tree) compiled for these argument leaves (JAX's cache)."""
     exported, out_tree = saved
     with devices.on(device):
-        compiled = jax.jit(exported.call, donate_argnums=flat_donate).lower(*leaves).compile()
+        compiled = jax.jit(exported.call, donate_argnums=flat_donate).lower(*leaves).compile(
+            compiler_options=compiler_options(device))
     return Program(compiled, out_tree)
 
 

@@ -285,10 +285,12 @@ def generate_tokens(spec: LoopSpec, target_params, draft_params, prompt, prompt_
     """The whole generation as one pure function (prefill + dynamic loop), public as
     `jaxspec.generate_tokens`.
 
-    Users may wrap it in their own `jax.jit` with `spec` static. Shapes: prompt [B, P]
-    right-padded, prompt_lengths [B]; key a PRNG key (rows get distinct streams derived from
-    it and their index) or integer seeds [B], one per row, so that a row's sampled tokens do
-    not depend on what else is in its batch (see init_state); the result's
+    Users may wrap it in their own `jax.jit` with `spec` static (and
+    `compiler_options=jaxspec.compiler_options()` for the numerics of jaxspec's own programs,
+    jaxspec.xla_options). Shapes: prompt [B, P] right-padded, prompt_lengths [B]; key a PRNG
+    key (rows get distinct streams derived from it and their index) or integer seeds [B], one
+    per row, so that a row's sampled tokens do not depend on what else is in its batch (see
+    init_state); the result's
     tokens[b, prompt_lengths[b]:lengths[b]] are row b's new tokens. spec.max_len must be at
     least decode.sizing.required_len(P, max_new_tokens, spec.gamma): checked when
     max_new_tokens is a Python int; a traced one that does not fit stops rows when their

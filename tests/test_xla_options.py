@@ -1,0 +1,73 @@
+"""The XLA options jaxspec compiles its programs with (jaxspec.xla_options): on CPU, reductions
+stay on XLA's own loops, so a verified position's numbers are those of a one-token step."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxspec
+from jaxspec import program_cache, xla_options
+from jaxspec.models import cache as kv
+from jaxspec.models import decoder, layout
+
+YNN = '"kind":"__ynn_fusion"'
+
+
+def softmax(_, scores):  # [B, K, G, T, S]: an attention softmax of a 5-token verify
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def test_programs_keep_reductions_off_ynnpack():
+    scores = jnp.zeros((1, 3, 3, 5, 128), jnp.float32)
+    default = jax.jit(softmax, static_argnums=0).lower(None, scores).compile().as_text()
+    if YNN not in default:
+        pytest.skip("this XLA hands no reduction of this shape to YNNPACK")
+    assert xla_options.compiler_options()  # on CPU
+    program, _ = program_cache.load_or_compile(softmax, None, scores)
+    assert YNN not in getattr(program, "compiled", program).as_text()  # Program or Compiled
+    ours = jax.jit(softmax, static_argnums=0, compiler_options=jaxspec.compiler_options())
+    assert YNN not in ours.lower(None, scores).compile().as_text()
+
+
+def test_an_option_this_xla_does_not_know_is_left_out(monkeypatch):
+    monkeypatch.setitem(xla_options.OPTIONS, "cpu",
+                        {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
+    xla_options._accepted.cache_clear()
+    try:
+        assert xla_options.compiler_options() == {}
+    finally:
+        monkeypatch.undo()
+        xla_options._accepted.cache_clear()
+    assert xla_options.compiler_options(jax.devices("cpu")[0])
+
+
+@pytest.mark.slow
+def test_bf16_verify_rows_are_one_token_steps_on_the_default_model():
+    """Each position of a 5-token forward equals, bit for bit, the one-token step at that
+    position (logits and hidden state) on the default model in bf16 (CPU layout). With XLA's
+    default options 12 of these 15 rows differed (a softmax on YNNPACK; 2026-12-02, JAX 0.10.2)."""
+    model = jaxspec.load_model("smollm2-135m-instruct", dtype="bfloat16")
+    config, T = model.config, 5
+    options = jaxspec.compiler_options()
+    forward = functools.partial(jax.jit(decoder.forward, static_argnums=0,
+                                        compiler_options=options), config, model.params)
+    ids = model.tokenizer("The quick brown fox jumps over the lazy dog. Then it ran into the "
+                          "forest and found a small cabin where an old man lived with his three "
+                          "cats, who were all named after famous scientists")["input_ids"]
+    tokens, differing = jnp.asarray([ids], jnp.int32), []
+    assert len(ids) >= 32 + T
+    for P in (17, 26, 32):
+        cache = kv.init_cache(config, 1, 128, jnp.bfloat16, layout.CPU)
+        *_, cache = forward(tokens[:, :P], jnp.arange(P)[None], cache)
+        block = forward(tokens[:, P:P + T], jnp.arange(P, P + T)[None], cache)[:2]
+        for t in range(T):
+            *step, cache = forward(tokens[:, P + t:P + t + 1], jnp.asarray([[P + t]]), cache)
+            if any(np.any(np.asarray(a[0, 0]) != np.asarray(b[0, t]))
+                   for a, b in zip(step, block)):
+                differing.append((P, t))
+    assert differing == []
