@@ -5,11 +5,13 @@ CPU: XLA:CPU hands reductions, with the elementwise work fused around them, to Y
 their shapes are large enough, and YNNPACK's exponential and summation order are not XLA's.
 The softmax row of a position inside a 5-token verify then rounded differently from the same
 row of a one-token step (1 ulp), so a row's numbers depended on how many positions were
-computed with it. In fp32 that stays below the logits' resolution; in bf16 the activations'
-rounding amplified it until greedy tokens flipped at near-ties: greedy speculative output
-differed from plain output on 7 of 12 prompts × 128 tokens (SmolLM2-135M's shape, bf16, γ 2, 3
-and 4), and on none with the reductions left to XLA (`scripts/benchmark.py --exactness`).
-Dots stay on YNNPACK, as XLA's default has them. Measured: no change in decoding speed.
+computed with it. In bf16 the activations' rounding amplified that until greedy tokens flipped
+at near-ties: greedy speculative output differed from plain output on 7 of 12 prompts × 128
+tokens (SmolLM2-135M's shape, bf16, γ 2, 3 and 4), and on none with the reductions left to XLA
+(`scripts/benchmark.py --exactness`); a 5-token forward's rows now equal one-token steps bit for
+bit in bf16 (tests/test_xla_options.py). Dots stay on YNNPACK, as XLA's default has them; in
+fp32 an attention product can still differ by an ulp between a verify and a step, far below
+what moved a token in the runs measured. Decoding speed did not change (measured).
 
 An XLA that no longer knows an option (a later jaxlib) compiles with its defaults instead:
 `compiler_options` tries them once per platform on a trivial program.
