@@ -303,6 +303,12 @@ def run_hf(hf, prompt: list[int], *, max_new_tokens: int, **assist) -> tuple[lis
 # ---------------------------------------------------------------------------- step costs
 
 
+def compiled(fn, *args) -> jax.stages.Compiled:
+    """fn compiled for args as jaxspec's own programs are (jaxspec.xla_options), so that a
+    timer measures the numerics and code that decoding runs."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
+
+
 class StepTimer:
     """Seconds per forward step of a model on `width` tokens in each of `batch` rows.
 
@@ -332,8 +338,7 @@ class StepTimer:
 
         self.args = (init_cache(config, batch, max_len, params["embed"].dtype, layout_of(model)),
                      jnp.ones((batch, 1), jnp.int32), jnp.int32(position))
-        self.compiled = jax.jit(run).lower(self.params, *self.args).compile(
-            compiler_options=compiler_options())
+        self.compiled = compiled(run, self.params, *self.args)
         self()  # first run: page faults, thread pool start-up
 
     def __call__(self) -> float:
@@ -379,8 +384,7 @@ class HeadStepTimer:
 
         self.args = (jnp.ones((batch, 1), jnp.int32), jnp.int32(position),
                      jnp.ones((batch, width) + streams, jnp.float32))
-        self.compiled = jax.jit(run).lower(self.params, *self.args).compile(
-            compiler_options=compiler_options())
+        self.compiled = compiled(run, self.params, *self.args)
         self()
 
     def __call__(self) -> float:
@@ -436,8 +440,7 @@ class Prefill:
         self.params = jax.device_put(model.params)
         self.cache = init_cache(config, 1, max_len, model.params["embed"].dtype,
                                 layout_of(model))
-        self.compiled = jax.jit(run).lower(self.params, self.cache, self.tokens).compile(
-            compiler_options=compiler_options())
+        self.compiled = compiled(run, self.params, self.cache, self.tokens)
         self()
 
     def __call__(self) -> float:
