@@ -143,7 +143,7 @@ def device_copy_bandwidth(device, nbytes: int = 1 << 30, *, repeats: int = 5) ->
 
     sharding = jax.sharding.SingleDeviceSharding(device)
     x = jax.jit(lambda: jnp.zeros(nbytes // 4, jnp.float32), out_shardings=sharding)()
-    step = jax.jit(lambda a: a + 1).lower(x).compile()
+    step = jax.jit(lambda a: a + 1).lower(x).compile(compiler_options=compiler_options(device))
     step(x).block_until_ready()
     rates = []
     for _ in range(repeats):

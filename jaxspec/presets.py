@@ -15,6 +15,7 @@ import jax
 from jaxspec import devices
 from jaxspec.models.config import ModelConfig, RopeScaling
 from jaxspec.models.loaded import Model
+from jaxspec.xla_options import compiler_options
 
 PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(
@@ -50,7 +51,8 @@ def random_model(name: str, *, dtype: str = "bfloat16", device=None, seed: int =
     validation.one_of("dtype", dtype, DTYPES)
     config, device = PRESETS[name], devices.or_default(devices.resolve(device))
     make = jax.jit(lambda key: decoder.init_stacked_params(config, key, numpy_dtype(dtype)),
-                   out_shardings=jax.sharding.SingleDeviceSharding(device))
+                   out_shardings=jax.sharding.SingleDeviceSharding(device),
+                   compiler_options=compiler_options(device))
     params = decoder.unstack_layers(make(jax.random.key(seed)))  # sliced on the device
     model = Model(config=config, params=params, path=f"preset:{name}")
     return place(model, layouts.for_platform(devices.platform(device)), device)

@@ -13,7 +13,8 @@ bit in bf16 (tests/test_xla_options.py). Dots stay on YNNPACK, as XLA's default 
 fp32 an attention product can still differ by an ulp between a verify and a step, far below
 what moved a token in the runs measured. Decoding speed did not change (measured).
 
-An XLA that no longer knows an option (a later jaxlib) compiles with its defaults instead:
+Compile sites pass `compiler_options(device)`; module-level programs use `jit`, which looks the
+options up at each call. An XLA that no longer knows an option (a later jaxlib) compiles with its defaults instead:
 `compiler_options` tries them once per platform on a trivial program.
 """
 
@@ -43,6 +44,28 @@ def compiler_options(device=None) -> dict:
     else:
         platform = devices.platform(device)
     return dict(_accepted(platform))
+
+
+def jit(fun, **jit_kwargs):
+    """`jax.jit(fun, **jit_kwargs)` compiled with the options for the platform it is called on
+    (as `compiler_options()` finds it at each call), for jaxspec's module-level programs."""
+
+    def jitted():
+        return _jitted(fun, tuple(jit_kwargs.items()), tuple(compiler_options().items()))
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return jitted()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
+    return call
+
+
+@functools.cache
+def _jitted(fun, jit_kwargs: tuple, options: tuple):
+    import jax
+
+    return jax.jit(fun, **dict(jit_kwargs), compiler_options=dict(options))
 
 
 @functools.cache

@@ -17,7 +17,22 @@ os.environ.setdefault("JAXSPEC_COMPILE_CACHE", "0")
 os.environ.setdefault("JAXSPEC_PARAMS_CACHE", "0")
 RUN_CACHE = "JAXSPEC_TEST_XLA_CACHE"  # the run's own XLA cache (below), for every process of it
 
+from helpers import UNOPTIMIZED_XLA
+
+from jaxspec import xla_options
 from jaxspec.checkpoint import default_model
+
+# Tests on tiny models check jaxspec's logic and compile without LLVM's optimizations (XLA's
+# HLO passes, fusions and library calls are the same; about 45% less wall time on the loop
+# tests, and the suite ran past 20 minutes on 2-core Intel machines): set here, before any
+# process of the run starts XLA, so that xdist's workers and every subprocess inherit it.
+# Tests marked slow (the real default model) or optimized (real models' shapes, where the
+# run time is in XLA's code) compile as users do (below).
+USER_XLA_FLAGS = "JAXSPEC_TEST_USER_XLA_FLAGS"  # XLA_FLAGS as the run found them
+if USER_XLA_FLAGS not in os.environ:  # the first process of the run
+    os.environ[USER_XLA_FLAGS] = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{os.environ[USER_XLA_FLAGS]} {UNOPTIMIZED_XLA}".strip()
+XLA_DEFAULT_OPTIMIZATION = {"xla_backend_optimization_level": 3}  # XLA's DebugOptions default
 
 
 def pytest_configure(config):
@@ -54,3 +69,20 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _real_model_tests_compile_as_users_do(request, monkeypatch):
+    """A test marked slow or optimized gets XLA's default optimization back: jaxspec's own
+    programs through their compiler options (`jaxspec.xla_options`), subprocesses through
+    XLA_FLAGS."""
+    if not {"slow", "optimized"} & {mark.name for mark in request.node.iter_markers()}:
+        yield
+        return
+    monkeypatch.setenv("XLA_FLAGS", os.environ[USER_XLA_FLAGS])
+    for platform in {*xla_options.OPTIONS, "cpu", "gpu"}:
+        options = {**xla_options.OPTIONS.get(platform, {}), **XLA_DEFAULT_OPTIMIZATION}
+        monkeypatch.setitem(xla_options.OPTIONS, platform, options)
+    xla_options._accepted.cache_clear()
+    yield
+    xla_options._accepted.cache_clear()

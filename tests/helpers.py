@@ -36,10 +36,10 @@ from jaxspec.models.loaded import Model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
-# XLA:CPU without LLVM's optimizations: about 40% less compile time (measured on this suite's
-# loop programs). For the subprocesses that check layout and mesh logic on CPU, not the code
-# XLA:CPU generates for users (whose logits it changes in the last bits); the rest of the
-# suite compiles as users do.
+# XLA without LLVM's optimizations: about 40% less compile time (measured on this suite's
+# loop programs). The tiny-model tests check jaxspec's logic, not the machine code XLA
+# generates for users (whose logits it changes in the last bits), and compile with it
+# (conftest.py sets it for the whole run); tests marked slow compile as users do.
 UNOPTIMIZED_XLA = "--xla_backend_optimization_level=0"
 
 # Tiny byte-level BPE vocabulary: 3 specials, the 95 printable ASCII bytes, newline, one merge.

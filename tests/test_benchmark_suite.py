@@ -267,6 +267,7 @@ def test_preset_options(script):
         assert e.value.code == 2
 
 
+@pytest.mark.optimized
 def test_ar_mode_on_a_preset(script, tmp_path, capsys):
     """--ar --preset: random weights of SmolLM2's shape made on the device; the device's own
     copy bandwidth is a floor too; no transformers comparison (no weights to give it)."""

@@ -20,7 +20,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, perturbed, tiny_model
+from helpers import REPO, UNOPTIMIZED_XLA, perturbed, tiny_model
 
 import jaxspec
 from jaxspec import devices, kernels
@@ -145,7 +145,7 @@ def second_device_run(tmp_path_factory):
     with open(path, "wb") as f:
         pickle.dump((target.config, to_numpy(target.params), to_numpy(draft.params), PROMPTS,
                      SAMPLING, SPECULATIVE), f)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {UNOPTIMIZED_XLA}",
                JAXSPEC_COMPILE_CACHE="0", PYTHONPATH=REPO)
     process = subprocess.Popen([sys.executable, "-c", SECOND_CPU, str(path)], env=env,
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -26,6 +26,7 @@ def test_preset_shapes_have_the_published_size(name):
     assert config.num_heads * config.head_dim == config.hidden_size
 
 
+@pytest.mark.optimized
 def test_random_model_is_made_on_the_device_and_decodes_exactly():
     model = presets.random_model("smollm2-135m", dtype="float32", device="cpu", seed=1)
     device = jax.devices("cpu")[0]

@@ -4,11 +4,13 @@ stay on XLA's own loops, so a verified position's numbers are those of a one-tok
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import UNOPTIMIZED_XLA
 
 import jaxspec
 from jaxspec import program_cache, xla_options
@@ -32,6 +34,9 @@ def test_programs_keep_reductions_off_ynnpack():
     assert YNN not in getattr(program, "compiled", program).as_text()  # Program or Compiled
     ours = jax.jit(softmax, static_argnums=0, compiler_options=jaxspec.compiler_options())
     assert YNN not in ours.lower(None, scores).compile().as_text()
+    module_level = xla_options.jit(softmax, static_argnums=0)  # as jaxspec.training's programs
+    assert YNN not in module_level.lower(None, scores).compile().as_text()
+    np.testing.assert_array_equal(module_level(None, scores), ours(None, scores))
 
 
 def test_an_option_this_xla_does_not_know_is_left_out(monkeypatch):
@@ -71,3 +76,15 @@ def test_bf16_verify_rows_are_one_token_steps_on_the_default_model():
                    for a, b in zip(step, block)):
                 differing.append((P, t))
     assert differing == []
+
+
+def test_tiny_model_tests_compile_without_llvm_optimizations():
+    """The suite's own setting (tests/conftest.py): XLA_FLAGS for every process of the run."""
+    assert UNOPTIMIZED_XLA in os.environ["XLA_FLAGS"]
+    assert "xla_backend_optimization_level" not in xla_options.compiler_options()
+
+
+@pytest.mark.optimized
+def test_tests_marked_optimized_compile_as_users_do():
+    assert UNOPTIMIZED_XLA not in os.environ["XLA_FLAGS"]  # what subprocesses get
+    assert xla_options.compiler_options()["xla_backend_optimization_level"] == 3

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from jaxspec import xla_options
 from jaxspec.decode.sampling import first_argmax
 from jaxspec.models import decoder
 from jaxspec.models.cache import bucket, init_cache
@@ -74,7 +75,7 @@ def _top(logits, k: int):
     return ids, values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layers", "steps", "k", "layout"))
+@functools.partial(xla_options.jit, static_argnames=("config", "layers", "steps", "k", "layout"))
 def _generate(config, params, prompt, prompt_lengths, *, layers, steps: int, k: int, layout):
     """Prefill prompt[B, P] and decode `steps` greedy tokens, recording every position.
 

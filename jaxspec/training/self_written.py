@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxspec import xla_options
 from jaxspec.bench_prompts import load_prompts
 from jaxspec.decode import loop, sampling
 from jaxspec.decode.sizing import loop_max_len, prompt_width
@@ -59,7 +59,7 @@ def _row_seed(seed: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
 
 
-_generate = jax.jit(loop.generate_tokens, static_argnums=0)
+_generate = xla_options.jit(loop.generate_tokens, static_argnums=0)
 
 
 def sampled(model, prefix: list[int], seeds: list[int], *, max_tokens: int,

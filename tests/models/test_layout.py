@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, UNOPTIMIZED_XLA, tiny_model
+from helpers import REPO, tiny_model
 
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
@@ -81,9 +81,8 @@ def test_cpu_policy_packs_fp32_and_bf16_projections_into_panels_and_back():
 @pytest.mark.skipif(os.environ.get(layout.ENV) == "accelerator", reason="already forced")
 def test_suites_pass_with_the_accelerator_layout_forced():
     """Parity, cached decode, loop and GGUF tests with the non-CPU policy, on CPU (compiled
-    without LLVM's optimizations: what is checked is the layout, not XLA:CPU's code)."""
-    env = {**os.environ, layout.ENV: "accelerator",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {UNOPTIMIZED_XLA}"}
+    without LLVM's optimizations, as the run's tiny-model tests: conftest's XLA_FLAGS)."""
+    env = {**os.environ, layout.ENV: "accelerator"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "not slow",
                            "-p", "no:cacheprovider", *ACCELERATOR_SUITES],
                           cwd=REPO, env=env, capture_output=True, text=True)
