@@ -21,6 +21,7 @@ from jaxspec.models.layout import ACCELERATOR, CPU
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
 
 
+@pytest.mark.layouts
 @pytest.mark.parametrize("layout", [CPU, ACCELERATOR], ids=lambda x: x.name)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_cached_decode_equals_teacher_forced_forward(chunk, layout):
@@ -91,6 +92,7 @@ def forward_program(config, capture=()):
 
 
 @needs_kernel
+@pytest.mark.layouts
 @pytest.mark.parametrize("flags", [{}, {"qk_norm": True, "attention_bias": True}],
                          ids=["llama", "qk-norm-bias"])
 def test_scanned_layers_compute_what_unrolled_layers_compute(monkeypatch, flags):
@@ -109,6 +111,7 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(monkeypatch, flags)
 
 
 @needs_kernel
+@pytest.mark.layouts
 def test_a_packed_stack_compiles_one_layer_of_kernels():
     """On the CPU layout the program's kernels do not grow with the number of layers (XLA
     compiles, and runs first, one layer's); unpacked params unroll the layers."""

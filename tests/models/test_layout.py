@@ -81,10 +81,12 @@ def test_cpu_policy_packs_fp32_and_bf16_projections_into_panels_and_back():
 @pytest.mark.skipif(os.environ.get(layout.ENV) == "accelerator", reason="already forced")
 def test_suites_pass_with_the_accelerator_layout_forced():
     """Parity, cached decode, loop and GGUF tests with the non-CPU policy, on CPU (compiled
-    without LLVM's optimizations, as the run's tiny-model tests: conftest's XLA_FLAGS)."""
+    without LLVM's optimizations, as the run's tiny-model tests: conftest's XLA_FLAGS), but
+    for those that choose their layouts themselves (marked layouts)."""
     env = {**os.environ, layout.ENV: "accelerator"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "not slow",
-                           "-p", "no:cacheprovider", *ACCELERATOR_SUITES],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
+                           "-m", "not slow and not layouts", "-p", "no:cacheprovider",
+                           *ACCELERATOR_SUITES],
                           cwd=REPO, env=env, capture_output=True, text=True)
     tail = done.stdout[-3000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail

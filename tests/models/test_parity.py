@@ -57,6 +57,7 @@ def test_logits_match_after_orbax_round_trip(tmp_path):
                                atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.layouts
 @pytest.mark.parametrize("policy", [layout.CPU, layout.ACCELERATOR], ids=lambda x: x.name)
 def test_tied_output_layer_in_each_layout(tmp_path, policy):
     """The tied head reads the policy's lm_head copy (CPU) or the embedding itself."""
