@@ -14,8 +14,8 @@ fp32 an attention product can still differ by an ulp between a verify and a step
 what moved a token in the runs measured. Decoding speed did not change (measured).
 
 Compile sites pass `compiler_options(device)`; module-level programs use `jit`, which looks the
-options up at each call. An XLA that no longer knows an option (a later jaxlib) compiles with its defaults instead:
-`compiler_options` tries them once per platform on a trivial program.
+options up at each call. An XLA that no longer knows an option (a later jaxlib) compiles with
+its defaults instead: `compiler_options` tries them once per platform on a trivial program.
 """
 
 from __future__ import annotations
