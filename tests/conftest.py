@@ -22,16 +22,26 @@ from helpers import UNOPTIMIZED_XLA
 from jaxspec import xla_options
 from jaxspec.checkpoint import default_model
 
-# Tests on tiny models check jaxspec's logic and compile without LLVM's optimizations (XLA's
-# HLO passes, fusions and library calls are the same; about 45% less wall time on the loop
-# tests, and the suite ran past 20 minutes on 2-core Intel machines): set here, before any
-# process of the run starts XLA, so that xdist's workers and every subprocess inherit it.
-# Tests marked slow (the real default model) or optimized (real models' shapes, where the
-# run time is in XLA's code) compile as users do (below).
+
+def _cpu_only() -> bool:
+    """No PJRT plugin is installed (CUDA, ROCm and Neuron register one): JAX runs on the CPU."""
+    from importlib import metadata, util
+
+    return not metadata.entry_points(group="jax_plugins") and util.find_spec("jax_plugins") is None
+
+
+# On the CPU, tests on tiny models check jaxspec's logic and compile without LLVM's
+# optimizations (XLA's HLO passes, fusions and library calls are the same; about 45% less wall
+# time on the loop tests, and the suite ran past 20 minutes on 2-core Intel machines): set
+# here, before any process of the run starts XLA, so that xdist's workers and every subprocess
+# inherit it. Tests marked slow (the real default model) or optimized (real models' shapes,
+# where the run time is in XLA's code) compile as users do (below). Accelerators keep XLA's
+# defaults (not measured unoptimized there).
 USER_XLA_FLAGS = "JAXSPEC_TEST_USER_XLA_FLAGS"  # XLA_FLAGS as the run found them
 if USER_XLA_FLAGS not in os.environ:  # the first process of the run
     os.environ[USER_XLA_FLAGS] = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{os.environ[USER_XLA_FLAGS]} {UNOPTIMIZED_XLA}".strip()
+    if _cpu_only():
+        os.environ["XLA_FLAGS"] = f"{os.environ[USER_XLA_FLAGS]} {UNOPTIMIZED_XLA}".strip()
 XLA_DEFAULT_OPTIMIZATION = {"xla_backend_optimization_level": 3}  # XLA's DebugOptions default
 
 

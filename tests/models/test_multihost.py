@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, UNOPTIMIZED_XLA, tiny_hf_model
+from helpers import REPO, tiny_hf_model
 
 import jaxspec
 from jaxspec import bench
@@ -39,7 +39,8 @@ def models(tmp_path_factory):
 def test_two_processes_decode_as_one(models, source, tp, dp):
     model = models[source]
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": UNOPTIMIZED_XLA}  # one CPU device each (as conftest's)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}  # one CPU device each
     common = ["hello there", "--coordinator", f"localhost:{port}", "--num-processes", "2",
               "--model", model, "--draft", "ngram", "--tp", str(tp), "--dp", str(dp),
               "--max-new-tokens", "12", "--temperature", "0.7", "--seed", "3", "--json"]
