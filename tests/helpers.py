@@ -38,8 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 # XLA without LLVM's optimizations: about 40% less compile time (measured on this suite's
 # loop programs). The tiny-model tests check jaxspec's logic, not the machine code XLA
-# generates for users (whose logits it changes in the last bits), and compile with it
-# (conftest.py sets it for the whole run); tests marked slow compile as users do.
+# generates for users (whose logits it changes in the last bits), and compile with it where
+# JAX runs on the CPU (conftest.py sets it for the whole run); tests marked slow or optimized
+# compile as users do.
 UNOPTIMIZED_XLA = "--xla_backend_optimization_level=0"
 
 # Tiny byte-level BPE vocabulary: 3 specials, the 95 printable ASCII bytes, newline, one merge.
