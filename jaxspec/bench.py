@@ -143,7 +143,7 @@ def device_copy_bandwidth(device, nbytes: int = 1 << 30, *, repeats: int = 5) ->
 
     sharding = jax.sharding.SingleDeviceSharding(device)
     x = jax.jit(lambda: jnp.zeros(nbytes // 4, jnp.float32), out_shardings=sharding)()
-    step = jax.jit(lambda a: a + 1).lower(x).compile(compiler_options=compiler_options(device))
+    step = compiled(lambda a: a + 1, x, device=device)
     step(x).block_until_ready()
     rates = []
     for _ in range(repeats):
@@ -303,10 +303,11 @@ def run_hf(hf, prompt: list[int], *, max_new_tokens: int, **assist) -> tuple[lis
 # ---------------------------------------------------------------------------- step costs
 
 
-def compiled(fn, *args) -> jax.stages.Compiled:
-    """fn compiled for args as jaxspec's own programs are (jaxspec.xla_options), so that a
-    timer measures the numerics and code that decoding runs."""
-    return jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
+def compiled(fn, *args, device=None) -> jax.stages.Compiled:
+    """fn compiled for args as jaxspec's own programs are for `device` (None: the default
+    device; jaxspec.xla_options), so that a timer measures the numerics and code that decoding
+    runs."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=compiler_options(device))
 
 
 class StepTimer:
