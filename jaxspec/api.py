@@ -28,6 +28,7 @@ from jaxspec.decode.stats import summarize
 from jaxspec.drafts import registry
 from jaxspec.drafts.base import Draft
 from jaxspec.drafts.head import HeadDraft
+from jaxspec.drafts.lookup_first import LookupFirst
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
 from jaxspec.models import sharding
@@ -45,12 +46,13 @@ class GenerateOutput:
 def resolve_draft(draft, target, device=None, layout=None):
     """(draft object for the loop, draft model holding its params or None, head params or None).
 
-    "default" is the draft shipped for the target (jaxspec.checkpoint.head_store.shipped_for), or
-    none. A path or model name is loaded here: a draft-head checkpoint as a head (its params
-    are then {"head": ..., "embed": the target's embedding}), anything else as a model in the
-    target's dtype. Names like "ngram:3" and "layerskip:8", loaded models and Draft objects go
-    to the draft registry. With a `device` (a jax.Device), a loaded or given draft model is
-    placed there in `layout`.
+    "default" is the draft head shipped for the target with prompt lookup first
+    (`default_draft`), or none. A path or model name is loaded here: a draft-head checkpoint as
+    a head (its params are then {"head": ..., "embed": the target's embedding}), anything else
+    as a model in the target's dtype. Names like "ngram:3" and "layerskip:8", loaded models and
+    Draft objects go to the draft registry; "DRAFT+ngram:N" resolves DRAFT and puts prompt
+    lookup first. With a `device` (a jax.Device), a loaded or given draft model is placed
+    there in `layout`.
     """
     from jaxspec.checkpoint import head_store
 
@@ -58,8 +60,12 @@ def resolve_draft(draft, target, device=None, layout=None):
         raise UserError(f"draft must be a name or path, a model from load_model, a draft head "
                         f"or a Draft object, got {validation.show(draft)}")
     head_layout = layout or target.layout or layouts.default()
-    if draft == registry.DEFAULT:
-        draft = head_store.shipped_for(target)
+    if isinstance(draft, str) and registry.parse(draft).kind == registry.DEFAULT:
+        draft = default_draft(target, registry.parse(draft).lookup)
+    if isinstance(draft, str) and registry.parse(draft).lookup is not None:
+        base, lookup = registry.split_lookup(draft)
+        inner, model, params = resolve_draft(base, target, device, layout)
+        return registry.lookup_first(inner, lookup, target), model, params
     if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
         names.check_exists(draft, "draft")
         if head_store.is_head_dir(draft):  # on one CPU device: laid out (mapped) as it loads
@@ -80,6 +86,18 @@ def resolve_draft(draft, target, device=None, layout=None):
     return (*registry.build(draft, target), None)
 
 
+def default_draft(target, lookup: int | None = None) -> str | None:
+    """The draft "default" (or "default+ngram:N") names for `target`: the draft head shipped
+    for it with prompt lookup first (N, default 3; drafts.lookup_first), else none (or the
+    n-gram draft alone)."""
+    from jaxspec.checkpoint import head_store
+
+    shipped = head_store.shipped_for(target)
+    if shipped is None:
+        return None if lookup is None else f"{registry.NGRAM}:{lookup}"
+    return f"{shipped}+{registry.NGRAM}:{lookup or registry.NGRAM_DEFAULT}"
+
+
 def placed(model, device, layout):
     """`model` with its params on `device` (None: where they are) in `layout`."""
     if device is None:
@@ -98,11 +116,13 @@ class SpeculativeDecoder:
     Args:
       target: a model from `jaxspec.load_model`.
       draft: "default" (the trained draft head shipped in checkpoints/ when `target` is the
-        model it was trained for, SmolLM2-135M-Instruct; plain decoding otherwise), a draft
-        head checkpoint (jaxspec.checkpoint.head_store), a model sharing the target's tokenizer,
-        a path or model name of one, "layerskip:K" (the target's first K layers as its own
-        draft), "ngram[:N]" (prompt lookup), an object implementing
-        jaxspec.drafts.base.Draft, or None.
+        model it was trained for, SmolLM2-135M-Instruct, with prompt lookup first; plain
+        decoding otherwise), a draft head checkpoint (jaxspec.checkpoint.head_store), a model
+        sharing the target's tokenizer, a path or model name of one, "layerskip:K" (the
+        target's first K layers as its own draft), "ngram[:N]" (prompt lookup), any of these
+        but none and ngram followed by "+ngram[:N]" (prompt lookup first, that draft where
+        the row's last tokens did not occur before: jaxspec.drafts.lookup_first), an object
+        implementing jaxspec.drafts.base.Draft, or None.
       draft_params: the params pytree of a Draft object that has weights; loaded and named
         drafts bring their own.
       num_speculative_tokens: γ, drafts per iteration (1..32; ignored without a draft), None
@@ -177,7 +197,9 @@ class SpeculativeDecoder:
         self._choices: dict[int, tuning.Choice] = {}  # by tuning.batch_bucket
         self.gamma = num_speculative_tokens if self.draft is not None else 0
         self.gamma_choice: tuning.Choice | None = None  # set when γ was measured (the last call)
-        self._draft_name = draft if isinstance(draft, str) else repr(self.draft)
+        # the γ cache's name for the draft: what it resolved to, so that a name whose
+        # meaning changes ("default") is profiled again
+        self._draft_name = (draft if isinstance(draft, str) else "") + repr(self.draft)
         self.mode, self.static_iterations, self.prng_impl = mode, static_iterations, prng_impl
         self._compiled: dict = {}
 
@@ -186,6 +208,8 @@ class SpeculativeDecoder:
         """What a step timer measures for this decoder's draft cost (jaxspec.bench, tuning):
         the draft model, (HeadDraft, params) for a draft head, None for a model-free draft."""
         draft, draft_model, draft_params = self._speculative
+        if isinstance(draft, LookupFirst):  # the lookup costs no forward pass
+            draft = draft.fallback
         if isinstance(draft, HeadDraft):
             return draft, draft_params
         return draft_model

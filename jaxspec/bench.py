@@ -188,6 +188,18 @@ def kv_bytes_per_step(config, max_len: int, itemsize: int = 4) -> int:
     return 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim * itemsize
 
 
+def model_draft_source(spec: str) -> str | None:
+    """The path or model name of a draft that loads as a model (once, for every γ); None for
+    names the API resolves itself: ngram, layerskip, a draft head, DRAFT+ngram."""
+    from jaxspec.checkpoint import head_store
+    from jaxspec.drafts import registry
+
+    name = registry.parse(spec)
+    if name.kind != registry.MODEL or name.lookup is not None or head_store.is_head_dir(spec):
+        return None
+    return name.source
+
+
 def without_eos(model):
     """The same model with no EOS ids, so generation always runs to max_new_tokens."""
     return dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))

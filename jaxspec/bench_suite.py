@@ -212,10 +212,9 @@ def load_draft(name: str, target):
     """A model draft loaded once (target's dtype, EOS ignored); other names and draft-head
     checkpoints pass through."""
     from jaxspec import bench
-    from jaxspec.checkpoint import head_store, names
-    from jaxspec.drafts import registry
+    from jaxspec.checkpoint import names
 
-    if registry.parse(name).kind != registry.MODEL or head_store.is_head_dir(name):
+    if bench.model_draft_source(name) is None:
         return name
     from jaxspec.checkpoint.load import load_model
 
@@ -470,14 +469,13 @@ def transformers_configs(args, hf_source: str, stack: contextlib.ExitStack, log)
     """transformers' configurations; an assistant model for the first model draft it can load
     (a draft head is no model transformers can run)."""
     from jaxspec import bench
-    from jaxspec.checkpoint import head_store
     from jaxspec.drafts import registry
 
     log(f"transformers: loading {os.path.basename(hf_source)}")
     hf = bench.load_hf(hf_source)
     assistant = None
     for name in args.drafts:
-        if registry.parse(name).kind == registry.MODEL and not head_store.is_head_dir(name):
+        if bench.model_draft_source(name) is not None:
             source = bench.hf_source_of(name, stack)
             if source is not None:
                 log(f"transformers: loading the assistant {os.path.basename(source)}")

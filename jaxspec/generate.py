@@ -57,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MODEL!r} (default; downloaded and converted on first use)")
     p.add_argument("--draft", default="default", metavar="PATH",
                    help="draft: 'default' (the trained draft head shipped for the default "
-                        "model; none for other models), a draft head checkpoint or a model "
-                        "sharing the target's tokenizer (path or model name), 'ngram[:N]' "
-                        "(prompt lookup), 'layerskip:K' (the target's first K layers), or "
-                        "'none' (plain decoding)")
+                        "model, with prompt lookup first; none for other models), a draft head "
+                        "checkpoint or a model sharing the target's tokenizer (path or model "
+                        "name), 'ngram[:N]' (prompt lookup), 'layerskip:K' (the target's first "
+                        "K layers), or 'none' (plain decoding); DRAFT+ngram[:N]: prompt lookup "
+                        "first, DRAFT where the text does not repeat")
     p.add_argument("--num-speculative-tokens", type=_gamma, default=None, metavar="N",
                    help=f"draft tokens per step, 1..{validation.MAX_SPECULATIVE_TOKENS}, or "
                         "'auto' (chosen by measurement, cached; default: the γ the draft "

@@ -203,14 +203,10 @@ def load_target(args, stack: contextlib.ExitStack):
 
 def load_draft(spec: str, target):
     """A checkpoint path or model name is loaded once for all γ; `self` is the target itself;
-    layerskip:K and ngram pass."""
-    from jaxspec.drafts import registry
-
-    from jaxspec.checkpoint import head_store
-
+    layerskip:K, ngram, draft heads and DRAFT+ngram pass."""
     if spec == "self":
         return target
-    if registry.parse(spec).kind != registry.MODEL or head_store.is_head_dir(spec):
+    if bench.model_draft_source(spec) is None:
         return spec
     from jaxspec.checkpoint.load import load_model
 

@@ -35,6 +35,8 @@ from jaxspec.decode import sampling
 from jaxspec.decode.rejection import REFERENCE, Rejection
 from jaxspec.drafts.base import NO_PROPOSAL
 from jaxspec.drafts.head import HeadDraft
+from jaxspec.drafts.lookup_first import LookupFirst
+from jaxspec.drafts.ngram import NgramDraft
 from jaxspec.drafts.model_draft import ModelDraft
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout
@@ -228,6 +230,43 @@ def test_trained_head_keeps_the_target_distribution(head_target, name, threshold
     assert np.isin(tokens, outside).any()
     pvalues = pair_pvalues(tokens, exact)
     assert min(pvalues.values()) > PASS_P, pvalues
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupWithFallbackQ(LookupFirst):
+    """A broken lookup-first draft: lookup tokens, but the fallback's q reported for them."""
+
+    def propose(self, params, state, tokens, lengths, *, gamma, sampler, values, uniforms):
+        _, q, _ = self.fallback.propose(params, state, tokens, lengths, gamma=gamma,
+                                        sampler=sampler, values=values, uniforms=uniforms)
+        draft_tokens, _, state = super().propose(params, state, tokens, lengths, gamma=gamma,
+                                                 sampler=sampler, values=values,
+                                                 uniforms=uniforms)
+        return draft_tokens, q, state
+
+
+@pytest.mark.parametrize("name,broken", [
+    ("temperature_1", False), ("temperature_0.7_top_k_5", False), ("temperature_1", True)],
+    ids=["t1", "t0.7-top-k", "control-wrong-q"])
+def test_lookup_first_keeps_the_target_distribution(head_target, name, broken):
+    """Prompt lookup first (any 1-token match: t1 ∈ the prompt makes the first iteration a
+    lookup), the trained head elsewhere: q is one-hot where the lookup proposed, the head's
+    elsewhere. Control: reporting the head's q for lookup tokens fails the same test."""
+    target, config, params, logits = head_target
+    gamma, temperature, top_k, top_p = CONFIGS[name]
+    exact = exact_pairs(logits, temperature, top_k, top_p)
+    kind = LookupWithFallbackQ if broken else LookupFirst
+    draft = kind(HeadDraft(config), NgramDraft(3, VOCAB), min_match=1)
+    draft_params = {"head": params, "embed": target.params["embed"]}
+    tokens, acceptance = generate_with(target, draft, (target.params, draft_params), gamma,
+                                       temperature, top_k, top_p)
+    assert np.isin(tokens[:, 0], PROMPT).mean() > 0.1  # rows whose first iteration looked up
+    pvalues = pair_pvalues(tokens, exact)
+    if broken:
+        assert min(pvalues.values()) < 1e-6, pvalues
+    else:
+        assert 0.1 < acceptance < 0.9, acceptance
+        assert min(pvalues.values()) > PASS_P, pvalues
 
 
 def _always_accept(draft_tokens, q, p, uniforms):

@@ -17,6 +17,7 @@ from helpers import (REPO, greedy_reference, successor_model, tiny_hf_model, tin
 from jaxspec.api import SpeculativeDecoder
 from jaxspec.checkpoint.load import load_model
 from jaxspec.drafts import head as heads
+from jaxspec.drafts.lookup_first import LookupFirst
 from jaxspec.checkpoint import head_store, mapped
 from jaxspec.errors import UserError
 from jaxspec.models import decoder
@@ -219,10 +220,15 @@ def test_shipped_head_loads_and_accepts_on_fixed_prompts():
     plain = SpeculativeDecoder(target, None).generate(prompts, max_new_tokens=48)
     # the recorded γ pinned: for a batch the default would choose γ by measurement
     gamma = loaded.meta["gamma"]
-    out = SpeculativeDecoder(target, num_speculative_tokens=gamma).generate(prompts,
-                                                                            max_new_tokens=48)
-    assert out.tokens == plain.tokens and out.stats["num_speculative_tokens"] == gamma
-    assert out.stats["mean_accepted_length"] >= SHIPPED_ACCEPTED_LENGTH_FLOOR, out.stats
+    for draft, floor in ((head_store.SHIPPED, SHIPPED_ACCEPTED_LENGTH_FLOOR),
+                         ("default", DEFAULT_ACCEPTED_LENGTH_FLOOR)):
+        decoder_ = SpeculativeDecoder(target, draft, num_speculative_tokens=gamma)
+        out = decoder_.generate(prompts, max_new_tokens=48)
+        assert out.tokens == plain.tokens and out.stats["num_speculative_tokens"] == gamma
+        assert out.stats["mean_accepted_length"] >= floor, (draft, out.stats)
+    assert isinstance(decoder_.draft, LookupFirst)  # the default: lookup first, then the head
+    assert decoder_.draft.fallback == SpeculativeDecoder(target, head_store.SHIPPED).draft
 
 
 SHIPPED_ACCEPTED_LENGTH_FLOOR = 1.30  # measured 1.39 when shipped (γ = 2, 48 tokens)
+DEFAULT_ACCEPTED_LENGTH_FLOOR = 1.45  # the head with prompt lookup first: measured 1.57 (γ = 2)

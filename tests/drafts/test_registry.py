@@ -26,6 +26,11 @@ from jaxspec.generate import build_parser, validate
     ("layerskip:8", registry.DraftName(registry.LAYERSKIP, number=8)),
     ("./some/path", registry.DraftName(registry.MODEL, source="./some/path")),
     ("smollm2-135m-instruct", registry.DraftName(registry.MODEL, source="smollm2-135m-instruct")),
+    ("default+ngram", registry.DraftName(registry.DEFAULT, lookup=3)),
+    ("./head+ngram:2", registry.DraftName(registry.MODEL, source="./head", lookup=2)),
+    ("layerskip:4+ngram:5", registry.DraftName(registry.LAYERSKIP, number=4, lookup=5)),
+    ("./a+b", registry.DraftName(registry.MODEL, source="./a+b")),  # a path with a plus
+    ("./a+ngram/x", registry.DraftName(registry.MODEL, source="./a+ngram/x")),
 ])
 def test_parse(spec, expected):
     """Each kind of draft name parses to its kind, number and source."""
@@ -37,6 +42,16 @@ def test_parse(spec, expected):
 def test_parse_rejects_bad_numbers(spec):
     """A missing or non-numeric number after ngram:/layerskip: is a UserError naming the draft."""
     with pytest.raises(UserError, match=spec):
+        registry.parse(spec)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("ngram+ngram", "follows a model draft"), ("none+ngram", "follows a model draft"),
+    ("default+ngram:0", "must be in 1..32"), ("default+ngram:x", "expected a number"),
+    ("layerskip+ngram", "expected a number")])
+def test_parse_rejects_bad_lookups(spec, message):
+    """'+ngram' needs a draft to fall back on and a valid n-gram length: a UserError."""
+    with pytest.raises(UserError, match=message):
         registry.parse(spec)
 
 
