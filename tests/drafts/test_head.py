@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import (REPO, greedy_reference, successor_model, tiny_hf_model, tiny_model,
-                     trained_head)
+from helpers import REPO, greedy_reference, successor_model, tiny_hf_model, tiny_model
 
 from jaxspec.api import SpeculativeDecoder
 from jaxspec.checkpoint.load import load_model
@@ -29,14 +28,14 @@ PROMPTS = [[5, 9, 3, 12, 7], [4, 4], [30, 2, 17, 8, 1, 6, 22]]
 
 
 @pytest.fixture(scope="module")
-def target():
-    return successor_model(40, eos=(0,))
+def target(successor_target):
+    return successor_target
 
 
 @pytest.fixture(scope="module")
-def trained(target):
+def trained(successor_trained):
     """A head trained for 60 steps over 24 of the target's 40 tokens, and its trainer."""
-    return trained_head(target, draft_vocab=24)
+    return successor_trained
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import greedy_reference, successor_model, trained_head
+from helpers import greedy_reference
 
 from jaxspec.api import SpeculativeDecoder
 from jaxspec.checkpoint import head_store
@@ -63,13 +63,14 @@ def test_a_row_takes_the_lookup_where_its_suffix_matched(min_match, expected):
 
 
 @pytest.fixture(scope="module")
-def target():
-    return successor_model(VOCAB, eos=(0,))
+def target(successor_target):
+    assert successor_target.config.vocab_size == VOCAB
+    return successor_target
 
 
 @pytest.fixture(scope="module")
-def head(target):
-    config, params, *_ = trained_head(target, draft_vocab=24)
+def head(successor_trained):
+    config, params, *_ = successor_trained
     return config, params
 
 
