@@ -60,13 +60,15 @@ def resolve_draft(draft, target, device=None, layout=None):
         raise UserError(f"draft must be a name or path, a model from load_model, a draft head "
                         f"or a Draft object, got {validation.show(draft)}")
     head_layout = layout or target.layout or layouts.default()
-    if isinstance(draft, str) and registry.parse(draft).kind == registry.DEFAULT:
-        draft = default_draft(target, registry.parse(draft).lookup)
-    if isinstance(draft, str) and registry.parse(draft).lookup is not None:
-        base, lookup = registry.split_lookup(draft)
-        inner, model, params = resolve_draft(base, target, device, layout)
-        return registry.lookup_first(inner, lookup, target), model, params
-    if isinstance(draft, str) and registry.parse(draft).kind == registry.MODEL:
+    name = registry.parse(draft) if isinstance(draft, str) else None
+    if name is not None and name.kind == registry.DEFAULT:
+        draft = default_draft(target, name.lookup)
+        name = registry.parse(draft)
+    if name is not None and name.lookup is not None:
+        inner, model, params = resolve_draft(registry.split_lookup(draft)[0], target, device,
+                                             layout)
+        return registry.lookup_first(inner, name.lookup, target), model, params
+    if name is not None and name.kind == registry.MODEL:
         names.check_exists(draft, "draft")
         if head_store.is_head_dir(draft):  # on one CPU device: laid out (mapped) as it loads
             if devices.platform(device) == "cpu" and getattr(target, "mesh", None) is None:
