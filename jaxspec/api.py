@@ -67,7 +67,10 @@ def resolve_draft(draft, target, device=None, layout=None):
     if name is not None and name.lookup is not None:
         inner, model, params = resolve_draft(registry.split_lookup(draft)[0], target, device,
                                              layout)
-        return registry.lookup_first(inner, name.lookup, target), model, params
+        # Trainium's compiler takes no `cond`: there the fallback proposes every iteration
+        skip = devices.platform(device) != devices.NEURON
+        return (registry.lookup_first(inner, name.lookup, target, skip_fallback=skip), model,
+                params)
     if name is not None and name.kind == registry.MODEL:
         names.check_exists(draft, "draft")
         if head_store.is_head_dir(draft):  # on one CPU device: laid out (mapped) as it loads
@@ -357,9 +360,10 @@ class SpeculativeDecoder:
                             key, values, jnp.int32(max_new_tokens))
         run = self._run_dynamic if self.mode == "dynamic" else self._run_static
         state, compile_seconds, wall = run(spec, args, on_update)
+        draft_state = state.draft_state
         state = sharding.to_host(state.replace(target_cache=None, draft_state=None))
         stats = summarize(state, gamma=self.gamma, draft=self.draft, wall_seconds=wall,
-                          compile_seconds=compile_seconds)
+                          compile_seconds=compile_seconds, draft_state=draft_state)
         if self.gamma_choice is not None:
             stats["gamma_choice"] = self.gamma_choice.as_stats()
         return GenerateOutput(tokens=new_tokens(state), stats=stats)

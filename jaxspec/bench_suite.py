@@ -266,7 +266,7 @@ def measure_costs(target, draft_models: dict[str, object], prompt_length: int,
 
     draft_models: {draft name: its model, a draft head as (HeadDraft, its loop params), or
     None for a model-free draft (c = 0)}. A head's c counts its γ proposal steps and the
-    observe of γ + 1 entries each iteration costs: c = (γ·step + observe) ÷ (γ·decode step).
+    observe of γ + 2 entries each iteration costs: c = (γ·step + observe) ÷ (γ·decode step).
     Each γ is timed at the KV-cache size its loop uses for a prompt of prompt_length tokens.
     """
     from jaxspec import bench
@@ -285,7 +285,8 @@ def measure_costs(target, draft_models: dict[str, object], prompt_length: int,
             if isinstance(model, tuple):  # a draft head
                 head = functools.partial(bench.HeadStepTimer, *model, **where)
                 timers.setdefault(f"{name}@{max_len}", lambda h=head: h(width=1))
-                timers[f"{name}-observe{g}"] = lambda h=head, g=g: h(width=g + 1, observe=True)
+                width = model[0].observed_entries(g)
+                timers[f"{name}-observe{g}"] = lambda h=head, w=width: h(width=w, observe=True)
             elif model is not None:
                 timers.setdefault(f"{name}@{max_len}",
                                   lambda make=make, m=model: make(m, width=1, last_only=True))

@@ -142,7 +142,7 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
 
     run(γ) -> the statistics of one row generated greedily at that γ (the API's decoder);
     draft_model: the draft's model (config + params), a draft head as (HeadDraft, its loop
-    params) (c: a proposal step plus its share of the observe of γ + 1 entries at the
+    params) (c: a proposal step plus its share of the observe of γ + 2 entries at the
     largest γ), or None for a model-free draft (c = 0).
     """
     from jaxspec import bench
@@ -157,8 +157,9 @@ def profile(target, draft_model, run, *, prompt_length: int, max_new_tokens: int
               for w in widths}
     if isinstance(draft_model, tuple):  # a proposal step and its share of an observe
         timers["draft"] = functools.partial(bench.HeadStepTimer, *draft_model, width=1, **where)
-        timers["observe"] = functools.partial(bench.HeadStepTimer, *draft_model,
-                                              width=max_gamma + 1, observe=True, **where)
+        width = draft_model[0].observed_entries(max_gamma)
+        timers["observe"] = functools.partial(bench.HeadStepTimer, *draft_model, width=width,
+                                              observe=True, **where)
     elif draft_model is not None:
         timers["draft"] = functools.partial(bench.StepTimer, draft_model, width=1,
                                             last_only=True, **where)

@@ -413,9 +413,9 @@ def step_timers(args, target, draft, prompt_length: int) -> dict:
             elif draft is not None:  # a model draft's first forward per iteration reads 2 tokens
                 timers[f"draft@{max_len}"] = make(draft, 1)
                 timers[f"draft2@{max_len}"] = make(draft, 2, True)
-        if isinstance(draft, tuple):  # and its observe of the γ + 1 verified entries
-            timers[f"observe{g}"] = bench.HeadStepTimer(*draft, width=g + 1, observe=True,
-                                                        **where)
+        if isinstance(draft, tuple):  # and its observe (the γ + 1 verified entries and one)
+            timers[f"observe{g}"] = bench.HeadStepTimer(*draft, width=draft[0].observed_entries(g),
+                                                        observe=True, **where)
         timers[f"verify{g}"] = make(target, g + 1)
     return timers
 

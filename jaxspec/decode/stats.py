@@ -18,9 +18,10 @@ def _rates(iterations: int, accepted: int, proposed: int) -> dict:
 
 
 def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
-              compile_seconds: float) -> dict:
+              compile_seconds: float, draft_state=None) -> dict:
     """Overall and per-row statistics of a finished generation (draft: the loop's draft object
-    or None; it counts its own forward passes, zero for model-free drafts)."""
+    or None; it counts its own forward passes, zero for model-free drafts, from its final
+    `draft_state` where they depend on the text)."""
     lengths, prompt_lengths = np.asarray(state.lengths), np.asarray(state.prompt_lengths)
     iterations = np.asarray(state.stats.iterations)
     accepted = np.asarray(state.stats.accepted)
@@ -45,6 +46,7 @@ def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
         **_rates(int(iterations.sum()), int(accepted.sum()), int(proposed.sum())),
         "accepted_per_position": per_position.sum(axis=0).tolist(),
         "target_forward_calls": 1 + steps,  # prefill + one verify per iteration (whole batch)
-        "draft_forward_calls": draft.forward_calls(gamma, steps) if draft is not None else 0,
+        "draft_forward_calls": (draft.forward_calls(gamma, steps, draft_state)
+                                if draft is not None else 0),
         "rows": rows,
     }

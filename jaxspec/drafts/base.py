@@ -9,7 +9,9 @@ vocabulary, C = len(hidden_layers), D the target's hidden size.
 
 Subclass `Draft` for the defaults (no hidden states, no-op prefill and observe), or give any
 frozen dataclass every member, `hidden_layers` included (the protocol is runtime-checkable:
-that is how the API tells a draft object from a loaded model).
+that is how the API tells a draft object from a loaded model). Optional: a draft whose
+`propose` returns the state it was given sets `proposals_keep_state = True`, and a draft
+combining others may then leave its proposals out of an iteration (drafts.lookup_first).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Draft(Protocol):
         """Update the state with what the target verified (see `Observation`)."""
         return state
 
-    def forward_calls(self, gamma: int, iterations: int) -> int:
-        """Forward passes the draft ran for a prefill and `iterations` iterations (statistics)."""
+    def forward_calls(self, gamma: int, iterations: int, state: State = None) -> int:
+        """Forward passes the draft ran for a prefill and `iterations` iterations (statistics);
+        `state`: its final state, for drafts whose count depends on the text (None: unknown)."""
         return 0

@@ -139,7 +139,7 @@ def run_layer(config: HeadConfig, head: dict, embed, tokens, features, positions
 @pytree.dataclass
 class HeadState:
     cache: KVCache  # the head's one-layer cache
-    feature: jax.Array  # [B, D] the target's fused feature at lengths - 2 (entry not yet run)
+    feature: jax.Array  # [B, D] the target's fused feature at lengths - 2 (propose's start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +147,11 @@ class HeadDraft(Draft):
     """The head as a loop draft. Params: {"head": head params, "embed": the target's embed}.
 
     Each iteration: `propose` runs γ one-position entries (the first with the target's feature
-    at lengths - 2, the rest chained on the head's own output); `observe` runs the γ + 1
-    verified entries with the target's features, so the cache holds target-fed entries for
-    every committed position. threshold > 0: a row stops proposing at its first position where
-    the head's top probability is below it (output never depends on it).
+    at lengths - 2, the rest chained on the head's own output) on a scratch copy of the cache;
+    `observe` runs entry lengths - 2 and the γ + 1 verified entries with the target's
+    features, so the cache holds target-fed entries for every committed position.
+    threshold > 0: a row stops proposing at its first position where the head's top
+    probability is below it (output never depends on it).
     """
 
     config: HeadConfig
@@ -181,19 +182,36 @@ class HeadDraft(Draft):
         return HeadState(cache, features[rows, prompt_lengths - 1])
 
     def observe(self, params, state: HeadState, observation) -> HeadState:
+        """Run the γ + 1 verified entries with the target's features, and the entry before
+        them again (lengths - 2: its token was not known at prefill, and `propose` keeps none
+        of its own writes), so the cache holds target-fed entries for every committed
+        position whether or not `propose` ran."""
         head = params["head"]
-        features = fuse(head, observation.hidden)  # [B, γ+1, D]
-        _, cache = run_layer(self.config, head, params["embed"], observation.emitted, features,
-                             observation.positions, state.cache)
+        features = jnp.concatenate([state.feature[:, None], fuse(head, observation.hidden)],
+                                   axis=1)  # [B, γ+2, D]
+        tokens = jnp.concatenate([observation.tokens[:, :1], observation.emitted], axis=1)
+        positions = jnp.concatenate([observation.positions[:, :1] - 1, observation.positions],
+                                    axis=1)
+        _, cache = run_layer(self.config, head, params["embed"], tokens, features, positions,
+                             state.cache)
         rows = jnp.arange(features.shape[0])
-        return HeadState(cache, features[rows, observation.n_accepted])
+        return HeadState(cache, features[rows, observation.n_accepted + 1])
 
-    def forward_calls(self, gamma: int, iterations: int) -> int:
+    def forward_calls(self, gamma: int, iterations: int, state=None) -> int:
         return 1 + (gamma + 1) * iterations  # γ proposing entries and one observe per iteration
+
+    @staticmethod
+    def observed_entries(gamma: int) -> int:
+        """Entries one `observe` runs: lengths - 2 and the γ + 1 verified ones."""
+        return gamma + 2
+
+    # `propose` returns the state it was given: an iteration may leave it out (LookupFirst)
+    proposals_keep_state = True
 
     def propose(self, params, state: HeadState, tokens, lengths, *, gamma: int, sampler, values,
                 uniforms):
-        """γ drafts per row: (draft_tokens [B, γ], q [B, γ, V] or None, state)."""
+        """γ drafts per row: (draft_tokens [B, γ], q [B, γ, V] or None, state). The entries
+        run here are scratch: the state returned is the one given (`observe` writes)."""
         head, embed, d2t = params["head"], params["embed"], params["head"]["d2t"]
         rows = jnp.arange(tokens.shape[0])
         vocab = self.config.target.vocab_size
@@ -213,9 +231,9 @@ class HeadDraft(Draft):
             return (cache, out[:, 0], drafted, position + 1), (drafted, q, sure)
 
         start = (state.cache, state.feature, tokens[rows, lengths - 1], lengths - 2)
-        (cache, *_), (drafted, qs, sures) = jax.lax.scan(step, start, uniforms[:, :gamma].T)
+        _, (drafted, qs, sures) = jax.lax.scan(step, start, uniforms[:, :gamma].T)
         draft_tokens = drafted.T  # [B, γ]
         if self.declines:
             draft_tokens = decline_unsure(draft_tokens, sures.T)
         q = None if sampler.greedy else qs.transpose(1, 0, 2)
-        return draft_tokens, q, HeadState(cache, state.feature)
+        return draft_tokens, q, state

@@ -47,7 +47,7 @@ class ModelDraft(Draft):
         _, state = decoder.hidden_states(self.config, params, prompt, positions, state)
         return state
 
-    def forward_calls(self, gamma: int, iterations: int) -> int:
+    def forward_calls(self, gamma: int, iterations: int, state=None) -> int:
         return 1 + gamma * iterations  # the prefill, then γ forwards per iteration
 
     def _logits(self, params, tokens, positions, cache):

@@ -109,11 +109,12 @@ def build(draft, target):
     return ModelDraft(draft.config, vocab), draft
 
 
-def lookup_first(draft, max_ngram: int, target):
+def lookup_first(draft, max_ngram: int, target, skip_fallback: bool = True):
     """The loop draft `draft` (not model-free) with prompt lookup (longest suffix max_ngram)
     tried first (drafts.lookup_first); γ: the draft's own measured γ, if it has one."""
     from jaxspec.drafts.lookup_first import LookupFirst
     from jaxspec.drafts.ngram import NgramDraft
 
     lookup = NgramDraft(max_ngram=max_ngram, target_vocab=target.config.vocab_size)
-    return LookupFirst(draft, lookup, gamma=getattr(draft, "gamma", LookupFirst.gamma))
+    return LookupFirst(draft, lookup, gamma=getattr(draft, "gamma", LookupFirst.gamma),
+                       skip_fallback=skip_fallback)

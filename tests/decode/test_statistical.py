@@ -237,7 +237,7 @@ class LookupWithFallbackQ(LookupFirst):
     """A broken lookup-first draft: lookup tokens, but the fallback's q reported for them."""
 
     def propose(self, params, state, tokens, lengths, *, gamma, sampler, values, uniforms):
-        _, q, _ = self.fallback.propose(params, state, tokens, lengths, gamma=gamma,
+        _, q, _ = self.fallback.propose(params, state.fallback, tokens, lengths, gamma=gamma,
                                         sampler=sampler, values=values, uniforms=uniforms)
         draft_tokens, _, state = super().propose(params, state, tokens, lengths, gamma=gamma,
                                                  sampler=sampler, values=values,

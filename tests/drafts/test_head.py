@@ -18,6 +18,7 @@ from jaxspec.checkpoint.load import load_model
 from jaxspec.drafts import head as heads
 from jaxspec.drafts.lookup_first import LookupFirst
 from jaxspec.checkpoint import head_store, mapped
+from jaxspec.decode import loop, sampling
 from jaxspec.errors import UserError
 from jaxspec.models import decoder
 from jaxspec.models.cache import init_cache
@@ -64,6 +65,38 @@ def test_greedy_output_equals_plain_greedy(target, head, gamma, threshold, mode)
     else:  # some positions were declined
         assert out.stats["draft_tokens_proposed"] < gamma * sum(
             r["target_forward_calls"] - 1 for r in out.stats["rows"])
+
+
+def test_loop_proposals_are_those_of_a_fresh_head_on_the_committed_text(target, head):
+    """After every iteration the head proposes what a head prefilled with the committed text
+    alone proposes: the loop's head cache holds target-fed entries for every committed
+    position (observe runs entry lengths - 2 again: its token was unknown at prefill), and
+    `propose` leaves the state it was given unchanged (its entries are scratch)."""
+    config, params = head
+    draft = heads.HeadDraft(config)
+    draft_params = {"head": params, "embed": target.params["embed"]}
+    sampler, values = sampling.make(0.0, 0, 1.0)
+    spec = loop.LoopSpec(target=target.config, draft=draft, gamma=3, sampler=sampler,
+                         max_len=64)
+    prompt = jnp.asarray([[30, 2, 17, 8, 1, 6, 22]])
+    state = loop.init_state(spec, target.params, draft_params, prompt, jnp.asarray([7]),
+                            jax.random.key(0), values, 40)
+    step = jax.jit(loop.step, static_argnums=0)
+
+    def propose(draft_state, tokens, lengths):
+        return draft.propose(draft_params, draft_state, tokens, lengths, gamma=3,
+                             sampler=sampler, values=values, uniforms=jnp.zeros((1, 3)))
+
+    for _ in range(6):
+        L = int(state.lengths[0])
+        drafted, _, kept = propose(state.draft_state, state.tokens, state.lengths)
+        assert kept is state.draft_state
+        fresh = loop.init_state(spec, target.params, draft_params, state.tokens[:, :L - 1],
+                                jnp.asarray([L - 1]), jax.random.key(0), values, 40)
+        expected, _, _ = propose(fresh.draft_state, state.tokens, state.lengths)
+        assert drafted.tolist() == expected.tolist()
+        state = step(spec, target.params, draft_params, values, state)
+    assert int(state.stats.accepted[0]) > 0
 
 
 def test_training_lowers_the_loss_and_raises_acceptance(target, trained):

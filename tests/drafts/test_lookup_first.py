@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from helpers import greedy_reference
 
-from jaxspec.api import SpeculativeDecoder
+from jaxspec import devices
+from jaxspec.api import SpeculativeDecoder, resolve_draft
 from jaxspec.checkpoint import head_store
 from jaxspec.decode import sampling
 from jaxspec.drafts import head as heads
@@ -38,7 +39,8 @@ def _propose(draft, rows, gamma=3, greedy=True):
     lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
     sampler, values = sampling.make(0.0 if greedy else 1.0, 0, 1.0)
     uniforms = jnp.zeros((len(rows), gamma))
-    return draft.propose(None, None, tokens, lengths, gamma=gamma, sampler=sampler,
+    state = draft.init_state(len(rows), width, jnp.float32, None)
+    return draft.propose(None, state, tokens, lengths, gamma=gamma, sampler=sampler,
                          values=values, uniforms=uniforms)
 
 
@@ -85,6 +87,42 @@ def test_greedy_output_equals_plain_greedy(target, head, gamma, mode):
     out = decoder.generate(PROMPTS, max_new_tokens=24)
     assert out.tokens == greedy_reference(target, PROMPTS, 24)
     assert out.stats["draft_tokens_accepted"] > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_leaving_the_head_out_changes_no_token(target, head, temperature):
+    """In iterations where every row looks up, the head's proposals are left out (the
+    draft's forward passes say how often: γ fewer each) and nothing else changes: the same
+    tokens, greedy and sampled with the same seed, as a LookupFirst that always runs it."""
+    config, params = head
+    draft_params = {"head": params, "embed": target.params["embed"]}
+    prompt = [[30, 2, 17, 8, 1, 6, 22]]
+    out = {}
+    for skip in (True, False):
+        draft = LookupFirst(heads.HeadDraft(config), NgramDraft(3, VOCAB), skip_fallback=skip)
+        decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=2,
+                                     draft_params=draft_params)
+        out[skip] = decoder.generate(prompt, max_new_tokens=32, temperature=temperature, seed=3)
+    assert out[True].tokens == out[False].tokens
+    iterations = out[False].stats["target_forward_calls"] - 1
+    assert out[True].stats["target_forward_calls"] - 1 == iterations
+    every = out[False].stats["draft_forward_calls"]
+    assert every == heads.HeadDraft(config).forward_calls(2, iterations) == 1 + 3 * iterations
+    skipped, rest = divmod(every - out[True].stats["draft_forward_calls"], 2)
+    assert rest == 0 and 0 < skipped < iterations
+
+
+def test_trainium_gets_a_lookup_first_without_a_conditional(tmp_path, target, head,
+                                                            monkeypatch):
+    """neuronx-cc takes no `lax.cond`: the API builds the draft that never leaves the head
+    out for a Neuron device (the program is checked in tests/decode/test_neuron_hlo.py)."""
+    config, params = head
+    path = str(tmp_path / "head")
+    head_store.save(path, config, params, target_params=target.params, dtype="float32",
+                    gamma=2, threshold=0.0, training={})
+    assert resolve_draft(f"{path}+ngram", target)[0].skip_fallback
+    monkeypatch.setattr(devices, "platform", lambda device=None: devices.NEURON)
+    assert not resolve_draft(f"{path}+ngram", target)[0].skip_fallback
 
 
 def test_names_build_lookup_first(tmp_path, target, head):

@@ -80,7 +80,7 @@ class HiddenEcho(Draft):
         return {"last": last, "record": record, "seen": seen,
                 "committed": state["committed"] + obs.committed}
 
-    def forward_calls(self, gamma, iterations):
+    def forward_calls(self, gamma, iterations, state=None):
         return 0  # no forward passes of its own
 
 
