@@ -7,7 +7,8 @@ Two modes share `step`:
   dynamic: `lax.while_loop` until every row is done (CPU, GPU, TPU);
   static:  a fixed number of iterations per call, done rows masked, the host calls again
            (Trainium: neuronx-cc needs static trip counts; also used for streaming).
-The body has no `cond`, no data-dependent shapes, no host callbacks and no sort.
+The body has no `cond` of its own (a draft may have one off Trainium: drafts.lookup_first),
+no data-dependent shapes, no host callbacks and no sort.
 A row is done at an EOS id, at max_new_tokens, or when its buffer has no room for another
 iteration (which a spec sized with decode.sizing.loop_max_len never reaches).
 """
