@@ -51,11 +51,23 @@ def test_an_option_this_xla_does_not_know_is_left_out(monkeypatch):
     assert xla_options.compiler_options(jax.devices("cpu")[0])
 
 
+def _avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(not _avx512(), strict=False, reason=(
+    "measured on an AVX2-only AMD EPYC (2026-12-02): all 15 rows differ, first in layer 8's "
+    "output (XLA:CPU's attention dots are not row-independent there); README, exactness"))
 def test_bf16_verify_rows_are_one_token_steps_on_the_default_model():
     """Each position of a 5-token forward equals, bit for bit, the one-token step at that
     position (logits and hidden state) on the default model in bf16 (CPU layout). With XLA's
-    default options 12 of these 15 rows differed (a softmax on YNNPACK; 2026-12-02, JAX 0.10.2)."""
+    default options 12 of these 15 rows differed (a softmax on YNNPACK; 2026-12-02, JAX 0.10.2,
+    Intel Xeon with AVX-512). Known to fail on CPUs without AVX-512 (expected failure there)."""
     model = jaxspec.load_model("smollm2-135m-instruct", dtype="bfloat16")
     config, T = model.config, 5
     options = jaxspec.compiler_options()
