@@ -9,7 +9,8 @@ computed with it. In bf16 the activations' rounding amplified that until greedy 
 at near-ties: greedy speculative output differed from plain output on 7 of 12 prompts × 128
 tokens (SmolLM2-135M's shape, bf16, γ 2, 3 and 4), and on none with the reductions left to XLA
 (`scripts/benchmark.py --exactness`); a 5-token forward's rows now equal one-token steps bit for
-bit in bf16 (tests/test_xla_options.py). Dots stay on YNNPACK, as XLA's default has them; in
+bit in bf16 (tests/test_xla_options.py) on an Intel Xeon with AVX-512. Not on an AVX2-only AMD
+EPYC: there XLA:CPU's attention dots round differently with the number of rows (README). Dots stay on YNNPACK, as XLA's default has them; in
 fp32 an attention product can still differ by an ulp between a verify and a step, far below
 what moved a token in the runs measured. Decoding speed did not change (measured).
 
