@@ -8,11 +8,11 @@ row of a one-token step (1 ulp), so a row's numbers depended on how many positio
 computed with it. In bf16 the activations' rounding amplified that until greedy tokens flipped
 at near-ties: greedy speculative output differed from plain output on 7 of 12 prompts × 128
 tokens (SmolLM2-135M's shape, bf16, γ 2, 3 and 4), and on none with the reductions left to XLA
-(`scripts/benchmark.py --exactness`); a 5-token forward's rows now equal one-token steps bit for
-bit in bf16 (tests/test_xla_options.py) on an Intel Xeon with AVX-512. Not on an AVX2-only AMD
-EPYC: there XLA:CPU's attention dots round differently with the number of rows (README). Dots stay on YNNPACK, as XLA's default has them; in
-fp32 an attention product can still differ by an ulp between a verify and a step, far below
-what moved a token in the runs measured. Decoding speed did not change (measured).
+(`scripts/benchmark.py --exactness`). With the attention products' operands in the order
+`decoder.attention` gives them (the cache on the left), a verified position then equals a
+one-token step bit for bit, in fp32 and bf16 (tests/models/test_decoder.py,
+tests/test_xla_options.py). Dots stay on YNNPACK, as XLA's default has them. Decoding speed
+did not change (measured).
 
 Compile sites pass `compiler_options(device)`; module-level programs use `jit`, which looks the
 options up at each call. An XLA that no longer knows an option (a later jaxlib) compiles with

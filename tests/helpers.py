@@ -484,3 +484,26 @@ def successor_model(vocab: int = 40, *, seed: int = 0, sharpness: float = 1.0,
     head[:, perm] = np.asarray(model.params["embed"]).T * sharpness
     params["lm_head"] = jnp.asarray(head)
     return dataclasses.replace(model, params=params)
+
+
+def rows_unlike_steps(config: ModelConfig, params, tokens, P: int, T: int, dtype) -> list[int]:
+    """The positions t < T where a T-token forward of tokens[:, P:P + T] (a verify, after a
+    prefill of P tokens) differs in any bit of its logits or hidden state from the one-token
+    step at P + t, on the CPU layout with jaxspec's compiler options (batch 1, 128 cache slots)."""
+    forward = functools.partial(_options_forward(), config, params)
+    cache = init_cache(config, 1, 128, jnp.dtype(dtype), layout.CPU)
+    *_, cache = forward(tokens[:, :P], jnp.arange(P)[None], cache)
+    verified = forward(tokens[:, P:P + T], jnp.arange(P, P + T)[None], cache)[:2]
+    differing = []
+    for t in range(T):
+        *step, cache = forward(tokens[:, P + t:P + t + 1], jnp.asarray([[P + t]]), cache)
+        if any(np.any(np.asarray(a[0, 0]) != np.asarray(b[0, t])) for a, b in zip(step, verified)):
+            differing.append(t)
+    return differing
+
+
+@functools.cache
+def _options_forward():
+    import jaxspec
+
+    return jax.jit(decoder.forward, static_argnums=0, compiler_options=jaxspec.compiler_options())

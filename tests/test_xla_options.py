@@ -3,19 +3,16 @@ stay on XLA's own loops, so a verified position's numbers are those of a one-tok
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import UNOPTIMIZED_XLA
+from helpers import UNOPTIMIZED_XLA, rows_unlike_steps
 
 import jaxspec
 from jaxspec import program_cache, xla_options
-from jaxspec.models import cache as kv
-from jaxspec.models import decoder, layout
 
 YNN = '"kind":"__ynn_fusion"'
 
@@ -51,43 +48,22 @@ def test_an_option_this_xla_does_not_know_is_left_out(monkeypatch):
     assert xla_options.compiler_options(jax.devices("cpu")[0])
 
 
-def _avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512f" in f.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(not _avx512(), strict=False, reason=(
-    "measured on an AVX2-only AMD EPYC (2026-12-02): all 15 rows differ, first in layer 8's "
-    "output (XLA:CPU's attention dots are not row-independent there); README, exactness"))
 def test_bf16_verify_rows_are_one_token_steps_on_the_default_model():
     """Each position of a 5-token forward equals, bit for bit, the one-token step at that
     position (logits and hidden state) on the default model in bf16 (CPU layout). With XLA's
     default options 12 of these 15 rows differed (a softmax on YNNPACK; 2026-12-02, JAX 0.10.2,
-    Intel Xeon with AVX-512). Known to fail on CPUs without AVX-512 (expected failure there)."""
+    Intel Xeon with AVX-512); on an AVX2 AMD EPYC all 15 differed from layer 8 on until the
+    attention products took the cache as their left operand (decoder.attention)."""
     model = jaxspec.load_model("smollm2-135m-instruct", dtype="bfloat16")
-    config, T = model.config, 5
-    options = jaxspec.compiler_options()
-    forward = functools.partial(jax.jit(decoder.forward, static_argnums=0,
-                                        compiler_options=options), config, model.params)
     ids = model.tokenizer("The quick brown fox jumps over the lazy dog. Then it ran into the "
                           "forest and found a small cabin where an old man lived with his three "
                           "cats, who were all named after famous scientists")["input_ids"]
-    tokens, differing = jnp.asarray([ids], jnp.int32), []
-    assert len(ids) >= 32 + T
-    for P in (17, 26, 32):
-        cache = kv.init_cache(config, 1, 128, jnp.bfloat16, layout.CPU)
-        *_, cache = forward(tokens[:, :P], jnp.arange(P)[None], cache)
-        block = forward(tokens[:, P:P + T], jnp.arange(P, P + T)[None], cache)[:2]
-        for t in range(T):
-            *step, cache = forward(tokens[:, P + t:P + t + 1], jnp.asarray([[P + t]]), cache)
-            if any(np.any(np.asarray(a[0, 0]) != np.asarray(b[0, t]))
-                   for a, b in zip(step, block)):
-                differing.append((P, t))
-    assert differing == []
+    tokens = jnp.asarray([ids], jnp.int32)
+    assert len(ids) >= 32 + 5
+    differing = {P: rows_unlike_steps(model.config, model.params, tokens, P, 5, "bfloat16")
+                 for P in (17, 26, 32)}
+    assert differing == {17: [], 26: [], 32: []}
 
 
 def test_tiny_model_tests_compile_without_llvm_optimizations():

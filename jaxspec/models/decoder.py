@@ -196,12 +196,15 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index)
     cache = kv.write(cache, index, positions, k, v)
     keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]; [B, K, Dh, S] or [B, K, S, Dh]
     q = q.astype(keys.dtype)  # an fp32 cache (models.layout) makes attention fp32
-    scores = einsum("BTKGD,BKSD->BKGTS", q, keys, preferred_element_type=jnp.float32)
+    # The cache is each product's left operand and the T·G query rows its right one: XLA:CPU
+    # then computes a query row's numbers the same way whatever T is, so a verified position
+    # equals a one-token step bit for bit (with the rows on the left, an ulp apart: test_decoder).
+    scores = einsum("BKSD,BTKGD->BKGTS", keys, q, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(config.head_dim)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     values_spec = "BKDS" if cache.values_slots_last else "BKSD"
-    out = einsum(f"BKGTS,{values_spec}->BTKGD", weights, values)
+    out = einsum(f"{values_spec},BKGTS->BTKGD", values, weights)
     out = out.reshape(B, T, config.num_heads * config.head_dim).astype(x.dtype)  # [B, T, H * Dh]
     return dense(out, layer["wo"]), cache
 
