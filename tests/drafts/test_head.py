@@ -82,6 +82,8 @@ def test_loop_proposals_are_those_of_a_fresh_head_on_the_committed_text(target, 
     state = loop.init_state(spec, target.params, draft_params, prompt, jnp.asarray([7]),
                             jax.random.key(0), values, 40)
     step = jax.jit(loop.step, static_argnums=0)
+    init = jax.jit(loop.init_state, static_argnums=0)
+    W = 7 + 6 * 4  # the longest committed text: the prompt and 6 iterations of γ + 1 tokens
 
     def propose(draft_state, tokens, lengths):
         return draft.propose(draft_params, draft_state, tokens, lengths, gamma=3,
@@ -91,8 +93,9 @@ def test_loop_proposals_are_those_of_a_fresh_head_on_the_committed_text(target, 
         L = int(state.lengths[0])
         drafted, _, kept = propose(state.draft_state, state.tokens, state.lengths)
         assert kept is state.draft_state
-        fresh = loop.init_state(spec, target.params, draft_params, state.tokens[:, :L - 1],
-                                jnp.asarray([L - 1]), jax.random.key(0), values, 40)
+        committed = jnp.where(jnp.arange(W) < L - 1, state.tokens[:, :W], 0)  # right-padded
+        fresh = init(spec, target.params, draft_params, committed, jnp.asarray([L - 1]),
+                     jax.random.key(0), values, 64 - W)
         expected, _, _ = propose(fresh.draft_state, state.tokens, state.lengths)
         assert drafted.tolist() == expected.tolist()
         state = step(spec, target.params, draft_params, values, state)
