@@ -198,7 +198,8 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index)
     q = q.astype(keys.dtype)  # an fp32 cache (models.layout) makes attention fp32
     # The cache is each product's left operand and the T·G query rows its right one: XLA:CPU
     # then computes a query row's numbers the same way whatever T is, so a verified position
-    # equals a one-token step bit for bit (with the rows on the left, an ulp apart: test_decoder).
+    # equals a one-token step bit for bit (with the query rows on the left they differed by an
+    # ulp on an AVX2 CPU, enough to flip bf16 tokens: tests/models/test_decoder.py).
     scores = einsum("BKSD,BTKGD->BKGTS", keys, q, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(config.head_dim)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
