@@ -15,9 +15,9 @@
                      [B, γ+1, V] (fp32)
   prefill activations
                      the largest of the target's prefill over the padded prompt width P: its
-                     attention weights [B, H, P, S] fp32, which XLA holds three times (scores,
-                     exponentials, normalised weights: measured on XLA:CPU), or the MLP's
-                     [B, P, 2F]; it dominates for long prompts
+                     attention weights [B, H, P, S] fp32, which XLA holds twice at once
+                     (measured on XLA:CPU: 2.08-2.15 times that size in all for prompts of
+                     120-900 tokens), or the MLP's [B, P, 2F]; it dominates for long prompts
 
 as a `Plan` with a `total` (the two activation terms are never live at once: the larger
 counts). Under a `jax.sharding` mesh (spec.mesh) every term is one device's
@@ -52,7 +52,7 @@ LABELS = {
     "activations": "verify activations",
     "prefill": "prefill activations",
 }
-ATTENTION_COPIES = 3  # [B, H, P, S] fp32 arrays XLA holds at once in a prefill's attention
+ATTENTION_COPIES = 2  # [B, H, P, S] fp32 arrays XLA holds at once in a prefill's attention
 
 
 @dataclasses.dataclass(frozen=True)
