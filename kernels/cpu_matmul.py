@@ -4,11 +4,12 @@ through JAX's FFI.
 `x[M, K] @ w[K, N]` in fp32 for the few rows a decode step or a verify has, with w packed in
 column panels (`models.layout.Panels`: [N / 64, K, 64]), fp32 or bf16 (widened exactly as
 loaded: half the bytes, the same fp32 arithmetic): each panel is read once, in address order,
-for up to 6 rows, where XLA:CPU's dot on [K, N] takes a slower path for 2-16 rows; and a row's
+for up to 6 rows with AVX-512 and 9 with AVX2 (which takes them in turns over 8 KB blocks of
+the panel), where XLA:CPU's dot on [K, N] takes a slower path for 2-16 rows; and a row's
 result is bit-identical whatever M is. The CPU layout policy packs fp32 and bf16 weights when
 the kernel is available, and the decoder sends every product on panels to it: for many rows
-(prefill) it runs at XLA:CPU's GEMM speed (measured: 168-226 GFLOP/s on 2 cores for M = 16 to
-4096 at SmolLM2's [576, 3072], XLA 122-210), so there is no size at which to switch.
+(prefill) it runs at XLA:CPU's GEMM speed (measured with AVX-512: 168-226 GFLOP/s on 2 cores for
+M = 16 to 4096 at SmolLM2's [576, 3072], XLA 122-210), so there is no size at which to switch.
 `matmul_indexed` is the same product with the weight chosen at run time among the layers'
 panels (the decoder's scanned layer loop: each layer's buffer is read where it lies).
 

@@ -56,9 +56,10 @@ def test_equals_xla_dot_to_fp32_rounding(m, k, n):
 @needs_kernel
 @pytest.mark.parametrize("k,n", [(130, 67), (576, 3072)])
 def test_each_row_is_bit_identical_whatever_the_number_of_rows(k, n):
+    """Also across the AVX2 path's switch from streaming rows (up to 9) to register blocks."""
     x, w = operands(16, k, n, seed=1)
     alone = np.concatenate([np.asarray(kernel(x[i:i + 1], w)) for i in range(16)])
-    for m in (2, 5, 7, 16):
+    for m in (2, 5, 7, 9, 10, 16):
         np.testing.assert_array_equal(np.asarray(kernel(x[:m], w)), alone[:m])
 
 
@@ -99,19 +100,20 @@ def test_the_indexed_product_reads_the_layer_it_is_given():
 def test_threads_and_instruction_sets_do_not_change_the_bits(tmp_path, env):
     """One thread (this process uses up to 8: panels are split across threads from 4 per
     thread, so n = 4099, 65 panels, is split here) or the AVX2 path (where this process uses
-    AVX-512) in a subprocess gives the same bits."""
-    x, w = operands(7, 300, 4099, seed=2)
+    AVX-512) in a subprocess gives the same bits (AVX2 streams 7 rows, blocks 12)."""
+    x, w = operands(12, 300, 4099, seed=2)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "w.npy", w)
     script = ("import sys, numpy as np, jax; from jaxspec.kernels import cpu_matmul as c; "
               "from jaxspec.models.layout import pack; print(c.isa()); d = sys.argv[1]; "
               "w = pack(np.load(d + '/w.npy')).data; "
-              "np.save(d + '/out.npy', np.asarray(jax.jit(c.matmul)(np.load(d + '/x.npy'), w)))")
+              "x = np.load(d + '/x.npy'); f = jax.jit(c.matmul); "
+              "np.save(d + '/out.npy', np.concatenate([f(x[:7], w), f(x, w)]))")
     used = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
                           text=True, env={**os.environ, **env}, check=True).stdout.strip()
     assert used == ("avx2" if env.get(cpu_matmul.ENV) == "avx2" else cpu_matmul.isa())
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy")[:, :4099],
-                                  np.asarray(kernel(x, w)))
+                                  np.concatenate([kernel(x[:7], w), kernel(x, w)]))
 
 
 # --- fallback --------------------------------------------------------------------------------
