@@ -113,8 +113,9 @@ JAXSPEC_BLOCK(block256_bf16, "avx2,fma", __m256, 8, _mm256_setzero_ps(), uint16_
 // columns for up to 6 rows and read the panel in four strided passes: on an AMD EPYC without
 // AVX-512 (2 threads, the 113 MB output layer, a standalone benchmark) they streamed 8-11
 // GB/s for 1 to 9 rows where this order streams 18-20 GB/s for 1 row, 15-17 for 3, 13-14 for
-// 5 and 10-11 for 9 (a read-only pass: 20-22). For more rows the register blocks do more arithmetic per load and
-// are faster. Each sum still accumulates its K products in k order: the same bits.
+// 5 and 10-11 for 9 (a read-only pass: 20-22). For more rows the register blocks do more
+// arithmetic per load and are faster. Each sum still accumulates its K products in k order:
+// the same bits. bf16 blocks are widened once, by the first row, for the others.
 constexpr int kStreamRows = 9;
 constexpr int64_t kStreamBlock = 32;
 
@@ -125,25 +126,46 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
   return load_bf16x8(p);
 }
 
+// acc[0..7] (one row's 64 sums) += x[k] * w[k, :] for the n panel rows of a block. The first row
+// through a block reads it from memory (prefetching kPrefetch weights ahead) and, given `wide`,
+// stores the weights widened to fp32 there, so that the other rows of bf16 panels do not widen
+// them again.
+template <typename WT, bool kFirst>
+__attribute__((target("avx2,fma"))) inline void row_pass(__m256* acc, const float* x, const WT* w,
+                                                         int64_t n, float* wide) {
+  constexpr int kLines = kPanel * int(sizeof(WT)) / 64;  // cache lines per panel row
+  for (int64_t k = 0; k < n; ++k, w += kPanel) {
+    if constexpr (kFirst)
+      for (int l = 0; l < kLines; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch) + 64 * l, _MM_HINT_T0);
+    const __m256 b = _mm256_set1_ps(x[k]);
+    for (int v = 0; v < kPanel / 8; ++v) {
+      const __m256 wv = load8(w + 8 * v);
+      if constexpr (kFirst && sizeof(WT) == 2)
+        if (wide) _mm256_store_ps(wide + k * kPanel + 8 * v, wv);
+      acc[v] = _mm256_fmadd_ps(b, wv, acc[v]);
+    }
+  }
+}
+
 template <typename WT>
 __attribute__((target("avx2,fma"))) void stream256(const Problem& p, int64_t j) {
-  constexpr int kLines = kPanel * int(sizeof(WT)) / 64;  // cache lines per panel row
+  constexpr bool kWiden = sizeof(WT) == 2;  // bf16: widen each block once, for all rows
   alignas(32) float sums[kStreamRows][kPanel] = {};
+  alignas(32) float wide[kWiden ? kStreamBlock : 1][kPanel];
   const WT* panel = static_cast<const WT*>(p.panels) + j * p.K * kPanel;
   for (int64_t k0 = 0; k0 < p.K; k0 += kStreamBlock) {
-    const int64_t k1 = std::min(p.K, k0 + kStreamBlock);
+    const int64_t n = std::min(p.K, k0 + kStreamBlock) - k0;
     for (int64_t r = 0; r < p.M; ++r) {
       __m256 acc[kPanel / 8];
       for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_load_ps(sums[r] + 8 * v);
-      const float* x = p.x + r * p.K;
-      const WT* w = panel + k0 * kPanel;
-      for (int64_t k = k0; k < k1; ++k, w += kPanel) {
-        if (r == 0)
-          for (int l = 0; l < kLines; ++l)
-            _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch) + 64 * l, _MM_HINT_T0);
-        const __m256 b = _mm256_set1_ps(x[k]);
-        for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_fmadd_ps(b, load8(w + 8 * v), acc[v]);
-      }
+      const float* x = p.x + r * p.K + k0;
+      if (r == 0)
+        row_pass<WT, true>(acc, x, panel + k0 * kPanel, n, p.M > 1 ? &wide[0][0] : nullptr);
+      else if (kWiden)
+        row_pass<float, false>(acc, x, &wide[0][0], n, nullptr);
+      else
+        row_pass<WT, false>(acc, x, panel + k0 * kPanel, n, nullptr);
       for (int v = 0; v < kPanel / 8; ++v) _mm256_store_ps(sums[r] + 8 * v, acc[v]);
     }
   }
