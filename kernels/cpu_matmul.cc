@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -45,12 +46,16 @@ constexpr int kMaxRows = 6;     // rows per register block
 // about the same.
 constexpr int64_t kPrefetch = 2048;
 
+// How the panels hold the weights: fp32, bf16 (widened to fp32 as they are loaded), or GGUF's
+// Q4_1 and Q8_0 blocks (dequantized to fp32 as gguf's numpy code does, see quant_panel).
+enum Format { kF32, kBF16, kQ4_1, kQ8_0 };
+
 struct Problem {
   const float* x;       // [M, K]
-  const void* panels;   // [N / kPanel, K, kPanel], fp32 or bf16 (the weights' dtype)
+  const void* panels;   // [N / kPanel, K, kPanel] fp32 or bf16, or [N / kPanel, K / 32, bytes]
   float* out;           // [M, N]
   int64_t M, K, N;
-  bool bf16;            // panels hold bf16 (widened to fp32 as they are loaded)
+  Format format;
 };
 
 // bf16 -> fp32 is exact: the 16 bits are the top half of the fp32 pattern.
@@ -173,6 +178,81 @@ __attribute__((target("avx2,fma"))) void stream256(const Problem& p, int64_t j) 
     std::memcpy(p.out + r * p.N + j * kPanel, sums[r], sizeof sums[r]);
 }
 
+// GGUF quantized panels (AVX2 + F16C, on AVX-512 CPUs too): panel j of a [K, N] weight is
+// K / 32 blocks of 32 panel rows, each block a header of per-column fp16 scales (and Q4_1's
+// fp16 offsets) then the quants, row by row (models.quantized packs them):
+//   Q4_1 (uint8, 1280 bytes): d[64] fp16, m[64] fp16, then per row 32 bytes, byte 8g + l
+//        holding column 16g + l in its low nibble and column 16g + 8 + l in its high one;
+//   Q8_0 (int8, 2176 bytes):  d[64] fp16, then per row 64 int8.
+// A weight is dequantized exactly as gguf's numpy code does (Q4_1: d * q, then + m; Q8_0:
+// q * d; d * q is exact in fp32, 11 significant bits times at most 8, so only + m rounds), so
+// the products and sums are those of the fp32 panels of the dequantized weights, bit for bit;
+// 0.625 or 1.06 bytes per weight are read instead of 4.
+// The first row dequantizes each block into an 8 KB fp32 buffer as it multiplies; the other
+// rows read the buffer. Each row's 64 sums live in a buffer between blocks (contiguous: in `out`,
+// rows N floats apart would share L1 sets).
+constexpr int64_t kQBlock = 32;  // panel rows per block (GGUF's block size)
+constexpr int64_t kQ4Bytes = 2 * 2 * kPanel + kQBlock * kPanel / 2;  // 1280
+constexpr int64_t kQ8Bytes = 2 * kPanel + kQBlock * kPanel;          // 2176
+constexpr int64_t kQPrefetch = 4;  // blocks ahead
+
+template <Format F>
+__attribute__((target("avx2,fma,f16c"))) void quant_panel(const Problem& p, int64_t j) {
+  constexpr int64_t kBytes = F == kQ4_1 ? kQ4Bytes : kQ8Bytes;
+  constexpr int64_t kRowBytes = F == kQ4_1 ? kPanel / 2 : kPanel;  // quant bytes per panel row
+  alignas(32) float scale[kPanel], offset[kPanel];
+  alignas(32) float wide[kQBlock][kPanel];
+  const int64_t blocks = p.K / kQBlock;
+  const uint8_t* block = static_cast<const uint8_t*>(p.panels) + j * blocks * kBytes;
+  thread_local std::vector<float> buffer;
+  buffer.assign(p.M * kPanel + 8, 0.0f);
+  float* const sums = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});  // [M, 64]
+  for (int64_t b = 0; b < blocks; ++b, block += kBytes) {
+    for (int v = 0; v < kPanel / 8; ++v) {
+      const __m128i* h = reinterpret_cast<const __m128i*>(block) + v;
+      _mm256_store_ps(scale + 8 * v, _mm256_cvtph_ps(_mm_loadu_si128(h)));
+      if constexpr (F == kQ4_1)
+        _mm256_store_ps(offset + 8 * v, _mm256_cvtph_ps(_mm_loadu_si128(h + kPanel / 8)));
+    }
+    const uint8_t* q = block + (F == kQ4_1 ? 4 : 2) * kPanel;
+    const float* x = p.x + b * kQBlock;
+    __m256 acc[kPanel / 8];
+    for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_load_ps(sums + 8 * v);
+    for (int64_t k = 0; k < kQBlock; ++k, q += kRowBytes) {
+      _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * kBytes + k * kBytes / kQBlock,
+                   _MM_HINT_T0);  // the block kQPrefetch ahead, 40 or 68 bytes per row
+      const __m256 xk = _mm256_set1_ps(x[k]);
+      for (int v = 0; v < kPanel / 8; ++v) {
+        __m256 w;
+        if constexpr (F == kQ4_1) {  // vector v: columns 8v..8v+7, nibbles of bytes 8(v / 2)..
+          const __m256i bytes = _mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * (v / 2))));
+          const __m256i nib = v % 2 ? _mm256_srli_epi32(bytes, 4)
+                                    : _mm256_and_si256(bytes, _mm256_set1_epi32(15));
+          w = _mm256_mul_ps(_mm256_load_ps(scale + 8 * v), _mm256_cvtepi32_ps(nib));
+          w = _mm256_add_ps(w, _mm256_load_ps(offset + 8 * v));
+        } else {
+          const __m256i qv = _mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * v)));
+          w = _mm256_mul_ps(_mm256_cvtepi32_ps(qv), _mm256_load_ps(scale + 8 * v));
+        }
+        if (p.M > 1) _mm256_store_ps(wide[k] + 8 * v, w);
+        acc[v] = _mm256_fmadd_ps(xk, w, acc[v]);
+      }
+    }
+    for (int v = 0; v < kPanel / 8; ++v) _mm256_store_ps(sums + 8 * v, acc[v]);
+    for (int64_t r = 1; r < p.M; ++r) {
+      float* row = sums + r * kPanel;
+      for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_load_ps(row + 8 * v);
+      row_pass<float, false>(acc, x + r * p.K, &wide[0][0], kQBlock, nullptr);
+      for (int v = 0; v < kPanel / 8; ++v) _mm256_store_ps(row + 8 * v, acc[v]);
+    }
+  }
+  for (int64_t r = 0; r < p.M; ++r)
+    std::memcpy(p.out + r * p.N + j * kPanel, sums + r * kPanel, kPanel * sizeof(float));
+}
+
 using Block = void (*)(const Problem&, int64_t, int64_t);
 using Stream = void (*)(const Problem&, int64_t);
 
@@ -198,6 +278,8 @@ const Isa kNone{0, {}, {}, nullptr, nullptr};
 
 const Isa& detect() {
   __builtin_cpu_init();
+  // F16C (the quantized panels' scales) comes with every AVX2 CPU; checked all the same.
+  if (!__builtin_cpu_supports("f16c")) return kNone;
   if (__builtin_cpu_supports("avx512f")) return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
   return kNone;
@@ -209,12 +291,18 @@ const Isa* isa = &detect();  // jaxspec_small_m_set_isa may lower it (tests of t
 // else row blocks inside each panel (the panel is read from memory once, then from cache for
 // the next blocks).
 void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
-  const Stream stream = p.bf16 ? isa->stream_bf16 : isa->stream;
+  if (p.format == kQ4_1 || p.format == kQ8_0) {
+    for (int64_t j = j_begin; j < j_end; ++j)
+      (p.format == kQ4_1 ? quant_panel<kQ4_1> : quant_panel<kQ8_0>)(p, j);
+    return;
+  }
+  const bool bf16 = p.format == kBF16;
+  const Stream stream = bf16 ? isa->stream_bf16 : isa->stream;
   if (stream && p.M <= kStreamRows) {
     for (int64_t j = j_begin; j < j_end; ++j) stream(p, j);
     return;
   }
-  const Block* blocks = p.bf16 ? isa->blocks_bf16 : isa->blocks;
+  const Block* blocks = bf16 ? isa->blocks_bf16 : isa->blocks;
   for (int64_t j = j_begin; j < j_end; ++j)
     for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows)
       blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
@@ -257,18 +345,33 @@ void run(const Problem& p, ffi::ThreadPool& pool) {
   while (shared->finished.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
 }
 
+// The panels' format from their element type and shape (kF32 with ok = false: not panels of
+// x's K).
+Format format_of(ffi::AnyBuffer& panels, int64_t K, bool& ok) {
+  auto pd = panels.dimensions();
+  const ffi::DataType t = panels.element_type();
+  ok = pd.size() == 3;
+  if (ok && (t == ffi::DataType::U8 || t == ffi::DataType::S8)) {
+    const Format f = t == ffi::DataType::U8 ? kQ4_1 : kQ8_0;
+    ok = K % kQBlock == 0 && pd[1] == K / kQBlock && pd[2] == (f == kQ4_1 ? kQ4Bytes : kQ8Bytes);
+    return f;
+  }
+  ok = ok && pd[1] == K && pd[2] == kPanel && (t == ffi::DataType::F32 || t == ffi::DataType::BF16);
+  return t == ffi::DataType::BF16 ? kBF16 : kF32;
+}
+
 ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer panels,
                         ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
-  auto pd = panels.dimensions();
-  const bool bf16 = panels.element_type() == ffi::DataType::BF16;
-  if (xd.size() != 2 || pd.size() != 3 || xd[1] != pd[1] || pd[2] != kPanel ||
-      !(bf16 || panels.element_type() == ffi::DataType::F32))
+  bool ok = xd.size() == 2;
+  const Format format = ok ? format_of(panels, xd[1], ok) : kF32;
+  if (!ok)
     return ffi::Error::InvalidArgument(
-        "jaxspec small-M matmul: expected x[M, K] and fp32 or bf16 panels[N / 64, K, 64]");
+        "jaxspec small-M matmul: expected x[M, K] and fp32 or bf16 panels[N / 64, K, 64] or "
+        "Q4_1 (u8) or Q8_0 (s8) blocks[N / 64, K / 32, bytes]");
   if (isa->level == 0) return ffi::Error::Internal("jaxspec small-M matmul: no AVX2/FMA");
   Problem p{x.typed_data(), panels.untyped_data(), out->typed_data(), xd[0], xd[1],
-            pd[0] * kPanel, bf16};
+            panels.dimensions()[0] * kPanel, format};
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
   run(p, pool);
   return ffi::Error::Success();

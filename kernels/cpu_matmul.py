@@ -52,6 +52,9 @@ def compiler() -> str | None:
     return None
 
 
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
 def library_path(cxx: str) -> str:
     """Where the library built from this source, jaxlib and compiler lives."""
     import jaxlib
@@ -59,7 +62,8 @@ def library_path(cxx: str) -> str:
     from jaxspec.paths import cache_dir
 
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode()).hexdigest()
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode()
+                             + " ".join(FLAGS).encode()).hexdigest()
     return os.path.join(cache_dir(), CACHE_FOLDER, f"cpu_matmul-{key[:16]}.so")
 
 
@@ -76,8 +80,7 @@ def build(cxx: str, path: str) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        command = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-                   f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial, "-lpthread"]
+        command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial, "-lpthread"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -142,12 +145,21 @@ def _load() -> ctypes.CDLL:
 
 
 def fits(x, panels) -> bool:
-    """Whether x[M, K] @ panels[J, K, 64] is a product the kernel takes (shapes and dtypes:
-    x fp32, panels fp32 or bf16)."""
+    """Whether x[M, K] @ panels is a product the kernel takes (shapes and dtypes: x fp32,
+    panels fp32 or bf16 [J, K, 64], or Q4_1 / Q8_0 blocks [J, K / 32, bytes] as
+    jaxspec.models.quantized packs them)."""
     import jax.numpy as jnp
 
-    return (x.dtype == jnp.float32 and panels.dtype in (jnp.float32, jnp.bfloat16)
-            and x.ndim == 2 and x.shape[0] >= 1 and panels.ndim == 3
+    from jaxspec.models import quantized
+
+    if not (x.dtype == jnp.float32 and x.ndim == 2 and x.shape[0] >= 1 and panels.ndim == 3):
+        return False
+    kind = quantized.kind(panels.dtype)
+    if kind is not None:
+        K = x.shape[1]
+        return K % quantized.BLOCK == 0 and panels.shape[1:] == (K // quantized.BLOCK,
+                                                                 quantized.BYTES[kind])
+    return (panels.dtype in (jnp.float32, jnp.bfloat16)
             and panels.shape[1:] == (x.shape[1], PANEL))
 
 

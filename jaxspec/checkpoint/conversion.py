@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-from jaxspec.checkpoint import gguf_source, hf_source, keymap, store, temp_dirs
+from jaxspec.checkpoint import blocks, gguf_source, hf_source, keymap, store, temp_dirs
 from jaxspec.checkpoint.source import Source
 from jaxspec.errors import UserError
 
@@ -65,7 +65,8 @@ def _progress(items, total: int):
 
 
 def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
-    """Convert a Hugging Face directory or GGUF file into a jaxspec checkpoint at dst.
+    """Convert a Hugging Face directory or GGUF file into a jaxspec checkpoint at dst (a GGUF
+file's Q4_1 and Q8_0 projections also as their blocks, in fp32: jaxspec.checkpoint.blocks).
 
     Atomic: everything is written to a temporary directory next to dst, renamed at the end and
     removed on any error. dst must not exist. Returns the absolute path of dst.
@@ -79,6 +80,8 @@ def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
         try:
             params = keymap.build_params(source.config, source.get, np_dtype, progress=_progress)
             store.write(tmp, source.config, params, dtype, source.tokenizer_files)
+            if source.blocks is not None and dtype == "float32":
+                blocks.write(tmp, blocks.build(source.config, source.blocks, params))
             os.rename(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

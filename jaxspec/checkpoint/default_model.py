@@ -19,7 +19,7 @@ import subprocess
 import sys
 import zipfile
 
-from jaxspec.checkpoint import store, temp_dirs
+from jaxspec.checkpoint import blocks, store, temp_dirs
 from jaxspec.checkpoint.conversion import convert
 from jaxspec.checkpoint.names import DEFAULT_MODEL as NAME
 from jaxspec.errors import UserError
@@ -98,7 +98,9 @@ def gguf_file(directory: str) -> str:
 
 
 def _is_current(path: str) -> bool:
-    return store.is_jaxspec_dir(path) and store.read_meta(path)[1] == store.FORMAT_VERSION
+    """A conversion in today's format, with the quantized blocks (checkpoint.blocks)."""
+    return (store.is_jaxspec_dir(path) and store.read_meta(path)[1] == store.FORMAT_VERSION
+            and os.path.isfile(os.path.join(path, blocks.INDEX)))
 
 
 def ensure_converted() -> str:

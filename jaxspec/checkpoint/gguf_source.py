@@ -140,16 +140,62 @@ def _dequantized(tensor) -> np.ndarray:
         raise UserError(f"cannot read GGUF tensor {tensor.name}: {one_line(e)}") from None
 
 
+# GGUF quantization types whose blocks the CPU kernel reads (models.quantized): kind, bytes/block.
+BLOCK_TYPES = {"Q4_1": ("q4_1", 20), "Q8_0": ("q8_0", 34)}
+
+
+def _blocks(tensor):
+    """(kind, q, d, m) of a Q4_1 or Q8_0 tensor in Hugging Face orientation [out, in]: q its
+    quants (uint8 0..15 or int8), d and m its blocks' scales and offsets (fp32), each repeated
+    over the block's 32 weights (m None for Q8_0); None for other types. Read as
+    gguf.quants.dequantize reads them: w = d * q + m, or q * d."""
+    if tensor.tensor_type.name not in BLOCK_TYPES:
+        return None
+    kind, size = BLOCK_TYPES[tensor.tensor_type.name]
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    blocks = np.asarray(tensor.data).view(np.uint8).reshape(-1, size)
+
+    def per_weight(a):  # [n, 2] fp16 bytes -> [out, in] fp32
+        half = np.ascontiguousarray(a).view(np.float16).astype(np.float32)
+        return np.broadcast_to(half, (half.shape[0], 32)).reshape(shape)
+
+    if kind == "q8_0":
+        return kind, blocks[:, 2:].view(np.int8).reshape(shape), per_weight(blocks[:, :2]), None
+    qs = blocks[:, 4:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=1)  # weights 0..15: low nibbles, 16..31: high
+    return kind, q.reshape(shape), per_weight(blocks[:, :2]), per_weight(blocks[:, 2:4])
+
+
+def block_getter(reader: GGUFReader, config: ModelConfig):
+    """get(Hugging Face name) -> `_blocks` of that tensor (None when not Q4_1 or Q8_0), with
+    llama's q/k permutation undone as `tensor_getter` undoes it."""
+    by_name = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
+
+    def get(name: str):
+        blocks = _blocks(by_name[name]) if name in by_name else None
+        if blocks is None or not _permuted(config, name):
+            return blocks
+        heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+        kind, *arrays = blocks
+        return kind, *(None if a is None else unpermute_rows(a, heads) for a in arrays)
+
+    return get
+
+
+def _permuted(config: ModelConfig, name: str) -> bool:
+    return ARCHITECTURES[config.model_type] and name.endswith(
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+
+
 def tensor_getter(reader: GGUFReader, config: ModelConfig):
     """get(Hugging Face name) -> float32 array, with llama's q/k permutation undone."""
     by_name = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
-    permuted = ARCHITECTURES[config.model_type]
 
     def get(name: str) -> np.ndarray:
         if name not in by_name:
             raise missing_tensor(name, "the GGUF file")
         w = _dequantized(by_name[name])
-        if permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        if _permuted(config, name):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
             w = unpermute_rows(w, heads)
         return w
@@ -162,4 +208,5 @@ def open_gguf(path: str) -> Iterator[Source]:
     """Open a GGUF file as a Source (Hugging Face tensor names, float32 tensors)."""
     reader = read_gguf(path)
     config = read_config(reader)
-    yield Source(config, tensor_getter(reader, config), gguf_tokenizer_files(reader))
+    yield Source(config, tensor_getter(reader, config), gguf_tokenizer_files(reader),
+                 blocks=block_getter(reader, config))

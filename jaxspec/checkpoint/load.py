@@ -10,7 +10,7 @@ import os
 import jax
 
 from jaxspec import compile_cache, devices, validation
-from jaxspec.checkpoint import default_model, keymap, mapped, names, store
+from jaxspec.checkpoint import blocks, default_model, keymap, mapped, names, store
 from jaxspec.checkpoint.conversion import open_source, source_kind
 from jaxspec.checkpoint.tokenizer import load_tokenizer, tokenizer_from_files
 from jaxspec.errors import UserError
@@ -19,42 +19,57 @@ from jaxspec.models import sharding
 from jaxspec.models.loaded import Model
 
 
-def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True) -> Model:
-    """A jaxspec checkpoint directory, without its tokenizer (load_model loads it meanwhile);
-    the default model's is converted again (once) when its params cannot be restored
-    (default_model.convert_again)."""
+def _load_converted(path: str, dtype: str, mesh_of, repair: bool = True,
+                    stored: dict | None = None) -> Model:
+    """A jaxspec checkpoint directory, without its tokenizer (load_model loads it meanwhile),
+    with its quantized blocks in place of those weights when `stored` (their abstract) is
+    given; the default model's is converted again (once) when its params or blocks cannot be
+    restored (default_model.convert_again)."""
     config, version = store.read_meta(path)
     mesh = mesh_of(config)
     try:
         params = store.restore_params(path, config, version, dtype, mesh)
+        if stored:
+            params = blocks.substitute(params, blocks.restore(path, stored))
     except UserError as e:
         if not (repair and path == os.path.abspath(default_model.converted_dir())):
             raise
         default_model.convert_again(str(e))
-        return _load_converted(path, dtype, mesh_of, repair=False)
+        return _load_converted(path, dtype, mesh_of, repair=False, stored=stored)
     return Model(config=config, params=params, path=path, mesh=mesh)
 
 
 def _load_mapped(path: str, dtype: str, layout: layouts.Layout, device) -> Model:
     """A converted checkpoint on one CPU device, its params laid out by
-    jaxspec.checkpoint.mapped (mapped when an earlier process saved them)."""
+    jaxspec.checkpoint.mapped (mapped when an earlier process saved them), with its quantized
+    blocks in place of those weights where the layout reads blocks (jaxspec.checkpoint.blocks)."""
     config, _ = store.read_meta(path)
+    stored = blocks.abstract(path)
+    stored = stored if stored and blocks.wanted(layout, dtype) else None
 
     def abstract():
+        params = store.abstract_params(config, dtype)
+        params = blocks.substitute(params, stored) if stored else params
         return jax.eval_shape(lambda p: layouts.apply(layout, p, config.tie_word_embeddings),
-                              store.abstract_params(config, dtype))
+                              params)
 
     def restore():
-        return place(_load_converted(path, dtype, lambda config: None), layout, device).params
+        return place(_load_converted(path, dtype, lambda config: None, stored=stored), layout,
+                     device).params
 
     params = mapped.laid_out(path, dtype, layout, abstract, restore, device)
     return Model(config=config, params=params, path=path, layout=layout)
 
 
-def _load_in_memory(path: str, dtype: str, mesh_of, tokenizer_kind: str) -> Model:
+def _load_in_memory(path: str, dtype: str, mesh_of, tokenizer_kind: str, layout) -> Model:
+    """A Hugging Face directory or GGUF file converted in memory (a GGUF file's Q4_1 and Q8_0
+    blocks kept where the layout reads blocks)."""
     np_dtype = store.numpy_dtype(dtype)
     with open_source(path) as source:
         params = keymap.build_params(source.config, source.get, np_dtype)
+        if source.blocks is not None and mesh_of(source.config) is None and blocks.wanted(
+                layout, dtype):
+            params = blocks.substitute(params, blocks.build(source.config, source.blocks, params))
         tokenizer = tokenizer_from_files(source.tokenizer_files, tokenizer_kind)
     return Model(config=source.config, params=params, tokenizer=tokenizer, path=path,
                  mesh=mesh_of(source.config))
@@ -104,7 +119,8 @@ def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,
         elif converted:
             model = place(_load_converted(path, dtype, mesh_of), layout, device)
         else:
-            model = place(_load_in_memory(path, dtype, mesh_of, tokenizer), layout, device)
+            model = place(_load_in_memory(path, dtype, mesh_of, tokenizer, layout), layout,
+                          device)
         if loading is not None:
             model = dataclasses.replace(model, tokenizer=loading.result())
     return model

@@ -54,15 +54,19 @@ def key(path: str, dtype: str, layout: layouts.Layout) -> str:
     """sha256 of what the laid-out params depend on (module doc)."""
     from jaxspec.kernels import cpu_matmul
 
+    from jaxspec.checkpoint import blocks
+
     digest = hashlib.sha256()
-    params_dir = os.path.join(os.path.abspath(path), "params")
-    for folder, subfolders, files in sorted(os.walk(params_dir)):
-        subfolders.sort()
-        for name in sorted(files):
-            info = os.stat(os.path.join(folder, name))
-            digest.update(f"{os.path.join(folder, name)} {info.st_size} {info.st_mtime_ns}\n"
-                          .encode())
-    digest.update(f"{FORMAT} {dtype} {layout} {os.environ.get(cpu_matmul.ENV)}".encode())
+    for part in ("params", blocks.FOLDER):
+        for folder, subfolders, files in sorted(os.walk(os.path.join(os.path.abspath(path),
+                                                                     part))):
+            subfolders.sort()
+            for name in sorted(files):
+                info = os.stat(os.path.join(folder, name))
+                digest.update(f"{os.path.join(folder, name)} {info.st_size} "
+                              f"{info.st_mtime_ns}\n".encode())
+    digest.update(f"{FORMAT} {dtype} {layout} {os.environ.get(cpu_matmul.ENV)} "
+                  f"{os.environ.get(blocks.ENV)}".encode())
     for module in (__file__, layouts.__file__):
         with open(module, "rb") as f:
             digest.update(f.read())

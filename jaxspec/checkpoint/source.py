@@ -24,6 +24,8 @@ class Source:
     config: ModelConfig
     get: GetTensor
     tokenizer_files: dict[str, bytes]  # {file name: contents}, e.g. tokenizer.json
+    # GGUF: Hugging Face name -> the tensor's quantized blocks (gguf_source.block_getter)
+    blocks: Callable | None = None
 
 
 def one_line(error: BaseException) -> str:

@@ -46,6 +46,7 @@ from jaxspec import pytree
 from jaxspec.models import cache as kv
 from jaxspec.models.cache import KVCache
 from jaxspec.models import layout as layouts
+from jaxspec.models import quantized
 from jaxspec.models.config import ModelConfig
 
 Params = dict
@@ -114,7 +115,7 @@ def _stack_product(rows, w: PanelStack):
 def _panels_dot(rows, data):
     """rows[M, K] (fp32) @ panels data[J, K, P] -> [M, J * P] in fp32 at full precision
     (dot_general: einsum costs more to trace, and every program traces this branch)."""
-    data = data.astype(jnp.float32)
+    data = (quantized.dequantize(data) if quantized.kind(data.dtype) else data).astype(jnp.float32)
     out = jax.lax.dot_general(rows, data, (((1,), (1,)), ((), ())),
                               precision=jax.lax.Precision.HIGHEST)
     return out.reshape(rows.shape[0], -1)  # [M, J, P] -> [M, J * P]

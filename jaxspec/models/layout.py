@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec import pytree
+from jaxspec.models import quantized
 
 ENV = "JAXSPEC_LAYOUT"
 PANEL = 64  # columns per panel (kernels/cpu_matmul.cc's kPanel)
@@ -70,14 +71,25 @@ _BY_NAME = {layout.name: layout for layout in (CPU, CPU_XLA, ACCELERATOR)}
 @pytree.dataclass
 class Panels:
     """A [K, *O] weight packed in column panels: data[j, k, c] = w2[k, PANEL * j + c], w2 the
-    weight viewed as [K, N] (N = prod(O), zero-padded to a multiple of PANEL)."""
+    weight viewed as [K, N] (N = prod(O), zero-padded to a multiple of PANEL); or a GGUF
+    model's Q4_1 or Q8_0 blocks of it in panels (uint8 or int8 data [J, K / 32, bytes]:
+    jaxspec.models.quantized), which stand for fp32 weights."""
 
-    data: jax.Array  # [ceil(N / PANEL), K, PANEL]
+    data: jax.Array  # [ceil(N / PANEL), K, PANEL], or blocks [ceil(N / PANEL), K / 32, bytes]
     shape: tuple[int, ...] = pytree.static()  # the weight's own shape [K, *O]
 
     @property
     def dtype(self):
-        return self.data.dtype
+        """The weights' dtype (fp32 for blocks)."""
+        return jnp.dtype(jnp.float32) if self.quantized else self.data.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return quantized.kind(self.data.dtype) is not None
+
+    def floats(self) -> jax.Array:
+        """The panels [J, K, PANEL] as fp32 or bf16 (blocks dequantized)."""
+        return quantized.dequantize(self.data) if self.quantized else self.data
 
 
 def pack(w: jax.Array) -> Panels:
@@ -92,7 +104,7 @@ def pack(w: jax.Array) -> Panels:
 def unpack(p: Panels) -> jax.Array:
     """Panels -> the weight [K, *O]."""
     K = p.shape[0]
-    flat = p.data.transpose(1, 0, 2).reshape(K, -1)  # [K, N padded]
+    flat = p.floats().transpose(1, 0, 2).reshape(K, -1)  # [K, N padded]
     return flat[:, : math.prod(p.shape[1:])].reshape(p.shape)
 
 
