@@ -101,8 +101,11 @@ def _cache_path() -> str:
 
 def cache_key(target, draft_name: str, platform: str, batch: int = 1,
               max_gamma: int = MAX_AUTO_GAMMA) -> str:
-    """Per target (its path and config), draft, platform, dtype, batch size and largest γ."""
-    dtype = str(target.params["embed"].dtype)
+    """Per target (its path and config), draft, platform, dtypes (the params' leaves: GGUF
+    blocks decode at other costs than fp32 weights), batch size and largest γ."""
+    import jax
+
+    dtype = ",".join(sorted({str(leaf.dtype) for leaf in jax.tree.leaves(target.params)}))
     ident = repr((target.path, target.config, draft_name, platform, dtype, batch, max_gamma))
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 

@@ -1,7 +1,8 @@
 // Small-M matmul for CPU: out[M, N] = x[M, K] @ w[K, N] in fp32, with w packed in column
 // panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
 // (models.layout.Panels), in fp32 or in bf16 (half the bytes to stream; each weight is widened
-// to fp32 exactly as it is loaded, so the products and sums are fp32 either way). Built and
+// to fp32 exactly as it is loaded, so the products and sums are fp32 either way), or as GGUF
+// Q4_1 / Q8_0 blocks dequantized as they are read (quant_panel). Built and
 // loaded by cpu_matmul.py; XLA calls it through its FFI (custom calls "jaxspec_small_m_matmul"
 // and "jaxspec_small_m_matmul_indexed").
 //

@@ -11,7 +11,9 @@ the kernel is available, and the decoder sends every product on panels to it: fo
 (prefill) it runs at XLA:CPU's GEMM speed (measured with AVX-512: 168-226 GFLOP/s on 2 cores for
 M = 16 to 4096 at SmolLM2's [576, 3072], XLA 122-210), so there is no size at which to switch.
 `matmul_indexed` is the same product with the weight chosen at run time among the layers'
-panels (the decoder's scanned layer loop: each layer's buffer is read where it lies).
+panels (the decoder's scanned layer loop: each layer's buffer is read where it lies). Panels of
+GGUF Q4_1 or Q8_0 blocks (uint8 / int8, jaxspec.models.quantized) are dequantized as gguf does
+while they are read: the bits of the fp32 panels of the same weights, a fifth of the bytes.
 
 The library is compiled once with the system C++ compiler (`$CXX`, else `c++`) into
 `$JAXSPEC_CACHE/kernels/`, under a name that hashes the source, the jaxlib version and the

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.checkpoint import mapped, orbax_io, temp_dirs
+from jaxspec.checkpoint import blocks, mapped, orbax_io, temp_dirs
 from jaxspec.checkpoint.source import one_line
 from jaxspec.checkpoint.store import is_jaxspec_dir, numpy_dtype
 from jaxspec.drafts import head as heads
 from jaxspec.errors import UserError
 from jaxspec.models import layout as layouts
+from jaxspec.models import quantized
 
 MARKER = "jaxspec_draft_head"
 VERSION = 1
@@ -120,16 +121,38 @@ def load(path: str, layout=None, device=None) -> LoadedHead:
 
     if layout is None:
         return LoadedHead(config, restore(), meta)
+    as_blocks = blocks.wanted(layout, "float32")
 
     def restore_laid_out():
-        return jax.device_put(layouts.apply(layout, restore(), tied=False), device)
+        params = _q8_0(restore(), quantized.quantize_q8_0) if as_blocks else restore()
+        return jax.device_put(layouts.apply(layout, params, tied=False), device)
 
     def abstract():
-        return jax.eval_shape(lambda: layouts.apply(layout, heads.init_params(
-            config, jax.random.key(0)), tied=False))
+        params = jax.eval_shape(lambda: heads.init_params(config, jax.random.key(0)))
+        if as_blocks:
+            params = _q8_0(params, lambda w: jax.ShapeDtypeStruct(
+                quantized.data_shape("q8_0", w.shape), np.int8))
+        return jax.eval_shape(lambda p: layouts.apply(layout, p, tied=False), params)
 
     params = mapped.laid_out(path, "float32", layout, abstract, restore_laid_out, device)
     return LoadedHead(config, params, meta)
+
+
+def _q8_0(params: dict, quantize) -> dict:
+    """The head's params with its projections, fusion and output layer as Q8_0 blocks for the
+    CPU kernel (`quantize(w)`: their panel data; where the kernel reads fp32 params: as the
+    target's GGUF blocks, jaxspec.checkpoint.blocks): a quarter of the bytes per draft step.
+    A draft's rounding changes what it proposes, never the output (rejection sampling is exact
+    whatever q is; greedy keeps the target's argmax)."""
+    def blocks_of(w):
+        if w.shape[0] % quantized.BLOCK:
+            return w
+        return layouts.Panels(data=quantize(w), shape=tuple(w.shape))
+
+    layer = {k: blocks_of(v) if k in layouts.PACKED else v
+             for k, v in params["layers"][0].items()}
+    return {**params, "layers": [layer], "fuse": blocks_of(params["fuse"]),
+            "lm_head": blocks_of(params["lm_head"])}
 
 
 SHAPE_FIELDS = ("hidden_size", "vocab_size", "num_layers", "num_heads", "num_kv_heads",

@@ -17,7 +17,10 @@ One place decides, from the platform the params will live on, what differs betwe
                       panel as one contiguous stream, so products of 1-16 rows (decode steps,
                       verifies, drafts) cost about one weight read, where XLA:CPU's dot on
                       [K, N] costs 1.5-3 one-row steps for 2-16 rows (and converts bf16 to
-                      fp32 first). Only when the kernel is available.
+                      fp32 first). Only when the kernel is available. A GGUF checkpoint's
+                      Q4_1 and Q8_0 weights come as Panels of their blocks instead, where
+                      fp32 params are loaded for the kernel (jaxspec.checkpoint.blocks);
+                      this policy leaves them as they are.
   fp32_cache          the KV cache is fp32 whatever the params' dtype (CPU: XLA:CPU widens a
                       bf16 cache write to fp32 and back over the whole cache, at every layer of
                       every step: a bf16 step of the default model at 2,048 slots took 5.5x

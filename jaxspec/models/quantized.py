@@ -99,3 +99,18 @@ def dequantize(data) -> jnp.ndarray:
     q, d, m = _fields(data, jnp)
     w = q * d if m is None else (d * q) + m
     return w.reshape(w.shape[0], -1, PANEL)
+
+
+def quantize_q8_0(w) -> np.ndarray:
+    """A [K, *O] fp32 weight (K a multiple of 32) quantized to Q8_0 panel data: per column and
+    block of 32 rows along K, the scale d = max|w| / 127 rounded to fp16 and q = w / d rounded
+    to the nearest integer in [-127, 127]. Lossy (for weights whose exact values do not decide
+    the output, such as a draft's: rejection sampling keeps the output exact whatever it
+    proposes)."""
+    w = np.asarray(w, np.float32)
+    K = w.shape[0]
+    flat = w.reshape(K // BLOCK, BLOCK, -1)  # [KB, 32, N]
+    d = (np.abs(flat).max(axis=1) / 127).astype(np.float16).astype(np.float32)  # [KB, N]
+    inverse = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.rint(flat * inverse[:, None, :]), -127, 127).astype(np.int8)
+    return pack("q8_0", q.reshape(K, -1), d)

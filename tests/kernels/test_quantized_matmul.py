@@ -106,3 +106,18 @@ def test_other_dtypes_and_shapes_are_not_blocks():
     assert not cpu_matmul.fits(x, np.zeros((1, 2, 1000), np.uint8))  # wrong block size
     assert not cpu_matmul.fits(jnp.zeros((2, 48), jnp.float32),  # K not a multiple of 32
                                np.zeros((1, 1, quantized.BYTES["q8_0"]), np.int8))
+
+
+def test_q8_0_quantizer_rounds_each_weight_to_its_blocks_grid():
+    """quantize_q8_0 (a draft head's weights): per column and block of 32 rows, an fp16 scale
+    d = max|w| / 127 and each weight within d / 2 of q·d; an all-zero block stays zero."""
+    w = np.random.default_rng(5).standard_normal((96, 70)).astype(np.float32)
+    w[32:64, 3] = 0.0
+    data = quantized.quantize_q8_0(w)
+    assert data.dtype == np.int8 and data.shape == quantized.data_shape("q8_0", w.shape)
+    back = np.asarray(layout.unpack(layout.Panels(jnp.asarray(data), w.shape)))
+    scale = np.abs(w.reshape(3, 32, 70)).max(axis=1) / 127  # [blocks, columns]
+    error = np.abs(back - w).reshape(3, 32, 70)
+    assert np.all(error <= scale[:, None, :] * (0.5 + 1e-3) + 1e-7)
+    assert np.all(back[32:64, 3] == 0)
+    assert np.abs(back).max() <= np.abs(w).max() * (1 + 1e-3)
