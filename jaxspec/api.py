@@ -407,14 +407,22 @@ class SpeculativeDecoder:
         state = init(*args)
         lengths = None
         while True:
+            done, now, rows = _snapshot(state, rows=on_update is not None)
+            finished = bool(np.all(done))
+            if not finished:  # dispatched first: the chunk runs while the rows are handled
+                lengths = _progressed(lengths, now)
+                state = chunk(target_params, draft_params, values, state)
             if on_update is not None:
-                on_update(new_tokens(state))
-            done, now = sharding.to_host((state.done, state.lengths))
-            if bool(np.all(np.asarray(done))):
-                break
-            lengths = _progressed(lengths, np.asarray(now))
-            state = chunk(target_params, draft_params, values, state)
-        return state, compile_seconds, time.perf_counter() - start
+                on_update(rows)
+            if finished:
+                return state, compile_seconds, time.perf_counter() - start
+
+
+def _snapshot(state: DecodeState, rows: bool):
+    """(done bool[B], lengths i32[B], `new_tokens` or None) of a state, copied to the host out
+    of its buffers (the next chunk donates them)."""
+    done, lengths = sharding.to_host((state.done, state.lengths))
+    return np.array(done), np.array(lengths), new_tokens(state) if rows else None
 
 
 def _progressed(before: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:
