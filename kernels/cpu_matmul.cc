@@ -221,8 +221,9 @@ __attribute__((target("avx2,fma,f16c"))) void quant_panel(const Problem& p, int6
     __m256 acc[kPanel / 8];
     for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_load_ps(sums + 8 * v);
     for (int64_t k = 0; k < kQBlock; ++k, q += kRowBytes) {
-      _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * kBytes + k * kBytes / kQBlock,
-                   _MM_HINT_T0);  // the block kQPrefetch ahead, 40 or 68 bytes per row
+      // the block kQPrefetch ahead, 40 or 68 bytes per row
+      _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * kBytes +
+                       k * kBytes / kQBlock, _MM_HINT_T0);
       const __m256 xk = _mm256_set1_ps(x[k]);
       for (int v = 0; v < kPanel / 8; ++v) {
         __m256 w;
@@ -357,7 +358,8 @@ Format format_of(ffi::AnyBuffer& panels, int64_t K, bool& ok) {
     ok = K % kQBlock == 0 && pd[1] == K / kQBlock && pd[2] == (f == kQ4_1 ? kQ4Bytes : kQ8Bytes);
     return f;
   }
-  ok = ok && pd[1] == K && pd[2] == kPanel && (t == ffi::DataType::F32 || t == ffi::DataType::BF16);
+  ok = ok && pd[1] == K && pd[2] == kPanel &&
+       (t == ffi::DataType::F32 || t == ffi::DataType::BF16);
   return t == ffi::DataType::BF16 ? kBF16 : kF32;
 }
 

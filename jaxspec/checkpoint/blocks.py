@@ -15,6 +15,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.checkpoint import keymap, orbax_io
@@ -83,10 +84,7 @@ def _at(tree, path):
 
 def _exact(data: np.ndarray, weight: np.ndarray) -> bool:
     """Whether panel data dequantize to weight[K, *O] (fp32) bit for bit."""
-    K = weight.shape[0]
-    flat = np.asarray(weight, np.float32).reshape(K, -1)
-    flat = np.pad(flat, ((0, 0), (0, -flat.shape[1] % quantized.PANEL)))
-    panels = flat.reshape(K, -1, quantized.PANEL).transpose(1, 0, 2)
+    panels = np.asarray(layouts.pack(jnp.asarray(weight, jnp.float32)).data)
     return np.array_equal(quantized.dequantize_np(data).view(np.uint32), panels.view(np.uint32))
 
 

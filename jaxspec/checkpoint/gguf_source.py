@@ -173,18 +173,20 @@ def block_getter(reader: GGUFReader, config: ModelConfig):
 
     def get(name: str):
         blocks = _blocks(by_name[name]) if name in by_name else None
-        if blocks is None or not _permuted(config, name):
-            return blocks
-        heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+        if blocks is None:
+            return None
         kind, *arrays = blocks
-        return kind, *(None if a is None else unpermute_rows(a, heads) for a in arrays)
+        return kind, *(None if a is None else _unpermuted(config, name, a) for a in arrays)
 
     return get
 
 
-def _permuted(config: ModelConfig, name: str) -> bool:
-    return ARCHITECTURES[config.model_type] and name.endswith(
-        ("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+def _unpermuted(config: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
+    """w [out, ...] with llama.cpp's q/k row permutation undone where it applies."""
+    if not (ARCHITECTURES[config.model_type]
+            and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))):
+        return w
+    return unpermute_rows(w, config.num_heads if ".q_proj." in name else config.num_kv_heads)
 
 
 def tensor_getter(reader: GGUFReader, config: ModelConfig):
@@ -194,11 +196,7 @@ def tensor_getter(reader: GGUFReader, config: ModelConfig):
     def get(name: str) -> np.ndarray:
         if name not in by_name:
             raise missing_tensor(name, "the GGUF file")
-        w = _dequantized(by_name[name])
-        if _permuted(config, name):
-            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-            w = unpermute_rows(w, heads)
-        return w
+        return _unpermuted(config, name, _dequantized(by_name[name]))
 
     return get
 

@@ -139,11 +139,10 @@ def load(path: str, layout=None, device=None) -> LoadedHead:
 
 
 def _q8_0(params: dict, quantize) -> dict:
-    """The head's params with its projections, fusion and output layer as Q8_0 blocks for the
-    CPU kernel (`quantize(w)`: their panel data; where the kernel reads fp32 params: as the
-    target's GGUF blocks, jaxspec.checkpoint.blocks): a quarter of the bytes per draft step.
-    A draft's rounding changes what it proposes, never the output (rejection sampling is exact
-    whatever q is; greedy keeps the target's argmax)."""
+    """The head's projections, fusion and output layer as Panels of Q8_0 blocks (`quantize(w)`
+    gives their data), loaded so where the CPU kernel reads the target's GGUF blocks
+    (blocks.wanted): a quarter of the bytes per draft step. The rounding changes what the head
+    proposes, never the output (rejection sampling is exact whatever q is)."""
     def blocks_of(w):
         if w.shape[0] % quantized.BLOCK:
             return w

@@ -66,13 +66,12 @@ def _load_in_memory(path: str, dtype: str, mesh_of, tokenizer_kind: str, layout)
     blocks kept where the layout reads blocks)."""
     np_dtype = store.numpy_dtype(dtype)
     with open_source(path) as source:
+        mesh = mesh_of(source.config)
         params = keymap.build_params(source.config, source.get, np_dtype)
-        if source.blocks is not None and mesh_of(source.config) is None and blocks.wanted(
-                layout, dtype):
+        if source.blocks is not None and mesh is None and blocks.wanted(layout, dtype):
             params = blocks.substitute(params, blocks.build(source.config, source.blocks, params))
         tokenizer = tokenizer_from_files(source.tokenizer_files, tokenizer_kind)
-    return Model(config=source.config, params=params, tokenizer=tokenizer, path=path,
-                 mesh=mesh_of(source.config))
+    return Model(config=source.config, params=params, tokenizer=tokenizer, path=path, mesh=mesh)
 
 
 def load_model(source: str, *, dtype: str = "float32", device=None, tp: int = 1,

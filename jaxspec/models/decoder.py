@@ -115,7 +115,7 @@ def _stack_product(rows, w: PanelStack):
 def _panels_dot(rows, data):
     """rows[M, K] (fp32) @ panels data[J, K, P] -> [M, J * P] in fp32 at full precision
     (dot_general: einsum costs more to trace, and every program traces this branch)."""
-    data = (quantized.dequantize(data) if quantized.kind(data.dtype) else data).astype(jnp.float32)
+    data = quantized.dequantize(data) if quantized.kind(data.dtype) else data.astype(jnp.float32)
     out = jax.lax.dot_general(rows, data, (((1,), (1,)), ((), ())),
                               precision=jax.lax.Precision.HIGHEST)
     return out.reshape(rows.shape[0], -1)  # [M, J, P] -> [M, J * P]
