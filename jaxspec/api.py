@@ -137,9 +137,11 @@ class SpeculativeDecoder:
         decoding) when no γ is predicted to pay; cached per model pair, device and batch
         size (rounded up to a power of two). `gamma` and `gamma_choice` say what the last
         call used.
-      mode: "dynamic" (one while loop) or "static" (fixed iterations per call; Trainium);
-        None: static on Trainium ("neuron", which refuses "dynamic"), dynamic elsewhere.
-      static_iterations: iterations per call in static mode.
+      mode: "dynamic" (one while loop), "chunked" (the same loop, the host calling it again
+        after at most `static_iterations` iterations: streaming) or "static" (exactly
+        `static_iterations` iterations per call; Trainium); None: static on Trainium
+        ("neuron", which runs only "static"), dynamic elsewhere.
+      static_iterations: iterations per call in static mode, at most per call in chunked.
       prng_impl: PRNG implementation for `jax.random.key`; None: "rbg" on Trainium, JAX's
         default elsewhere.
       device: where params live and programs run: None (JAX's default backend, the params
@@ -337,8 +339,8 @@ class SpeculativeDecoder:
         `seed`: one int for the batch (rows get distinct streams derived from it and their
         index), or one int in 0..2**32-1 per prompt: a row's sampled tokens then depend only on
         its prompt and seed, the same alone or in any batch.
-        `on_update(tokens)` receives every row's new tokens so far, after each static chunk
-        (once at the end in dynamic mode): the CLI streams text with it.
+        `on_update(tokens)` receives every row's new tokens so far, after each chunk (static
+        and chunked modes; once at the end in dynamic mode): the CLI streams text with it.
         """
         prompts, seed = self._check(prompts, max_new_tokens, temperature, top_k, top_p, seed,
                                     on_update)
@@ -358,7 +360,7 @@ class SpeculativeDecoder:
         spec = self._loop_spec(prompts, max_new_tokens, sampler)
         args = self._inputs(jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts], jnp.int32),
                             key, values, jnp.int32(max_new_tokens))
-        run = self._run_dynamic if self.mode == "dynamic" else self._run_static
+        run = self._run_dynamic if self.mode == "dynamic" else self._run_chunks
         state, compile_seconds, wall = run(spec, args, on_update)
         draft_state = state.draft_state
         state = sharding.to_host(state.replace(target_cache=None, draft_state=None))
@@ -394,24 +396,30 @@ class SpeculativeDecoder:
             on_update(new_tokens(state))
         return state, compile_seconds, wall
 
-    def _run_static(self, spec, args, on_update):
+    def _run_chunks(self, spec, args, on_update):
+        """Static or chunked mode: one program for the prefill, then one per chunk of at most
+        `static_iterations` iterations, the host calling it again until every row is done."""
         target_params, draft_params, *_, values, _ = args
+        chunked = self.mode == "chunked"
         start = time.perf_counter()
-        init = self._compile("init", loop.init_state, spec, *args)  # compiles meanwhile
-        chunk_fn = functools.partial(loop.run_static, iterations=self.static_iterations)
-        chunk = self._compile("static", chunk_fn, spec, target_params, draft_params, values,
+        init = self._compile(self.mode + " init", loop.init_chunks if chunked else
+                             loop.init_state, spec, *args)  # compiles meanwhile
+        chunk_fn = functools.partial(loop.run_chunk if chunked else loop.run_static,
+                                     iterations=self.static_iterations)
+        chunk = self._compile(self.mode, chunk_fn, spec, target_params, draft_params, values,
                               init.out_info, donate=(4,))
         init, chunk = init.result(), chunk.result()
         compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        state = init(*args)
+        carry = init(*args)
         lengths = None
         while True:
+            state = carry[0] if chunked else carry  # chunked: (state, proposal)
             done, now, rows = _snapshot(state, rows=on_update is not None)
             finished = bool(np.all(done))
             if not finished:  # dispatched first: the chunk runs while the rows are handled
                 lengths = _progressed(lengths, now)
-                state = chunk(target_params, draft_params, values, state)
+                carry = chunk(target_params, draft_params, values, carry)
             if on_update is not None:
                 on_update(rows)
             if finished:
@@ -426,11 +434,11 @@ def _snapshot(state: DecodeState, rows: bool):
 
 
 def _progressed(before: np.ndarray | None, lengths: np.ndarray) -> np.ndarray:
-    """`lengths` (i32[B], before a static chunk) after checking that the previous chunk made
+    """`lengths` (i32[B], before a chunk) after checking that the previous chunk made
     progress: every iteration adds a token to each unfinished row, so a chunk that adds none
     to any row would repeat forever."""
     if before is not None and np.array_equal(before, lengths):
-        raise RuntimeError("a static-mode chunk generated no token in any unfinished row; "
+        raise RuntimeError("a chunk generated no token in any unfinished row; "
                            "stopping instead of looping forever (a bug: please report it)")
     return lengths
 

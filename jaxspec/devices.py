@@ -92,16 +92,22 @@ def platform(device) -> str:
 def loop_defaults(platform_name: str, mode: str | None, prng_impl: str | None):
     """(mode, prng_impl) with the platform's defaults filled in for None.
 
-    Trainium ("neuron"): static mode (neuronx-cc needs static trip counts, so dynamic mode is
-    refused) and the "rbg" PRNG (threefry is not fully supported). Elsewhere: dynamic mode and
-    JAX's default PRNG.
+    Trainium ("neuron"): static mode (neuronx-cc needs static trip counts, so the while loops
+    of dynamic and chunked modes are refused) and the "rbg" PRNG (threefry is not fully
+    supported). Elsewhere: dynamic mode and JAX's default PRNG.
     """
     if platform_name != NEURON:
         return mode or "dynamic", prng_impl
-    if mode == "dynamic":
+    if mode not in (None, "static"):
         raise UserError("the neuron device runs only mode='static' (neuronx-cc needs static "
                         "loop trip counts)")
     return "static", prng_impl or "rbg"
+
+
+def streaming_mode(platform_name: str) -> str:
+    """The loop mode that streams (returns to the host every few iterations): static on
+    Trainium, chunked elsewhere (no idle iterations once every row is done)."""
+    return "static" if platform_name == NEURON else "chunked"
 
 
 def put(tree, device):

@@ -1,9 +1,9 @@
 """Command line: `python -m jaxspec.generate "prompt"` streams a model's answer to stdout.
 
 Flags follow vLLM (`--model`, `--draft`, `--num-speculative-tokens`, `--temperature`, `--top-p`,
-`--top-k`, `--seed`, `--max-new-tokens`). Text streams chunk by chunk (static loop mode, a few
-iterations per compiled call); statistics go to stderr. `--json` prints one JSON object with
-`text`, `tokens` and `stats` instead. `--device` picks the backend (default auto: neuron,
+`--top-k`, `--seed`, `--max-new-tokens`). Text streams chunk by chunk (chunked loop mode: at
+most a few iterations per compiled call; static mode on Trainium); statistics go to stderr.
+`--json` prints one JSON object with `text`, `tokens` and `stats` instead. `--device` picks the backend (default auto: neuron,
 then gpu, then cpu); `--verbose` also prints the device, the memory plan and where start-up
 time went to stderr. Bad
 input (a missing device and a run that does not fit in memory included) prints one line
@@ -26,7 +26,7 @@ from jaxspec.checkpoint.names import DEFAULT_MODEL, check_exists
 from jaxspec.drafts import registry
 from jaxspec.errors import UserError
 
-STATIC_ITERATIONS = 4  # loop iterations per compiled call: the streaming granularity
+STATIC_ITERATIONS = 8  # loop iterations per compiled call: the streaming granularity
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
 
 
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = encode_prompt(target, args.prompt, args.chat_template, system=args.system)
     draft = None if args.draft == "none" else args.draft
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
-                                 mode="static", static_iterations=STATIC_ITERATIONS,
+                                 mode=devices.streaming_mode(devices.platform(device)),
+                                 static_iterations=STATIC_ITERATIONS,
                                  device=device)
     seconds = {"model": loaded - started, "draft": time.perf_counter() - loaded}
     if args.verbose:

@@ -26,7 +26,7 @@ from jaxspec.errors import UserError
 MAX_SPECULATIVE_TOKENS = 32
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**32 - 1  # seeds are u32 words (one per row, or one for the batch)
-MODES = ("dynamic", "static")
+MODES = ("dynamic", "chunked", "static")
 
 
 def _name(arg: str, flags: bool) -> str:

@@ -22,7 +22,7 @@ the bandwidth floor, plain decoding, every draft at every γ, transformers greed
 generation; it prints Markdown tables and writes a JSON file and two plots.
 --kernel measures the CPU matmul kernel on and off in one run (jaxspec.bench_kernel): plain
 decoding, prefill and a forward step on 1 and γ + 1 tokens, v = step time ÷ 1-token step time.
---stream measures the CLI's streamed decoding (static chunks of the CLI's size, each decoded
+--stream measures the CLI's streamed decoding (its loop mode and chunk size, each chunk decoded
 and written through its TextStream) against the library's non-streaming dynamic loop, same
 prompt and draft (default: the CLI's default draft), runs interleaved.
 --startup measures whole CLI processes on the default model (jaxspec.bench_startup): the first
@@ -52,7 +52,7 @@ import sys
 from tqdm import tqdm
 
 from jaxspec import (bench, bench_batches, bench_exactness, bench_kernel, bench_startup,
-                     bench_suite, presets, tuning)
+                     bench_suite, devices, presets, tuning)
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -525,8 +525,8 @@ def stream_mode(args, target) -> dict:
     prompt = bench.prompt_ids(target, args.prompt)
     n, draft = args.max_new_tokens, None if args.draft == "none" else args.draft
     library = SpeculativeDecoder(target, draft)
-    streaming = SpeculativeDecoder(target, draft, mode="static",
-                                   static_iterations=cli.STATIC_ITERATIONS)
+    streaming = SpeculativeDecoder(target, draft, mode=devices.streaming_mode(
+        devices.platform(library.device)), static_iterations=cli.STATIC_ITERATIONS)
 
     def streamed():
         with open(os.devnull, "w", encoding="utf-8") as sink:
@@ -547,7 +547,8 @@ def stream_mode(args, target) -> dict:
     rates = {name: bench.best_median(v) for name, v in rates.items()}
     ratio = rates["cli_stream"]["median"] / rates["library"]["median"]
     return {"rates_tok_s": rates, "draft": args.draft, "gamma": library.gamma,
-            "static_iterations": cli.STATIC_ITERATIONS, "new_tokens": n,
+            "loop_mode": streaming.mode, "static_iterations": cli.STATIC_ITERATIONS,
+            "new_tokens": n,
             "same_tokens": first["library"].tokens == first["cli_stream"].tokens,
             "targets": {"stream_ratio": {"target": STREAM_TARGET, "value": ratio,
                                          "pass": ratio >= STREAM_TARGET}}}
@@ -555,8 +556,9 @@ def stream_mode(args, target) -> dict:
 
 def print_stream(r: dict) -> None:
     rates = r["rates_tok_s"]
-    print(f"draft {r['draft']} (γ {r['gamma']}), {r['new_tokens']} tokens, static chunks of "
-          f"{r['static_iterations']} iterations; identical tokens: {r['same_tokens']}")
+    print(f"draft {r['draft']} (γ {r['gamma']}), {r['new_tokens']} tokens, "
+          f"{r.get('loop_mode', 'static')} mode, {r['static_iterations']} iterations per chunk; "
+          f"identical tokens: {r['same_tokens']}")
     print("| path | tok/s best | tok/s median |\n|---|---|---|")
     for name, v in rates.items():
         print(f"| {name} | {v['best']:.1f} | {v['median']:.1f} |")

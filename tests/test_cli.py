@@ -147,7 +147,7 @@ def test_without_torch_sampling_raw_prompt(model_dir, loaded, tmp_path):
 
     import jaxspec
 
-    decoder = jaxspec.SpeculativeDecoder(loaded, mode="static",
+    decoder = jaxspec.SpeculativeDecoder(loaded, mode="chunked",
                                          static_iterations=cli_module.STATIC_ITERATIONS)
     out = decoder.generate([raw], max_new_tokens=MAX_NEW, temperature=0.8, top_k=20, top_p=0.9,
                            seed=3)

@@ -89,8 +89,11 @@ def test_neuron_defaults(monkeypatch):
     assert devices.loop_defaults("neuron", None, None) == ("static", "rbg")
     assert devices.loop_defaults("neuron", "static", "threefry2x32") == ("static",
                                                                           "threefry2x32")
-    with pytest.raises(UserError, match="static"):
-        devices.loop_defaults("neuron", "dynamic", None)
+    for mode in ("dynamic", "chunked"):  # while loops
+        with pytest.raises(UserError, match="static"):
+            devices.loop_defaults("neuron", mode, None)
+    assert [devices.streaming_mode(p) for p in ("cpu", "gpu", "neuron")] == [
+        "chunked", "chunked", "static"]
     monkeypatch.setattr(devices, "platform", lambda device: "neuron")
     decoder = jaxspec.SpeculativeDecoder(tiny_model(), "ngram", num_speculative_tokens=2)
     assert (decoder.mode, decoder.prng_impl) == ("static", "rbg")

@@ -3,10 +3,12 @@
 With no draft (γ = 0) the same body is plain autoregressive decoding: the target verifies one
 position and the "bonus" token is its ordinary next token.
 
-Two modes share `step`:
+Three modes share `step`:
   dynamic: `lax.while_loop` until every row is done (CPU, GPU, TPU);
+  chunked: the same loop, stopped after at most N iterations; the host calls again (streaming:
+           the CLI off Trainium);
   static:  a fixed number of iterations per call, done rows masked, the host calls again
-           (Trainium: neuronx-cc needs static trip counts; also used for streaming).
+           (Trainium: neuronx-cc needs static trip counts).
 The body has no `cond` of its own (a draft may have one off Trainium: drafts.lookup_first),
 no data-dependent shapes, no host callbacks and no sort.
 A row is done at an EOS id, at max_new_tokens, or when its buffer has no room for another
@@ -247,10 +249,46 @@ def run_dynamic(spec: LoopSpec, target_params, draft_params, values, state) -> D
     KV cache into and out of a conditional (measured: about 10% of an n-gram run on a
     copy-heavy prompt).
     """
-    body = functools.partial(step, spec, target_params, draft_params, values)
-    active = lambda s: jnp.any(~s.done)  # noqa: E731
+    carry = start_chunks(spec, draft_params, values, state)
+    return _iterate(spec, target_params, draft_params, values, carry, limit=None)[0]
+
+
+def init_chunks(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengths, key,
+                values: SamplingValues, max_new_tokens):
+    """init_state, as the carry of run_chunk (chunked mode's first program)."""
+    state = init_state(spec, target_params, draft_params, prompt, prompt_lengths, key, values,
+                       max_new_tokens)
+    return start_chunks(spec, draft_params, values, state)
+
+
+def start_chunks(spec: LoopSpec, draft_params, values, state: DecodeState):
+    """The carry of `run_chunk`: (state, the next iteration's proposal, or None for a draft
+    that never declines)."""
     if not getattr(spec.draft, "declines", False):
-        return jax.lax.while_loop(active, body, state)
+        return state, None
+    return _proposed(spec, draft_params, values, state)
+
+
+def run_chunk(spec: LoopSpec, target_params, draft_params, values, carry, *,
+              iterations: int):
+    """`run_dynamic` for at most `iterations` iterations (fewer when every row is done first):
+    chunked mode, the host calls again with the returned carry (start_chunks). The carried
+    proposal makes the chunks' iterations exactly those of one run_dynamic."""
+    limit = carry[0].step + iterations
+    return _iterate(spec, target_params, draft_params, values, carry, limit=limit)
+
+
+def _iterate(spec: LoopSpec, target_params, draft_params, values, carry, limit):
+    """run_dynamic's loops over carry (state, proposal) until every row is done or the
+    state's step count reaches `limit` (None: no limit)."""
+    body = functools.partial(step, spec, target_params, draft_params, values)
+
+    def active(s):
+        running = jnp.any(~s.done)
+        return running if limit is None else running & (s.step < limit)
+
+    if carry[1] is None:
+        return jax.lax.while_loop(lambda c: active(c[0]), lambda c: (body(c[0]), None), carry)
     proposed = functools.partial(_proposed, spec, draft_params, values)
 
     def nothing_proposed(carry):
@@ -265,7 +303,7 @@ def run_dynamic(spec: LoopSpec, target_params, draft_params, values, state) -> D
         s, p = carry
         return jax.lax.while_loop(nothing_proposed, one_position, proposed(body(s, proposal=p)))
 
-    return jax.lax.while_loop(lambda c: active(c[0]), outer, proposed(state))[0]
+    return jax.lax.while_loop(lambda c: active(c[0]), outer, carry)
 
 
 def _proposed(spec: LoopSpec, draft_params, values, state: DecodeState):

@@ -223,25 +223,33 @@ def test_eos_in_sampled_mode(target, draft, reference, decoders):
 
 # --- static mode, seeds, statistics --------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["static", "chunked"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_static_mode_equals_dynamic_mode(target, draft, reference, decoders, sampled):
+def test_chunks_equal_dynamic_mode(target, draft, reference, decoders, sampled, mode):
+    """Static and chunked modes (3 iterations per call) make the dynamic loop's tokens and
+    statistics; chunked mode also runs its iterations exactly (none after the last row is
+    done), and both stream prefixes of the final tokens."""
     kwargs = dict(SAMPLED, seed=5) if sampled else {}
     dynamic = decoders(target, draft, 3).generate(PROMPTS, max_new_tokens=MAX_NEW, **kwargs)
     updates = []
-    static = decoders(target, draft, 3, mode="static", static_iterations=3).generate(
+    chunks = decoders(target, draft, 3, mode=mode, static_iterations=3).generate(
         PROMPTS, max_new_tokens=MAX_NEW, on_update=updates.append, **kwargs)
-    assert static.tokens == dynamic.tokens
+    assert chunks.tokens == dynamic.tokens
     if not sampled:
-        assert static.tokens == reference
+        assert chunks.tokens == reference
     for key in ("rows", "accepted_per_position", "draft_tokens_accepted", "new_tokens"):
-        assert static.stats[key] == dynamic.stats[key], key
-    check_stats(static, 3, MAX_NEW, chunk=3)
+        assert chunks.stats[key] == dynamic.stats[key], key
+    check_stats(chunks, 3, MAX_NEW, chunk=3 if mode == "static" else None)
     check_stats(dynamic, 3, MAX_NEW)
+    if mode == "chunked":
+        for key in ("target_forward_calls", "draft_forward_calls"):
+            assert chunks.stats[key] == dynamic.stats[key], key
     # streaming: several chunks, each a prefix of the final tokens, the last one complete
-    assert len(updates) >= 3
+    iterations = dynamic.stats["target_forward_calls"] - 1
+    assert len(updates) == 2 + (iterations - 1) // 3  # after the prefill and every chunk
     for update in updates:
-        assert all(final[: len(part)] == part for part, final in zip(update, static.tokens))
-    assert updates[-1] == static.tokens
+        assert all(final[: len(part)] == part for part, final in zip(update, chunks.tokens))
+    assert updates[-1] == chunks.tokens
 
 
 def test_seeds(target, draft, decoders):

@@ -53,7 +53,7 @@ def _decoder(target, head, gamma, threshold=0.0, mode="dynamic"):
 
 @pytest.mark.parametrize("gamma,threshold,mode", [
     (1, 0.0, "dynamic"), (3, 0.0, "dynamic"), (5, 0.0, "static"), (3, 0.4, "dynamic"),
-    (4, 0.9, "dynamic")])
+    (3, 0.4, "chunked"), (4, 0.9, "dynamic")])
 def test_greedy_output_equals_plain_greedy(target, head, gamma, threshold, mode):
     """Token for token, with stops at EOS, rows of different lengths, and a head that stops
     proposing when unsure (threshold > 0: the dynamic loop then skips verifies)."""

@@ -76,7 +76,8 @@ def head(successor_trained):
     return config, params
 
 
-@pytest.mark.parametrize("gamma,mode", [(2, "dynamic"), (4, "dynamic"), (3, "static")])
+@pytest.mark.parametrize("gamma,mode", [(2, "dynamic"), (4, "dynamic"), (3, "static"),
+                                        (3, "chunked")])
 def test_greedy_output_equals_plain_greedy(target, head, gamma, mode):
     """Token for token with the trained head as the fallback, on prompts that repeat (the
     lookup proposes) and prompts that do not (the head does), rows of different lengths."""
