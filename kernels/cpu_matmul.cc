@@ -22,17 +22,16 @@
 //
 // ISA: AVX-512F or AVX2 + FMA, chosen at run time (jaxspec_small_m_isa says which; Python falls
 // back to XLA's dot when it is 0). Panels are shared between the caller and XLA's intra-op
-// thread pool (at most jaxspec_small_m_set_threads threads in all).
+// thread pool (cpu_threads.h: at most jaxspec_small_m_set_threads threads in all).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
+#include "cpu_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -312,39 +311,13 @@ void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
 
 // ---------------------------------------------------------------- threads
 
-// Ranges of panels claimed by the caller and by helpers scheduled on XLA's own intra-op
-// thread pool (a second pool would fight XLA's threads for the same cores between products).
-// A helper that starts late finds every range claimed and returns at once; the caller waits
-// only for ranges in progress.
-struct Shared {
-  Problem p;
-  int64_t per_range;
-  int64_t ranges;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-
-  void claim_all() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ranges;) {
-      run_panels(p, i * per_range, std::min((i + 1) * per_range, p.N / kPanel));
-      finished.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-int max_threads = 8;
-
 void run(const Problem& p, ffi::ThreadPool& pool) {
   const int64_t panels = p.N / kPanel;
-  const int64_t threads = std::min<int64_t>(pool.num_threads() + 1, max_threads);
+  const int64_t threads = jaxspec::usable_threads(pool);
   // Fewer than 4 panels per thread: synchronising costs more than it saves.
   if (threads <= 1 || panels < 4 * threads) return run_panels(p, 0, panels);
-  auto shared = std::make_shared<Shared>();
-  shared->p = p;
-  shared->per_range = (panels + threads - 1) / threads;
-  shared->ranges = (panels + shared->per_range - 1) / shared->per_range;
-  for (int64_t i = 1; i < shared->ranges; ++i) pool.Schedule([shared] { shared->claim_all(); });
-  shared->claim_all();
-  while (shared->finished.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
+  jaxspec::parallel_ranges(pool, panels, threads,
+                           [&p](int64_t begin, int64_t end) { run_panels(p, begin, end); });
 }
 
 // The panels' format from their element type and shape (kF32 with ok = false: not panels of
@@ -422,8 +395,8 @@ extern "C" int jaxspec_small_m_set_isa(int level) {
   return isa->level;
 }
 
-// At most this many threads (the caller's included) share one product.
+// At most this many threads (the caller's included) share one product or attention.
 extern "C" int jaxspec_small_m_set_threads(int threads) {
-  max_threads = threads < 1 ? 1 : threads;
-  return max_threads;
+  jaxspec::max_threads = threads < 1 ? 1 : threads;
+  return jaxspec::max_threads;
 }

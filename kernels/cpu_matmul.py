@@ -15,9 +15,10 @@ panels (the decoder's scanned layer loop: each layer's buffer is read where it l
 GGUF Q4_1 or Q8_0 blocks (uint8 / int8, jaxspec.models.quantized) are dequantized as gguf does
 while they are read: the bits of the fp32 panels of the same weights, a fifth of the bytes.
 
-The library is compiled once with the system C++ compiler (`$CXX`, else `c++`) into
-`$JAXSPEC_CACHE/kernels/`, under a name that hashes the source, the jaxlib version and the
-compiler, so an upgrade rebuilds it. Without a compiler, on a CPU without AVX2 + FMA, or when
+The same library holds the CPU decode-attention kernel (`cpu_attention.cc`,
+kernels.cpu_attention) and the threading both share (`cpu_threads.h`). It is compiled once
+with the system C++ compiler (`$CXX`, else `c++`) into `$JAXSPEC_CACHE/kernels/`, under a name
+that hashes the sources, the jaxlib version and the compiler, so an upgrade rebuilds it. Without a compiler, on a CPU without AVX2 + FMA, or when
 building or loading fails, `available()` is False, one line on stderr says why, and the decoder
 uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla` turns the kernel off (the CPU layout then keeps plain
 weights), `JAXSPEC_CPU_MATMUL=avx2` keeps it to AVX2 where AVX-512 is present (its results are
@@ -40,10 +41,14 @@ ENV = "JAXSPEC_CPU_MATMUL"
 THREADS_ENV = "JAXSPEC_MATMUL_THREADS"
 TARGET = "jaxspec_small_m_matmul"
 INDEXED_TARGET = "jaxspec_small_m_matmul_indexed"
-TARGETS = (TARGET, INDEXED_TARGET)  # the FFI targets (one per handler in the source)
+ATTENTION_TARGET = "jaxspec_decode_attention"  # cpu_attention.cc (kernels.cpu_attention)
+TARGETS = (TARGET, INDEXED_TARGET, ATTENTION_TARGET)  # the FFI targets (one per handler)
 CACHE_FOLDER = "kernels"  # in $JAXSPEC_CACHE
 PANEL = 64  # columns per panel (kPanel in the source; models.layout.PANEL)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_HERE, "cpu_matmul.cc")
+SOURCES = (SOURCE, os.path.join(_HERE, "cpu_attention.cc"))  # one library
+HEADERS = (os.path.join(_HERE, "cpu_threads.h"),)
 
 
 def compiler() -> str | None:
@@ -63,9 +68,12 @@ def library_path(cxx: str) -> str:
 
     from jaxspec.paths import cache_dir
 
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + cxx.encode()
-                             + " ".join(FLAGS).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        with open(name, "rb") as f:
+            digest.update(f.read())
+    digest.update(jaxlib.__version__.encode() + cxx.encode() + " ".join(FLAGS).encode())
+    key = digest.hexdigest()
     return os.path.join(cache_dir(), CACHE_FOLDER, f"cpu_matmul-{key[:16]}.so")
 
 
@@ -77,12 +85,13 @@ def build(cxx: str, path: str) -> None:
     from jaxspec.paths import writable_cache_dir
 
     writable_cache_dir(CACHE_FOLDER)
-    print(f"jaxspec: building the CPU matmul kernel (once, a few seconds) into {path}",
+    print(f"jaxspec: building the CPU kernels (once, a few seconds) into {path}",
           file=sys.stderr, flush=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial, "-lpthread"]
+        command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_HERE}", *SOURCES, "-o",
+                   partial, "-lpthread"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]

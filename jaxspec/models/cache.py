@@ -29,6 +29,9 @@ class KVCache:
     k: jax.Array  # [L, B, K, S_max, Dh]
     v: jax.Array  # [L, B, K, Dh, S_max] (values_slots_last) or [L, B, K, S_max, Dh]
     values_slots_last: bool = pytree.static(default=True)
+    # attention through the CPU decode-attention kernel where it fits (the CPU layout with
+    # panels: one device, unsharded; kernels.cpu_attention)
+    cpu_kernel: bool = pytree.static(default=False)
 
     @property
     def max_len(self) -> int:
@@ -47,7 +50,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: Lay
     keys = heads + (max_len, config.head_dim)
     values = heads + (config.head_dim, max_len) if layout.values_slots_last else keys
     return KVCache(k=jnp.zeros(keys, dtype), v=jnp.zeros(values, dtype),
-                   values_slots_last=layout.values_slots_last)
+                   values_slots_last=layout.values_slots_last, cpu_kernel=layout.panels)
 
 
 def write(cache: KVCache, layer: int, positions: jax.Array, k: jax.Array,

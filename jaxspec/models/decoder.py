@@ -191,12 +191,27 @@ def project_qkv(config, layer, x, rope_cs):
 
 
 def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index):
-    """One attention block on x[B, T, D]; writes this layer's keys/values into the cache."""
+    """One attention block on x[B, T, D]; writes this layer's keys/values into the cache.
+    `mask` is attention_mask(config, positions, S) (the CPU kernel derives it from positions)."""
+    from jaxspec.kernels import cpu_attention
+
     B, T, _ = x.shape
     q, k, v = project_qkv(config, layer, x, rope_cs)
     cache = kv.write(cache, index, positions, k, v)
+    q = q.astype(cache.k.dtype)  # an fp32 cache (models.layout) makes attention fp32
+    if cache.cpu_kernel and cpu_attention.fits(q, cache.k, cache.v, cache.values_slots_last):
+        # decode steps and verifies on CPU: the layer's visible slots, read in place
+        out = cpu_attention.attend(q, cache.k, cache.v, index, positions, config.sliding_window)
+    else:
+        out = _attention_xla(config, q, cache, index, mask)
+    out = out.reshape(B, T, config.num_heads * config.head_dim).astype(x.dtype)  # [B, T, H * Dh]
+    return dense(out, layer["wo"]), cache
+
+
+def _attention_xla(config, q, cache: KVCache, index, mask):
+    """q[B, T, K, G, Dh] over the cache's layer `index` where mask[B, T, S] allows: [B, T, K, G,
+    Dh] (XLA's batched dots over every slot)."""
     keys, values = cache.k[index], cache.v[index]  # [B, K, S, Dh]; [B, K, Dh, S] or [B, K, S, Dh]
-    q = q.astype(keys.dtype)  # an fp32 cache (models.layout) makes attention fp32
     # The cache is each product's left operand and the T·G query rows its right one: XLA:CPU
     # then computes a query row's numbers the same way whatever T is, so a verified position
     # equals a one-token step bit for bit (with the query rows on the left they differed by an
@@ -206,9 +221,7 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     values_spec = "BKDS" if cache.values_slots_last else "BKSD"
-    out = einsum(f"{values_spec},BKGTS->BTKGD", values, weights)
-    out = out.reshape(B, T, config.num_heads * config.head_dim).astype(x.dtype)  # [B, T, H * Dh]
-    return dense(out, layer["wo"]), cache
+    return einsum(f"{values_spec},BKGTS->BTKGD", values, weights)
 
 
 def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:

@@ -20,7 +20,9 @@ One place decides, from the platform the params will live on, what differs betwe
                       fp32 first). Only when the kernel is available. A GGUF checkpoint's
                       Q4_1 and Q8_0 weights come as Panels of their blocks instead, where
                       fp32 params are loaded for the kernel (jaxspec.checkpoint.blocks);
-                      this policy leaves them as they are.
+                      this policy leaves them as they are. The KV caches of this layout also
+                      take decode steps' attention to the CPU decode-attention kernel
+                      (jaxspec.kernels.cpu_attention: each layer's visible slots, read in place).
   fp32_cache          the KV cache is fp32 whatever the params' dtype (CPU: XLA:CPU widens a
                       bf16 cache write to fp32 and back over the whole cache, at every layer of
                       every step: a bf16 step of the default model at 2,048 slots took 5.5x
@@ -60,7 +62,8 @@ class Layout:
     name: str
     output_copy: bool  # tied models carry lm_head [D, V] = embed.T
     values_slots_last: bool  # value cache [L, B, K, Dh, S] instead of [L, B, K, S, Dh]
-    panels: bool = False  # fp32/bf16 projections packed as Panels for the CPU small-M kernel
+    panels: bool = False  # fp32/bf16 projections packed as Panels for the CPU small-M kernel,
+    # and attention of decode steps through the CPU decode-attention kernel (models.cache)
     fp32_cache: bool = False  # the KV cache in fp32 whatever the params' dtype
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import tiny_model
 
-from jaxspec.kernels import cpu_matmul
+from jaxspec.kernels import cpu_attention, cpu_matmul
 from jaxspec.models import decoder, layout
 from jaxspec.models.cache import init_cache
 
@@ -36,7 +36,7 @@ def lowered_forward(policy, dtype, tokens_per_row=3):
     """The StableHLO text of a tiny 2-layer forward of 2 rows in `policy`."""
     m = tiny_model(layers=2, tied=True)
     params = layout.apply(policy, jax.tree.map(lambda a: a.astype(dtype), m.params), tied=True)
-    cache = init_cache(m.config, 2, 32, dtype, policy)  # [L, B=2, K, S=32, Dh]
+    cache = init_cache(m.config, 2, 64, dtype, policy)  # [L, B=2, K, S=64, Dh]
     shape = (2, tokens_per_row)
     tokens, positions = jnp.ones(shape, jnp.int32), jnp.broadcast_to(jnp.arange(shape[1]), shape)
 
@@ -47,19 +47,25 @@ def lowered_forward(policy, dtype, tokens_per_row=3):
 
 
 @pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU matmul kernel is unavailable")
-@pytest.mark.parametrize("tokens_per_row", [1, 9])
+@pytest.mark.parametrize("tokens_per_row", [1, 9, cpu_attention.MAX_POSITIONS + 1])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_policy_sends_projections_to_the_kernel(tokens_per_row, dtype):
-    """Every projection and the output layer go through the kernel (fp32 and bf16 weights),
-    attention stays XLA's. The layers are one scanned body: its 4 projections pick their
-    layer's panels at run time."""
+    """Every projection and the output layer go through the matmul kernel (fp32 and bf16
+    weights); attention through the decode-attention kernel up to MAX_POSITIONS positions (a
+    step or a verify), XLA's two dots for a longer prefill. The layers are one scanned body:
+    its 4 projections pick their layer's panels at run time."""
     text = lowered_forward(layout.CPU, dtype, tokens_per_row)
-    calls = re.findall(r"@(jaxspec_small_m_matmul\w*)\(", text)
-    assert Counter(calls) == {cpu_matmul.INDEXED_TARGET: 4, cpu_matmul.TARGET: 1}
-    assert len(re.findall(r"stablehlo\.dot_general", text)) == 2  # scores, values
+    calls = re.findall(r"@(jaxspec_\w*)\(", text)
+    decode = tokens_per_row <= cpu_attention.MAX_POSITIONS
+    assert Counter(calls) == {cpu_matmul.INDEXED_TARGET: 4, cpu_matmul.TARGET: 1,
+                              **({cpu_matmul.ATTENTION_TARGET: 1} if decode else {})}
+    dots = len(re.findall(r"stablehlo\.dot_general", text))
+    assert dots == (0 if decode else 2)  # scores, values
 
 
 def test_other_policies_never_use_the_kernel():
-    """The accelerator policy never packs; cpu-xla keeps XLA's dot."""
-    assert cpu_matmul.TARGET not in lowered_forward(layout.ACCELERATOR, jnp.float32)
-    assert cpu_matmul.TARGET not in lowered_forward(layout.CPU_XLA, jnp.bfloat16)
+    """The accelerator policy never packs; cpu-xla keeps XLA's dots (attention's too)."""
+    for policy, dtype in ((layout.ACCELERATOR, jnp.float32), (layout.CPU_XLA, jnp.bfloat16),
+                          (layout.CPU_XLA, jnp.float32)):
+        text = lowered_forward(policy, dtype, 1)
+        assert "@jaxspec_" not in text

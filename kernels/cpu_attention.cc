@@ -1,0 +1,201 @@
+// Decode attention for CPU, reading one layer of the stacked KV cache in place: for the few
+// query rows of a decode step or a verify,
+//   out[b, t, k, g] = softmax_s(q[b, t, k, g] . keys[layer, b, k, s] / sqrt(Dh)) values[.., s]
+// over the slots s the query at positions[b, t] may see (s <= position, and with a sliding
+// window W, s > position - W: models.decoder.attention_mask). Built into the same library as
+// cpu_matmul.cc (custom call "jaxspec_decode_attention").
+//
+// Why: the decoder's layers run as one lax.scan whose carry holds the cache of every layer
+// [L, B, K, S, Dh]; XLA:CPU copied the scanned layer's keys and values out of it before its
+// batched dots, every layer of every step, and the dots then ran over all S slots. At 448 new
+// tokens on SmolLM2-135M those copies were a third of a decode step. Here a row reads only its
+// visible slots, where they lie.
+//
+// Every query row is computed alone, in a fixed order that depends only on its own q, position
+// and the cache: scores for 8 slots at a time (each a dot over Dh in d order, then one
+// horizontal-sum tree for all lanes), their max, exp(score - max) (one polynomial, exp8),
+// their sum in slot order, weights = e / sum, then each output element sums weight x value in
+// slot order. So a row's result is bit-identical whatever the number of rows, the thread or
+// the other rows: a verify of gamma + 1 positions computes exactly what gamma + 1 one-token
+// steps compute. AVX2 + FMA (the library loads only where they exist).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+
+#define JAXSPEC_AVX2 __attribute__((target("avx2,fma")))
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r,
+// times 2^n); exactly 0 below -87 (where 2^n would leave the normal range).
+JAXSPEC_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+// Lane i = the sum of a[i]'s lanes, by the same tree for every lane.
+JAXSPEC_AVX2 inline __m256 sums8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Lanes [0, n) set (n in 0..8).
+JAXSPEC_AVX2 inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+struct Problem {
+  const float* q;         // [B, T, K, G, Dh]
+  const float* keys;      // [L, B, K, S, Dh]
+  const float* values;    // [L, B, K, Dh, S]
+  const int32_t* positions;  // [B, T]
+  float* out;             // [B, T, K, G, Dh]
+  int64_t layer, B, T, K, G, S, Dh, window;  // window 0: none
+};
+
+// One query row q[Dh] over the n visible slots of keys[n, Dh] / values[Dh, S] (both already at
+// the first visible slot): out[Dh]. w: scratch of n rounded up to 8 floats.
+JAXSPEC_AVX2 void attend_row(const float* q, const float* keys, const float* values, int64_t n,
+                             int64_t S, int64_t Dh, float* w, float* out) {
+  const int64_t chunks = Dh / kLanes;
+  const __m256 scale = _mm256_set1_ps(std::sqrt(static_cast<float>(Dh)));
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // scores, 8 slots at a time
+    __m256 acc[kLanes];
+    for (int i = 0; i < kLanes; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      if (j0 + i >= n) continue;
+      const float* k = keys + (j0 + i) * Dh;
+      acc[i] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+      for (int64_t c = 1; c < chunks; ++c)
+        acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * kLanes), _mm256_loadu_ps(k + c * kLanes),
+                                 acc[i]);
+    }
+    const __m256 s = _mm256_div_ps(sums8(acc), scale);
+    const __m256 valid = _mm256_castsi256_ps(first_lanes(n - j0));
+    top = _mm256_max_ps(top, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, valid));
+    _mm256_storeu_ps(w + j0, s);
+  }
+  alignas(32) float lanes[kLanes];
+  _mm256_store_ps(lanes, top);
+  const float m = *std::max_element(lanes, lanes + kLanes);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // e = exp(s - max), 0 past n
+    const __m256 valid = _mm256_castsi256_ps(first_lanes(n - j0));
+    const __m256 e = _mm256_and_ps(
+        valid, exp8(_mm256_sub_ps(_mm256_loadu_ps(w + j0), _mm256_set1_ps(m))));
+    total = _mm256_add_ps(total, e);
+    _mm256_storeu_ps(w + j0, e);
+  }
+  __m256 parts[kLanes] = {total, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                          _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                          _mm256_setzero_ps()};
+  const __m256 sum = _mm256_set1_ps(_mm256_cvtss_f32(sums8(parts)));
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes)
+    _mm256_storeu_ps(w + j0, _mm256_div_ps(_mm256_loadu_ps(w + j0), sum));
+  for (int64_t d0 = 0; d0 < Dh; d0 += kLanes) {  // out[d] = sum_j w[j] values[d, j]
+    __m256 acc[kLanes];
+    for (int i = 0; i < kLanes; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+      const __m256 wv = _mm256_loadu_ps(w + j0);  // 0 past n
+      const __m256i valid = first_lanes(n - j0);
+      for (int i = 0; i < kLanes; ++i)
+        acc[i] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(values + (d0 + i) * S + j0, valid),
+                                 acc[i]);
+    }
+    _mm256_storeu_ps(out + d0, sums8(acc));
+  }
+}
+
+// Rows (b, t, k, every g) for items [begin, end) of B x T x K.
+void run_items(const Problem& p, int64_t begin, int64_t end) {
+  thread_local std::vector<float> w;
+  w.resize((p.S + kLanes - 1) / kLanes * kLanes);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t k = item % p.K, t = item / p.K % p.T, b = item / (p.K * p.T);
+    const int64_t position = p.positions[b * p.T + t];
+    const int64_t hi = std::min(position, p.S - 1);
+    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, position - p.window + 1) : 0;
+    const int64_t head = (p.layer * p.B + b) * p.K + k;  // [L, B, K] index of the cache
+    const int64_t row = ((b * p.T + t) * p.K + k) * p.G;  // first of the G query rows
+    for (int64_t g = 0; g < p.G; ++g) {
+      float* out = p.out + (row + g) * p.Dh;
+      if (hi < lo) {  // nothing visible (never for a real position): zeros
+        std::fill(out, out + p.Dh, 0.0f);
+        continue;
+      }
+      attend_row(p.q + (row + g) * p.Dh, p.keys + (head * p.S + lo) * p.Dh,
+                 p.values + head * p.Dh * p.S + lo, hi - lo + 1, p.S, p.Dh, w.data(), out);
+    }
+  }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> positions,
+                           int64_t window, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
+  auto pd = positions.dimensions();
+  const bool ok = qd.size() == 5 && kd.size() == 5 && vd.size() == 5 && pd.size() == 2 &&
+                  layer.element_count() == 1 && kd[1] == qd[0] && kd[2] == qd[2] &&
+                  kd[4] == qd[4] && qd[4] % kLanes == 0 && vd[0] == kd[0] && vd[1] == kd[1] &&
+                  vd[2] == kd[2] && vd[3] == kd[4] && vd[4] == kd[3] && pd[0] == qd[0] &&
+                  pd[1] == qd[1];
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "jaxspec decode attention: expected q[B, T, K, G, Dh] (Dh a multiple of 8), keys[L, B, "
+        "K, S, Dh], values[L, B, K, Dh, S], layer i32[], positions i32[B, T]");
+  const int64_t index = *layer.typed_data();
+  if (index < 0 || index >= kd[0])
+    return ffi::Error::InvalidArgument("jaxspec decode attention: layer out of range");
+  Problem p{q.typed_data(), keys.typed_data(), values.typed_data(), positions.typed_data(),
+            out->typed_data(), index, qd[0], qd[1], qd[2], qd[3], kd[3], qd[4], window};
+  const int64_t items = p.B * p.T * p.K;
+  // Split only work worth a synchronisation: about 8 rows of 512 visible slots.
+  const int64_t threads = items * p.G * p.S >= 4096 ? jaxspec::usable_threads(pool) : 1;
+  jaxspec::parallel_ranges(pool, items, std::min(threads, items),
+                           [&p](int64_t begin, int64_t end) { run_items(p, begin, end); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_decode_attention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
