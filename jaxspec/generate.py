@@ -3,9 +3,9 @@
 Flags follow vLLM (`--model`, `--draft`, `--num-speculative-tokens`, `--temperature`, `--top-p`,
 `--top-k`, `--seed`, `--max-new-tokens`). Text streams chunk by chunk (chunked loop mode: at
 most a few iterations per compiled call; static mode on Trainium); statistics go to stderr.
-`--json` prints one JSON object with `text`, `tokens` and `stats` instead. `--device` picks the backend (default auto: neuron,
-then gpu, then cpu); `--verbose` also prints the device, the memory plan and where start-up
-time went to stderr. Bad
+`--json` prints one JSON object with `text`, `tokens` and `stats` instead. `--device` picks the
+backend (default auto: neuron, then gpu, then cpu); `--verbose` also prints the device, the
+memory plan and where start-up time went to stderr. Bad
 input (a missing device and a run that does not fit in memory included) prints one line
 `error: ...` and exits 2.
 
@@ -26,7 +26,10 @@ from jaxspec.checkpoint.names import DEFAULT_MODEL, check_exists
 from jaxspec.drafts import registry
 from jaxspec.errors import UserError
 
-STATIC_ITERATIONS = 8  # loop iterations per compiled call: the streaming granularity
+# Loop iterations per compiled call while streaming, by loop mode (devices.streaming_mode): at
+# most 8 in chunked mode (a call stops once every row is done); exactly 4 in static mode
+# (Trainium: idle iterations after the last row is done, and a longer program to compile).
+STREAM_ITERATIONS = {"chunked": 8, "static": 4}
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
 
 
@@ -206,9 +209,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     prompt = encode_prompt(target, args.prompt, args.chat_template, system=args.system)
     draft = None if args.draft == "none" else args.draft
+    mode = devices.streaming_mode(devices.platform(device))
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
-                                 mode=devices.streaming_mode(devices.platform(device)),
-                                 static_iterations=STATIC_ITERATIONS,
+                                 mode=mode, static_iterations=STREAM_ITERATIONS[mode],
                                  device=device)
     seconds = {"model": loaded - started, "draft": time.perf_counter() - loaded}
     if args.verbose:

@@ -14,8 +14,8 @@
 // Every query row is computed alone, in a fixed order that depends only on its own q, position
 // and the cache: scores for 8 slots at a time (each a dot over Dh in d order, then one
 // horizontal-sum tree for all lanes), their max, exp(score - max) (one polynomial, exp8),
-// their sum in slot order, weights = e / sum, then each output element sums weight x value in
-// slot order. So a row's result is bit-identical whatever the number of rows, the thread or
+// their sum (8 running sums in slot order, then one tree), weights = e / sum, then each output
+// element sums weight x value the same way. So a row's result is bit-identical whatever the number of rows, the thread or
 // the other rows: a verify of gamma + 1 positions computes exactly what gamma + 1 one-token
 // steps compute. AVX2 + FMA (the library loads only where they exist).
 
@@ -41,7 +41,7 @@ constexpr int kLanes = 8;
 // times 2^n); exactly 0 below -87 (where 2^n would leave the normal range).
 JAXSPEC_AVX2 inline __m256 exp8(__m256 x) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // NaN stays NaN (max returns its 2nd operand)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -167,7 +167,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   auto pd = positions.dimensions();
   const bool ok = qd.size() == 5 && kd.size() == 5 && vd.size() == 5 && pd.size() == 2 &&
                   layer.element_count() == 1 && kd[1] == qd[0] && kd[2] == qd[2] &&
-                  kd[4] == qd[4] && qd[4] % kLanes == 0 && vd[0] == kd[0] && vd[1] == kd[1] &&
+                  kd[4] == qd[4] && qd[4] > 0 && qd[4] % kLanes == 0 && vd[0] == kd[0] && vd[1] == kd[1] &&
                   vd[2] == kd[2] && vd[3] == kd[4] && vd[4] == kd[3] && pd[0] == qd[0] &&
                   pd[1] == qd[1];
   if (!ok)

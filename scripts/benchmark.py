@@ -525,8 +525,9 @@ def stream_mode(args, target) -> dict:
     prompt = bench.prompt_ids(target, args.prompt)
     n, draft = args.max_new_tokens, None if args.draft == "none" else args.draft
     library = SpeculativeDecoder(target, draft)
-    streaming = SpeculativeDecoder(target, draft, mode=devices.streaming_mode(
-        devices.platform(library.device)), static_iterations=cli.STATIC_ITERATIONS)
+    mode = devices.streaming_mode(devices.platform(library.device))
+    streaming = SpeculativeDecoder(target, draft, mode=mode,
+                                   static_iterations=cli.STREAM_ITERATIONS[mode])
 
     def streamed():
         with open(os.devnull, "w", encoding="utf-8") as sink:
@@ -547,7 +548,7 @@ def stream_mode(args, target) -> dict:
     rates = {name: bench.best_median(v) for name, v in rates.items()}
     ratio = rates["cli_stream"]["median"] / rates["library"]["median"]
     return {"rates_tok_s": rates, "draft": args.draft, "gamma": library.gamma,
-            "loop_mode": streaming.mode, "static_iterations": cli.STATIC_ITERATIONS,
+            "loop_mode": mode, "static_iterations": cli.STREAM_ITERATIONS[mode],
             "new_tokens": n,
             "same_tokens": first["library"].tokens == first["cli_stream"].tokens,
             "targets": {"stream_ratio": {"target": STREAM_TARGET, "value": ratio,

@@ -65,7 +65,7 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
         draft_state = spec.draft.prefill(draft_params, draft_state, prompt, prompt_lengths,
                                          captured)
     stats = Stats(iterations=jnp.zeros((B,), jnp.int32), proposed=jnp.zeros((B,), jnp.int32),
-                  accepted=jnp.zeros((B,), jnp.int32),
+                  verified=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
                   accepted_per_position=jnp.zeros((B, spec.gamma), jnp.int32))
     max_new = jnp.asarray(max_new_tokens, jnp.int32)
     lengths = prompt_lengths + 1
@@ -133,7 +133,8 @@ def step(spec: LoopSpec, target_params, draft_params, values: SamplingValues,
             committed=count, active=~state.done, hidden=captured))
     # 5. commit with masks; caches are not copied or rolled back
     state = state.replace(target_cache=target_cache, draft_state=draft_state)
-    return _commit(spec, state, n, out, count, eos_stop, proposed)
+    verified = 1 if one_position else gamma + 1  # positions the target computed per row
+    return _commit(spec, state, n, out, count, eos_stop, proposed, verified)
 
 
 def _propose(spec: LoopSpec, draft_params, values, state: DecodeState):
@@ -213,9 +214,10 @@ def _appended(spec: LoopSpec, state: DecodeState, n, out):
     return count, first_eos < count
 
 
-def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop,
-            proposed) -> DecodeState:
-    """Append count[b] of out's tokens to row b; update lengths, done flags and statistics."""
+def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop, proposed,
+            verified: int) -> DecodeState:
+    """Append count[b] of out's tokens to row b; update lengths, done flags and statistics
+    (`verified`: the positions the target computed per row this iteration)."""
     B, width = out.shape
     iota = jnp.arange(width, dtype=jnp.int32)[None]  # [1, γ+1]
     active = ~state.done
@@ -231,6 +233,7 @@ def _commit(spec: LoopSpec, state: DecodeState, n, out, count, eos_stop,
     stats = Stats(
         iterations=stats.iterations + active,
         proposed=stats.proposed + jnp.where(active, proposed, 0),
+        verified=stats.verified + jnp.where(active, verified, 0),
         accepted=stats.accepted + jnp.where(active, n, 0),
         accepted_per_position=stats.accepted_per_position
         + (active[:, None] & (iota[:, :-1] < n[:, None])),
@@ -273,14 +276,16 @@ def run_chunk(spec: LoopSpec, target_params, draft_params, values, carry, *,
               iterations: int):
     """`run_dynamic` for at most `iterations` iterations (fewer when every row is done first):
     chunked mode, the host calls again with the returned carry (start_chunks). The carried
-    proposal makes the chunks' iterations exactly those of one run_dynamic."""
+    proposal, and resuming inside run_dynamic's inner loop where a chunk stopped in it, make
+    the chunks' iterations exactly those of one run_dynamic."""
     limit = carry[0].step + iterations
     return _iterate(spec, target_params, draft_params, values, carry, limit=limit)
 
 
 def _iterate(spec: LoopSpec, target_params, draft_params, values, carry, limit):
     """run_dynamic's loops over carry (state, proposal) until every row is done or the
-    state's step count reaches `limit` (None: no limit)."""
+    state's step count reaches `limit` (None: no limit, from the first iteration; else
+    resuming after `carry[0].step` iterations)."""
     body = functools.partial(step, spec, target_params, draft_params, values)
 
     def active(s):
@@ -303,6 +308,9 @@ def _iterate(spec: LoopSpec, target_params, draft_params, values, carry, limit):
         s, p = carry
         return jax.lax.while_loop(nothing_proposed, one_position, proposed(body(s, proposal=p)))
 
+    if limit is not None:  # after a step, run_dynamic is in (or tests) its inner loop
+        carry = jax.lax.while_loop(lambda c: (c[0].step > 0) & nothing_proposed(c),
+                                   one_position, carry)
     return jax.lax.while_loop(lambda c: active(c[0]), outer, carry)
 
 

@@ -62,6 +62,8 @@ class Stats:
 
     iterations: jax.Array  # [B] verify steps while the row was active
     proposed: jax.Array  # [B] draft tokens proposed (γ per iteration, less when a draft declines)
+    verified: jax.Array  # [B] positions the target computed (γ + 1 per iteration, 1 in the
+    # one-position iterations of a draft that declines: decode.loop.run_dynamic)
     accepted: jax.Array  # [B] draft tokens accepted by the target
     accepted_per_position: jax.Array  # [B, γ] iterations whose draft i was accepted
 

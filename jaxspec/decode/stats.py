@@ -26,6 +26,7 @@ def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
     iterations = np.asarray(state.stats.iterations)
     accepted = np.asarray(state.stats.accepted)
     proposed = np.asarray(state.stats.proposed)
+    verified = np.asarray(state.stats.verified)
     per_position = np.asarray(state.stats.accepted_per_position)  # [B, γ]
     new = lengths - prompt_lengths
     steps = int(np.asarray(state.step))
@@ -33,7 +34,8 @@ def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
         {"new_tokens": int(new[b]), "prompt_tokens": int(prompt_lengths[b]),
          **_rates(int(iterations[b]), int(accepted[b]), int(proposed[b])),
          "accepted_per_position": per_position[b].tolist(),
-         "target_forward_calls": 1 + int(iterations[b])}
+         "target_forward_calls": 1 + int(iterations[b]),
+         "target_positions_verified": int(verified[b])}
         for b in range(len(lengths))
     ]
     return {
@@ -46,6 +48,9 @@ def summarize(state: DecodeState, *, gamma: int, draft, wall_seconds: float,
         **_rates(int(iterations.sum()), int(accepted.sum()), int(proposed.sum())),
         "accepted_per_position": per_position.sum(axis=0).tolist(),
         "target_forward_calls": 1 + steps,  # prefill + one verify per iteration (whole batch)
+        # positions verified while each row was active (γ + 1 an iteration; 1 where none of
+        # the batch's rows proposed), summed over rows
+        "target_positions_verified": int(verified.sum()),
         "draft_forward_calls": (draft.forward_calls(gamma, steps, draft_state)
                                 if draft is not None else 0),
         "rows": rows,

@@ -9,6 +9,7 @@ decoders are cached per module so each compiled loop is reused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -74,6 +75,7 @@ def check_stats(out, gamma: int, max_new: int, chunk: int | None = None):
         iterations = row["target_forward_calls"] - 1
         assert row["new_tokens"] == len(tokens) <= max_new
         assert row["draft_tokens_proposed"] == gamma * iterations
+        assert row["target_positions_verified"] == (gamma + 1) * iterations
         assert 0 <= row["draft_tokens_accepted"] <= row["draft_tokens_proposed"]
         hist = row["accepted_per_position"]
         assert len(hist) == gamma and sum(hist) == row["draft_tokens_accepted"]
@@ -90,7 +92,7 @@ def check_stats(out, gamma: int, max_new: int, chunk: int | None = None):
                     row["draft_tokens_accepted"] / row["draft_tokens_proposed"])
     assert stats["new_tokens"] == sum(len(t) for t in out.tokens)
     assert stats["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
-    for key in ("draft_tokens_proposed", "draft_tokens_accepted"):
+    for key in ("draft_tokens_proposed", "draft_tokens_accepted", "target_positions_verified"):
         assert stats[key] == sum(r[key] for r in rows)
     assert stats["accepted_per_position"] == [sum(col) for col in
                                               zip(*(r["accepted_per_position"] for r in rows))]
@@ -250,6 +252,39 @@ def test_chunks_equal_dynamic_mode(target, draft, reference, decoders, sampled, 
     for update in updates:
         assert all(final[: len(part)] == part for part, final in zip(update, chunks.tokens))
     assert updates[-1] == chunks.tokens
+
+
+def test_chunked_mode_runs_exactly_the_dynamic_loop(target):
+    """The whole final state (statistics and KV caches included) of chunks of 1 and 3
+    iterations equals the dynamic loop's, with a draft that declines some iterations: a chunk
+    that stops inside the loop of one-position steps resumes there (the positions verified
+    count the full-width verify of an empty proposal it would run instead)."""
+    from jaxspec.api import seed_key
+    from jaxspec.decode import loop
+    from jaxspec.decode.sizing import prompt_width
+
+    decoder = jaxspec.SpeculativeDecoder(target, "ngram", num_speculative_tokens=3)
+    sampler, values = sampling.make(0.0, 0, 1.0)
+    prompts = [[5, 17, 3, 5, 17, 3, 5]]  # one row: its empty proposals are the batch's
+    prompt = np.zeros((len(prompts), prompt_width(7)), np.int32)
+    for b, p in enumerate(prompts):
+        prompt[b, : len(p)] = p
+    spec = decoder._loop_spec(prompts, MAX_NEW, sampler)
+    args = decoder._inputs(jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts]),
+                           seed_key(0), values, jnp.int32(MAX_NEW))
+    dynamic = jax.jit(loop.generate_tokens, static_argnums=0)(spec, *args)
+    iterations, verified = int(dynamic.stats.iterations[0]), int(dynamic.stats.verified[0])
+    assert iterations < verified < 4 * iterations  # some iterations verified one position
+    for iterations in (1, 3):
+        chunk = jax.jit(functools.partial(loop.run_chunk, iterations=iterations),
+                        static_argnums=0)
+        carry = jax.jit(loop.init_chunks, static_argnums=0)(spec, *args)
+        calls = 0
+        while not bool(np.all(carry[0].done)):
+            carry, calls = chunk(spec, args[0], args[1], values, carry), calls + 1
+        assert calls >= int(dynamic.step) // iterations
+        for a, b in zip(jax.tree.leaves(dynamic), jax.tree.leaves(carry[0]), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_seeds(target, draft, decoders):
