@@ -13,11 +13,11 @@
 //
 // Every query row is computed alone, in a fixed order that depends only on its own q, position
 // and the cache: scores for 8 slots at a time (each a dot over Dh in d order, then one
-// horizontal-sum tree for all lanes), their max, exp(score - max) (one polynomial, exp8),
-// their sum (8 running sums in slot order, then one tree), weights = e / sum, then each output
-// element sums weight x value the same way. So a row's result is bit-identical whatever the number of rows, the thread or
-// the other rows: a verify of gamma + 1 positions computes exactly what gamma + 1 one-token
-// steps compute. AVX2 + FMA (the library loads only where they exist).
+// horizontal-sum tree for all lanes), their max, exp(score - max) (one polynomial, exp8), their
+// sum (8 running sums in slot order, then one tree), weights = e / sum, then each output element
+// sums weight x value the same way. So a row's result is bit-identical whatever the number of
+// rows, the thread or the other rows: a verify of gamma + 1 positions computes exactly what
+// gamma + 1 one-token steps compute. AVX2 + FMA (the library loads only where they exist).
 
 #include <immintrin.h>
 
@@ -167,9 +167,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   auto pd = positions.dimensions();
   const bool ok = qd.size() == 5 && kd.size() == 5 && vd.size() == 5 && pd.size() == 2 &&
                   layer.element_count() == 1 && kd[1] == qd[0] && kd[2] == qd[2] &&
-                  kd[4] == qd[4] && qd[4] > 0 && qd[4] % kLanes == 0 && vd[0] == kd[0] && vd[1] == kd[1] &&
-                  vd[2] == kd[2] && vd[3] == kd[4] && vd[4] == kd[3] && pd[0] == qd[0] &&
-                  pd[1] == qd[1];
+                  kd[4] == qd[4] && qd[4] > 0 && qd[4] % kLanes == 0 && vd[0] == kd[0] &&
+                  vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[4] && vd[4] == kd[3] &&
+                  pd[0] == qd[0] && pd[1] == qd[1];
   if (!ok)
     return ffi::Error::InvalidArgument(
         "jaxspec decode attention: expected q[B, T, K, G, Dh] (Dh a multiple of 8), keys[L, B, "

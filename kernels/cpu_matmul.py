@@ -16,14 +16,15 @@ GGUF Q4_1 or Q8_0 blocks (uint8 / int8, jaxspec.models.quantized) are dequantize
 while they are read: the bits of the fp32 panels of the same weights, a fifth of the bytes.
 
 The same library holds the CPU decode-attention kernel (`cpu_attention.cc`,
-kernels.cpu_attention) and the threading both share (`cpu_threads.h`). It is compiled once
-with the system C++ compiler (`$CXX`, else `c++`) into `$JAXSPEC_CACHE/kernels/`, under a name
-that hashes the sources, the jaxlib version and the compiler, so an upgrade rebuilds it. Without a compiler, on a CPU without AVX2 + FMA, or when
-building or loading fails, `available()` is False, one line on stderr says why, and the decoder
-uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla` turns the kernel off (the CPU layout then keeps plain
-weights), `JAXSPEC_CPU_MATMUL=avx2` keeps it to AVX2 where AVX-512 is present (its results are
-bit-identical: every output accumulates in the same order); `JAXSPEC_MATMUL_THREADS` sets its
-threads (default: the CPUs this process may use, at most 8; XLA's intra-op pool runs them).
+kernels.cpu_attention) and the threading both share (`cpu_threads.h`). It is compiled once with
+the system C++ compiler (`$CXX`, else `c++`) into `$JAXSPEC_CACHE/kernels/`, under a name that
+hashes the sources, the jaxlib version and the compiler, so an upgrade rebuilds it. Without a
+compiler, on a CPU without AVX2 + FMA, or when building or loading fails, `available()` is
+False, one line on stderr says why, and the decoder uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla`
+turns the kernel off (the CPU layout then keeps plain weights), `JAXSPEC_CPU_MATMUL=avx2` keeps
+it to AVX2 where AVX-512 is present (its results are bit-identical: every output accumulates in
+the same order); `JAXSPEC_MATMUL_THREADS` sets its threads (default: the CPUs this process may
+use, at most 8; XLA's intra-op pool runs them).
 """
 
 from __future__ import annotations
