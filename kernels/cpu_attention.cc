@@ -136,15 +136,21 @@ JAXSPEC_AVX2 void attend_row(const float* q, const float* keys, const float* val
   }
 }
 
+// The first and last slot the query (b, t) may see (hi < lo: none).
+void visible(const Problem& p, int64_t b, int64_t t, int64_t& lo, int64_t& hi) {
+  const int64_t position = p.positions[b * p.T + t];
+  hi = std::min(position, p.S - 1);
+  lo = p.window > 0 ? std::max<int64_t>(0, position - p.window + 1) : 0;
+}
+
 // Rows (b, t, k, every g) for items [begin, end) of B x T x K.
 void run_items(const Problem& p, int64_t begin, int64_t end) {
   thread_local std::vector<float> w;
   w.resize((p.S + kLanes - 1) / kLanes * kLanes);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t k = item % p.K, t = item / p.K % p.T, b = item / (p.K * p.T);
-    const int64_t position = p.positions[b * p.T + t];
-    const int64_t hi = std::min(position, p.S - 1);
-    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, position - p.window + 1) : 0;
+    int64_t lo, hi;
+    visible(p, b, t, lo, hi);
     const int64_t head = (p.layer * p.B + b) * p.K + k;  // [L, B, K] index of the cache
     const int64_t row = ((b * p.T + t) * p.K + k) * p.G;  // first of the G query rows
     for (int64_t g = 0; g < p.G; ++g) {
@@ -180,8 +186,16 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   Problem p{q.typed_data(), keys.typed_data(), values.typed_data(), positions.typed_data(),
             out->typed_data(), index, qd[0], qd[1], qd[2], qd[3], kd[3], qd[4], window};
   const int64_t items = p.B * p.T * p.K;
-  // Split only work worth a synchronisation: about 8 rows of 512 visible slots.
-  const int64_t threads = items * p.G * p.S >= 4096 ? jaxspec::usable_threads(pool) : 1;
+  // Split only work worth a synchronisation: from 256 row-slots on (on 2 AMD EPYC cores,
+  // splitting paid at 9 rows of ~60 visible slots and more; 2026-12-03).
+  int64_t slots = 0;  // visible slots of all query positions
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t t = 0; t < p.T; ++t) {
+      int64_t lo, hi;
+      visible(p, b, t, lo, hi);
+      slots += std::max<int64_t>(0, hi - lo + 1);
+    }
+  const int64_t threads = slots * p.K * p.G >= 256 ? jaxspec::usable_threads(pool) : 1;
   jaxspec::parallel_ranges(pool, items, std::min(threads, items),
                            [&p](int64_t begin, int64_t end) { run_items(p, begin, end); });
   return ffi::Error::Success();
