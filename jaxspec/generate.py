@@ -30,6 +30,12 @@ from jaxspec.errors import UserError
 # most 8 in chunked mode (a call stops once every row is done); exactly 4 in static mode
 # (Trainium: idle iterations after the last row is done, and a longer program to compile).
 STREAM_ITERATIONS = {"chunked": 8, "static": 4}
+
+
+def streaming(device) -> dict:
+    """The SpeculativeDecoder arguments the CLI streams with on `device` (mode, iterations)."""
+    mode = devices.streaming_mode(devices.platform(device))
+    return {"mode": mode, "static_iterations": STREAM_ITERATIONS[mode]}
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
 
 
@@ -209,10 +215,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     prompt = encode_prompt(target, args.prompt, args.chat_template, system=args.system)
     draft = None if args.draft == "none" else args.draft
-    mode = devices.streaming_mode(devices.platform(device))
     decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=args.num_speculative_tokens,
-                                 mode=mode, static_iterations=STREAM_ITERATIONS[mode],
-                                 device=device)
+                                 device=device, **streaming(device))
     seconds = {"model": loaded - started, "draft": time.perf_counter() - loaded}
     if args.verbose:
         for line in plan_lines(decoder, prompt, args):

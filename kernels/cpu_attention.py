@@ -12,25 +12,28 @@ from __future__ import annotations
 
 import os
 
+from jaxspec.validation import MAX_SPECULATIVE_TOKENS
+
 from . import cpu_matmul
 
 ENV = "JAXSPEC_CPU_ATTENTION"
 
-# Query positions per call up to which the decoder uses the kernel: every verify (γ + 1 with
-# γ ≤ jaxspec.validation.MAX_SPECULATIVE_TOKENS) and a one-token step, so they compute alike;
-# a longer prompt's prefill keeps XLA's batched dots (one pass over the slots for many rows).
-MAX_POSITIONS = 33
+# Query positions per call up to which the decoder uses the kernel: every verify (γ + 1) and a
+# one-token step, so they compute alike; a longer prompt's prefill keeps XLA's batched dots (one
+# pass over the slots for many rows).
+MAX_POSITIONS = MAX_SPECULATIVE_TOKENS + 1
 LANES = 8  # Dh must be a multiple of this (one AVX2 vector)
 
 
-def fits(q, keys, values, values_slots_last: bool) -> bool:
-    """Whether the kernel takes q[B, T, K, G, Dh] against this cache (fp32 everything, values
-    slots-last [L, B, K, Dh, S], T ≤ MAX_POSITIONS) and is available."""
+def fits(q, cache) -> bool:
+    """Whether the kernel takes q[B, T, K, G, Dh] against this KV cache (models.cache: one the
+    CPU layout made for it, fp32 everywhere, values slots-last [L, B, K, Dh, S]; T ≤
+    MAX_POSITIONS) and is available."""
     import jax.numpy as jnp
 
-    return (values_slots_last and q.ndim == 5 and 1 <= q.shape[1] <= MAX_POSITIONS
-            and q.shape[4] % LANES == 0
-            and all(a.dtype == jnp.float32 for a in (q, keys, values))
+    return (cache.cpu_kernel and cache.values_slots_last and q.ndim == 5
+            and 1 <= q.shape[1] <= MAX_POSITIONS and q.shape[4] % LANES == 0
+            and all(a.dtype == jnp.float32 for a in (q, cache.k, cache.v))
             and os.environ.get(ENV, "kernel") != "xla" and cpu_matmul.available())
 
 

@@ -52,7 +52,7 @@ import sys
 from tqdm import tqdm
 
 from jaxspec import (bench, bench_batches, bench_exactness, bench_kernel, bench_startup,
-                     bench_suite, devices, presets, tuning)
+                     bench_suite, presets, tuning)
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -525,9 +525,7 @@ def stream_mode(args, target) -> dict:
     prompt = bench.prompt_ids(target, args.prompt)
     n, draft = args.max_new_tokens, None if args.draft == "none" else args.draft
     library = SpeculativeDecoder(target, draft)
-    mode = devices.streaming_mode(devices.platform(library.device))
-    streaming = SpeculativeDecoder(target, draft, mode=mode,
-                                   static_iterations=cli.STREAM_ITERATIONS[mode])
+    streaming = SpeculativeDecoder(target, draft, **cli.streaming(library.device))
 
     def streamed():
         with open(os.devnull, "w", encoding="utf-8") as sink:
@@ -548,7 +546,7 @@ def stream_mode(args, target) -> dict:
     rates = {name: bench.best_median(v) for name, v in rates.items()}
     ratio = rates["cli_stream"]["median"] / rates["library"]["median"]
     return {"rates_tok_s": rates, "draft": args.draft, "gamma": library.gamma,
-            "loop_mode": mode, "static_iterations": cli.STREAM_ITERATIONS[mode],
+            "loop_mode": streaming.mode, "static_iterations": streaming.static_iterations,
             "new_tokens": n,
             "same_tokens": first["library"].tokens == first["cli_stream"].tokens,
             "targets": {"stream_ratio": {"target": STREAM_TARGET, "value": ratio,
@@ -558,7 +556,7 @@ def stream_mode(args, target) -> dict:
 def print_stream(r: dict) -> None:
     rates = r["rates_tok_s"]
     print(f"draft {r['draft']} (γ {r['gamma']}), {r['new_tokens']} tokens, "
-          f"{r.get('loop_mode', 'static')} mode, {r['static_iterations']} iterations per chunk; "
+          f"{r['loop_mode']} mode, {r['static_iterations']} iterations per chunk; "
           f"identical tokens: {r['same_tokens']}")
     print("| path | tok/s best | tok/s median |\n|---|---|---|")
     for name, v in rates.items():

@@ -147,8 +147,7 @@ def test_without_torch_sampling_raw_prompt(model_dir, loaded, tmp_path):
 
     import jaxspec
 
-    decoder = jaxspec.SpeculativeDecoder(loaded, mode="chunked",
-                                         static_iterations=cli_module.STREAM_ITERATIONS["chunked"])
+    decoder = jaxspec.SpeculativeDecoder(loaded, **cli_module.streaming(None))
     out = decoder.generate([raw], max_new_tokens=MAX_NEW, temperature=0.8, top_k=20, top_p=0.9,
                            seed=3)
     assert result["tokens"] == out.tokens[0]

@@ -16,9 +16,10 @@ background thread; `wait` joins it), later loads map it.
 A file is keyed by the checkpoint (its absolute path, and the size and modification time of
 each of its params and quantized blocks files), the dtype, the layout, the CPU kernel's and
 the blocks' settings and the source of this module and of models/layout.py (the packing). Its
-leaves must match the expected abstract laid-out params one by one and the file its recorded size (a truncated mapping would
-fault at first touch); otherwise it is removed and the checkpoint restored as before. Without
-a file nothing is done before the restore (a damaged checkpoint fails first).
+leaves must match the expected abstract laid-out params one by one and the file its recorded
+size (a truncated mapping would fault at first touch); otherwise it is removed and the
+checkpoint restored as before. Without a file nothing is done before the restore (a damaged
+checkpoint fails first).
 Files are written atomically; the folder keeps its most recently used files under MAX_BYTES
 (params larger than that are not saved).
 `JAXSPEC_PARAMS_CACHE=0` turns it off.

@@ -199,7 +199,7 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index)
     q, k, v = project_qkv(config, layer, x, rope_cs)
     cache = kv.write(cache, index, positions, k, v)
     q = q.astype(cache.k.dtype)  # an fp32 cache (models.layout) makes attention fp32
-    if cache.cpu_kernel and cpu_attention.fits(q, cache.k, cache.v, cache.values_slots_last):
+    if cpu_attention.fits(q, cache):
         # decode steps and verifies on CPU: the layer's visible slots, read in place
         out = cpu_attention.attend(q, cache.k, cache.v, index, positions, config.sliding_window)
     else:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxspec.kernels import cpu_attention, cpu_matmul
+from jaxspec.models.cache import KVCache
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
 
@@ -128,12 +129,15 @@ def test_each_row_is_bit_identical_whatever_the_rows_and_threads():
 
 
 @needs_kernel
-def test_fits_only_fp32_slots_last_few_positions():
+def test_fits_only_fp32_caches_the_cpu_layout_made_and_few_positions():
     keys, values = cache()
     q = queries(1)
-    assert cpu_attention.fits(q, keys, values, True)
-    assert not cpu_attention.fits(q, keys, values, False)  # values [.., S, Dh]
-    assert not cpu_attention.fits(q.astype(np.float16), keys, values, True)
+    made = KVCache(k=keys, v=values, values_slots_last=True, cpu_kernel=True)
+    assert cpu_attention.fits(q, made)
+    assert not cpu_attention.fits(q, made.replace(cpu_kernel=False))  # cpu-xla
+    slots_first = KVCache(k=keys, v=keys, values_slots_last=False, cpu_kernel=True)
+    assert not cpu_attention.fits(q, slots_first)  # values [.., S, Dh]
+    assert not cpu_attention.fits(q.astype(np.float16), made)
     many = np.zeros((B, cpu_attention.MAX_POSITIONS + 1, K, G, DH), np.float32)  # a prefill
-    assert not cpu_attention.fits(many, keys, values, True)
-    assert not cpu_attention.fits(np.zeros((B, 1, K, G, 12), np.float32), keys, values, True)
+    assert not cpu_attention.fits(many, made)
+    assert not cpu_attention.fits(np.zeros((B, 1, K, G, 12), np.float32), made)
