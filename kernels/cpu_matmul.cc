@@ -2,7 +2,7 @@
 // panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
 // (models.layout.Panels), in fp32 or in bf16 (half the bytes to stream; each weight is widened
 // to fp32 exactly as it is loaded, so the products and sums are fp32 either way), or as GGUF
-// Q4_1 / Q8_0 blocks dequantized as they are read (quant_panel). Built and
+// Q4_1 / Q8_0 blocks dequantized as they are read (quant_rows, dequant_panel). Built and
 // loaded by cpu_matmul.py; XLA calls it through its FFI (custom calls "jaxspec_small_m_matmul"
 // and "jaxspec_small_m_matmul_indexed").
 //
@@ -47,7 +47,7 @@ constexpr int kMaxRows = 6;     // rows per register block
 constexpr int64_t kPrefetch = 2048;
 
 // How the panels hold the weights: fp32, bf16 (widened to fp32 as they are loaded), or GGUF's
-// Q4_1 and Q8_0 blocks (dequantized to fp32 as gguf's numpy code does, see quant_panel).
+// Q4_1 and Q8_0 blocks (dequantized to fp32 as gguf's numpy code does, see quant_rows).
 enum Format { kF32, kBF16, kQ4_1, kQ8_0 };
 
 struct Problem {
@@ -68,12 +68,13 @@ __attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p)
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// out[m0 : m0 + MR, columns of panel j] = x[m0 : m0 + MR] @ that panel, its weights of type WT
-// loaded by LOADW. NV vectors of LANES floats cover kPanel / STRIPS columns; STRIPS passes
+// out[m0 : m0 + MR, columns of panel j] = x[m0 : m0 + MR] @ that panel (at `panel`), its weights
+// of type WT loaded by LOADW. NV vectors of LANES floats cover kPanel / STRIPS columns; STRIPS passes
 // cover the panel.
 #define JAXSPEC_BLOCK(NAME, TARGET, VEC, LANES, ZERO, WT, LOADW, STORE, FMA, SET1)             \
   template <int MR>                                                                          \
-  __attribute__((target(TARGET))) void NAME(const Problem& p, int64_t m0, int64_t j) {       \
+  __attribute__((target(TARGET))) void NAME(const Problem& p, const void* panel, int64_t m0,   \
+                                            int64_t j) {                                     \
     constexpr int NV = LANES == 16 ? 4 : 2;                                                  \
     constexpr int STRIPS = kPanel / (NV * LANES);                                            \
     constexpr int LINES = (NV * LANES * int(sizeof(WT)) + 63) / 64; /* lines a strip reads */\
@@ -82,7 +83,7 @@ __attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p)
       VEC acc[MR][NV];                                                                       \
       for (int r = 0; r < MR; ++r)                                                           \
         for (int v = 0; v < NV; ++v) acc[r][v] = ZERO;                                       \
-      const WT* w = static_cast<const WT*>(p.panels) + j * p.K * kPanel + s * NV * LANES;    \
+      const WT* w = static_cast<const WT*>(panel) + s * NV * LANES;                          \
       for (int64_t k = 0; k < p.K; ++k, w += kPanel) {                                       \
         VEC wv[NV];                                                                          \
         for (int l = 0; l < LINES; ++l)                                                      \
@@ -188,73 +189,127 @@ __attribute__((target("avx2,fma"))) void stream256(const Problem& p, int64_t j) 
 // q * d; d * q is exact in fp32, 11 significant bits times at most 8, so only + m rounds), so
 // the products and sums are those of the fp32 panels of the dequantized weights, bit for bit;
 // 0.625 or 1.06 bytes per weight are read instead of 4.
-// The first row dequantizes each block into an 8 KB fp32 buffer as it multiplies; the other
-// rows read the buffer. Each row's 64 sums live in a buffer between blocks (contiguous: in `out`,
-// rows N floats apart would share L1 sets).
+// Up to kWideRows rows (decode steps, verifies, small batches): quant_rows dequantizes 16
+// columns of a panel row at a time into two registers and up to kFusedRows rows multiply them
+// there, so a verify's extra rows cost little more than their FMAs (the default model's
+// projections, AMD EPYC, 2 threads: 1 row 3.9 ms, 2 rows 5.2, 3 6.3, 4 7.2, 5 8.1, 6 9.6,
+// against 4.0 / 5.7 / 7.0 / 8.3 / 9.7 / 11.3 when the first row dequantized each block into a
+// buffer that the other rows read). More rows (prefill): dequant_panel widens the whole panel
+// once into an fp32 buffer and the fp32 row blocks run on it (912 rows: 1.27 s against 1.69).
 constexpr int64_t kQBlock = 32;  // panel rows per block (GGUF's block size)
 constexpr int64_t kQ4Bytes = 2 * 2 * kPanel + kQBlock * kPanel / 2;  // 1280
 constexpr int64_t kQ8Bytes = 2 * kPanel + kQBlock * kPanel;          // 2176
 constexpr int64_t kQPrefetch = 4;  // blocks ahead
+constexpr int kFusedRows = 6;      // rows quant_rows takes at once (AVX2's 16 registers)
+constexpr int64_t kWideRows = 9;   // more rows: an fp32 copy of the panel (measured crossover)
 
 template <Format F>
-__attribute__((target("avx2,fma,f16c"))) void quant_panel(const Problem& p, int64_t j) {
-  constexpr int64_t kBytes = F == kQ4_1 ? kQ4Bytes : kQ8Bytes;
-  constexpr int64_t kRowBytes = F == kQ4_1 ? kPanel / 2 : kPanel;  // quant bytes per panel row
-  alignas(32) float scale[kPanel], offset[kPanel];
-  alignas(32) float wide[kQBlock][kPanel];
-  const int64_t blocks = p.K / kQBlock;
-  const uint8_t* block = static_cast<const uint8_t*>(p.panels) + j * blocks * kBytes;
-  thread_local std::vector<float> buffer;
-  buffer.assign(p.M * kPanel + 8, 0.0f);
-  float* const sums = reinterpret_cast<float*>(
-      (reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});  // [M, 64]
-  for (int64_t b = 0; b < blocks; ++b, block += kBytes) {
-    for (int v = 0; v < kPanel / 8; ++v) {
-      const __m128i* h = reinterpret_cast<const __m128i*>(block) + v;
-      _mm256_store_ps(scale + 8 * v, _mm256_cvtph_ps(_mm_loadu_si128(h)));
-      if constexpr (F == kQ4_1)
-        _mm256_store_ps(offset + 8 * v, _mm256_cvtph_ps(_mm_loadu_si128(h + kPanel / 8)));
-    }
-    const uint8_t* q = block + (F == kQ4_1 ? 4 : 2) * kPanel;
-    const float* x = p.x + b * kQBlock;
-    __m256 acc[kPanel / 8];
-    for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_load_ps(sums + 8 * v);
-    for (int64_t k = 0; k < kQBlock; ++k, q += kRowBytes) {
-      // the block kQPrefetch ahead, 40 or 68 bytes per row
-      _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * kBytes +
-                       k * kBytes / kQBlock, _MM_HINT_T0);
-      const __m256 xk = _mm256_set1_ps(x[k]);
-      for (int v = 0; v < kPanel / 8; ++v) {
-        __m256 w;
-        if constexpr (F == kQ4_1) {  // vector v: columns 8v..8v+7, nibbles of bytes 8(v / 2)..
-          const __m256i bytes = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * (v / 2))));
-          const __m256i nib = v % 2 ? _mm256_srli_epi32(bytes, 4)
-                                    : _mm256_and_si256(bytes, _mm256_set1_epi32(15));
-          w = _mm256_mul_ps(_mm256_load_ps(scale + 8 * v), _mm256_cvtepi32_ps(nib));
-          w = _mm256_add_ps(w, _mm256_load_ps(offset + 8 * v));
-        } else {
-          const __m256i qv = _mm256_cvtepi8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * v)));
-          w = _mm256_mul_ps(_mm256_cvtepi32_ps(qv), _mm256_load_ps(scale + 8 * v));
-        }
-        if (p.M > 1) _mm256_store_ps(wide[k] + 8 * v, w);
-        acc[v] = _mm256_fmadd_ps(xk, w, acc[v]);
-      }
-    }
-    for (int v = 0; v < kPanel / 8; ++v) _mm256_store_ps(sums + 8 * v, acc[v]);
-    for (int64_t r = 1; r < p.M; ++r) {
-      float* row = sums + r * kPanel;
-      for (int v = 0; v < kPanel / 8; ++v) acc[v] = _mm256_load_ps(row + 8 * v);
-      row_pass<float, false>(acc, x + r * p.K, &wide[0][0], kQBlock, nullptr);
-      for (int v = 0; v < kPanel / 8; ++v) _mm256_store_ps(row + 8 * v, acc[v]);
-    }
-  }
-  for (int64_t r = 0; r < p.M; ++r)
-    std::memcpy(p.out + r * p.N + j * kPanel, sums + r * kPanel, kPanel * sizeof(float));
+struct Quant {
+  static constexpr int64_t kBytes = F == kQ4_1 ? kQ4Bytes : kQ8Bytes;  // per block
+  static constexpr int64_t kHeader = (F == kQ4_1 ? 4 : 2) * kPanel;   // scales (and offsets)
+  static constexpr int64_t kRowBytes = F == kQ4_1 ? kPanel / 2 : kPanel;  // per panel row
+};
+
+// The block's 64 scales (or offsets), fp16 at `fp16`, as fp32 in out[64].
+__attribute__((target("avx2,fma,f16c"))) inline void halves(const uint8_t* fp16, float* out) {
+  for (int v = 0; v < kPanel / 8; ++v)
+    _mm256_store_ps(out + 8 * v, _mm256_cvtph_ps(_mm_loadu_si128(
+                                     reinterpret_cast<const __m128i*>(fp16) + v)));
 }
 
-using Block = void (*)(const Problem&, int64_t, int64_t);
+// Columns 16g..16g+15 of one panel row (its quants at q) -> w[0], w[1], given the block's
+// scales d[64] and offsets m[64] (Q4_1) as fp32.
+template <Format F>
+__attribute__((target("avx2,fma,f16c"))) inline void dequant16(const uint8_t* q, int g,
+                                                                const float* d, const float* m,
+                                                                __m256 w[2]) {
+  if constexpr (F == kQ4_1) {
+    const __m256i bytes =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * g)));
+    const __m256i nibbles[2] = {_mm256_and_si256(bytes, _mm256_set1_epi32(15)),
+                                _mm256_srli_epi32(bytes, 4)};
+    for (int h = 0; h < 2; ++h)  // d * q is exact, so one FMA rounds as d * q, then + m
+      w[h] = _mm256_fmadd_ps(_mm256_load_ps(d + 16 * g + 8 * h), _mm256_cvtepi32_ps(nibbles[h]),
+                             _mm256_load_ps(m + 16 * g + 8 * h));
+  } else {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i qv = _mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * g + 8 * h)));
+      w[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(qv), _mm256_load_ps(d + 16 * g + 8 * h));
+    }
+  }
+}
+
+// Groups of 16 columns quant_rows takes at once for MR rows: 2·MR·groups independent sums
+// (FMA chains) in flight, at least 6, in at most 8 registers.
+constexpr int fused_groups(int rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+
+// out[m0 : m0 + MR, columns of panel j] for MR <= kFusedRows rows: NG groups of 16 columns at
+// a time, their MR x 2NG sums in registers through all of K, each weight dequantized once into
+// a register for all MR rows (a Block: the panel pointer is unused).
+template <Format F, int MR>
+__attribute__((target("avx2,fma,f16c"))) void quant_rows(const Problem& p, const void* /*unused*/,
+                                                         int64_t m0, int64_t j) {
+  using Q = Quant<F>;
+  constexpr int NG = fused_groups(MR);
+  alignas(32) float d[kPanel], m[kPanel];
+  const int64_t blocks = p.K / kQBlock;
+  const uint8_t* panel = static_cast<const uint8_t*>(p.panels) + j * blocks * Q::kBytes;
+  for (int g0 = 0; g0 < kPanel / 16; g0 += NG) {
+    __m256 acc[MR][2 * NG];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 2 * NG; ++v) acc[r][v] = _mm256_setzero_ps();
+    const uint8_t* block = panel;
+    const float* x = p.x + m0 * p.K;
+    for (int64_t b = 0; b < blocks; ++b, block += Q::kBytes, x += kQBlock) {
+      halves(block, d);
+      if constexpr (F == kQ4_1) halves(block + 2 * kPanel, m);
+      const uint8_t* quants = block + Q::kHeader;
+      for (int64_t k = 0; k < kQBlock; ++k) {
+        if (g0 == 0)  // the first pass: the block kQPrefetch ahead, 40 or 68 bytes per row
+          _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * Q::kBytes +
+                           k * Q::kBytes / kQBlock, _MM_HINT_T0);
+        for (int g = 0; g < NG; ++g) {
+          __m256 w[2];
+          dequant16<F>(quants + k * Q::kRowBytes, g0 + g, d, m, w);
+          for (int r = 0; r < MR; ++r) {
+            const __m256 xk = _mm256_set1_ps(x[r * p.K + k]);
+            for (int h = 0; h < 2; ++h)
+              acc[r][2 * g + h] = _mm256_fmadd_ps(xk, w[h], acc[r][2 * g + h]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < 2 * NG; ++v)
+        _mm256_storeu_ps(p.out + (m0 + r) * p.N + j * kPanel + 16 * g0 + 8 * v, acc[r][v]);
+  }
+}
+
+// Panel j dequantized into wide[K, 64] (fp32, the layout of an fp32 panel).
+template <Format F>
+__attribute__((target("avx2,fma,f16c"))) void dequant_panel(const Problem& p, int64_t j,
+                                                            float* wide) {
+  using Q = Quant<F>;
+  alignas(32) float d[kPanel], m[kPanel];
+  const int64_t blocks = p.K / kQBlock;
+  const uint8_t* block = static_cast<const uint8_t*>(p.panels) + j * blocks * Q::kBytes;
+  for (int64_t b = 0; b < blocks; ++b, block += Q::kBytes) {
+    halves(block, d);
+    if constexpr (F == kQ4_1) halves(block + 2 * kPanel, m);
+    for (int64_t k = 0; k < kQBlock; ++k) {
+      float* row = wide + (b * kQBlock + k) * kPanel;
+      for (int g = 0; g < kPanel / 16; ++g) {
+        __m256 w[2];
+        dequant16<F>(block + Q::kHeader + k * Q::kRowBytes, g, d, m, w);
+        _mm256_store_ps(row + 16 * g, w[0]);
+        _mm256_store_ps(row + 16 * g + 8, w[1]);
+      }
+    }
+  }
+}
+
+using Block = void (*)(const Problem&, const void*, int64_t, int64_t);
 using Stream = void (*)(const Problem&, int64_t);
 
 struct Isa {
@@ -288,15 +343,43 @@ const Isa& detect() {
 
 const Isa* isa = &detect();  // jaxspec_small_m_set_isa may lower it (tests of the AVX2 path)
 
+// Every row of panel j (at `panel`), kMaxRows rows at a time.
+void row_blocks(const Problem& p, const Block* blocks, const void* panel, int64_t j) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows)
+    blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, panel, m0, j);
+}
+
+// Quantized panels [j_begin, j_end): up to kWideRows rows by quant_rows (kFusedRows at a time),
+// more through an fp32 copy of each panel and the fp32 row blocks.
+template <Format F>
+void quant_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
+  if (p.M <= kWideRows) {
+    constexpr Block kFused[kFusedRows] = {quant_rows<F, 1>, quant_rows<F, 2>, quant_rows<F, 3>,
+                                           quant_rows<F, 4>, quant_rows<F, 5>, quant_rows<F, 6>};
+    for (int64_t j = j_begin; j < j_end; ++j)
+      for (int64_t m0 = 0; m0 < p.M; m0 += kFusedRows)
+        kFused[std::min<int64_t>(p.M - m0, kFusedRows) - 1](p, nullptr, m0, j);
+    return;
+  }
+  thread_local std::vector<float> buffer;
+  buffer.resize(p.K * kPanel + 8);
+  float* const wide = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    dequant_panel<F>(p, j, wide);
+    row_blocks(p, isa->blocks, wide, j);
+  }
+}
+
+void run_quant_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
+  (p.format == kQ4_1 ? quant_panels<kQ4_1> : quant_panels<kQ8_0>)(p, j_begin, j_end);
+}
+
 // Panels [j_begin, j_end) for every row: a few rows streamed together where the ISA has a stream,
 // else row blocks inside each panel (the panel is read from memory once, then from cache for
 // the next blocks).
 void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
-  if (p.format == kQ4_1 || p.format == kQ8_0) {
-    for (int64_t j = j_begin; j < j_end; ++j)
-      (p.format == kQ4_1 ? quant_panel<kQ4_1> : quant_panel<kQ8_0>)(p, j);
-    return;
-  }
+  if (p.format == kQ4_1 || p.format == kQ8_0) return run_quant_panels(p, j_begin, j_end);
   const bool bf16 = p.format == kBF16;
   const Stream stream = bf16 ? isa->stream_bf16 : isa->stream;
   if (stream && p.M <= kStreamRows) {
@@ -304,9 +387,9 @@ void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
     return;
   }
   const Block* blocks = bf16 ? isa->blocks_bf16 : isa->blocks;
+  const size_t bytes = bf16 ? 2 : 4;
   for (int64_t j = j_begin; j < j_end; ++j)
-    for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows)
-      blocks[std::min<int64_t>(p.M - m0, kMaxRows) - 1](p, m0, j);
+    row_blocks(p, blocks, static_cast<const char*>(p.panels) + j * p.K * kPanel * bytes, j);
 }
 
 // ---------------------------------------------------------------- threads

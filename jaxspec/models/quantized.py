@@ -4,10 +4,10 @@ A GGUF model's projections are stored as blocks of 32 weights along the input di
 Q4_1 (fp16 scale d, fp16 offset m, 32 4-bit quants q: w = d·q + m) and Q8_0 (fp16 scale d,
 32 int8 quants: w = q·d). Converted to fp32 they are 4 bytes per weight, and decoding reads every
 weight at every step. Kept as blocks, packed here in the panel layout of the CPU kernel
-(kernels/cpu_matmul.cc: `quant_panel`), they are 0.625 (Q4_1) or 1.06 (Q8_0) bytes, and the
-kernel dequantizes them exactly as gguf's numpy code (`gguf.quants`) does — d·q (exact in fp32:
-an fp16 d has 11 significant bits, q at most 8), then + m rounded to fp32 — so every product and
-sum is the one it computes from the fp32 weights, bit for bit.
+(kernels/cpu_matmul.cc: `quant_rows`, `dequant_panel`), they are 0.625 (Q4_1) or 1.06 (Q8_0)
+bytes, and the kernel dequantizes them exactly as gguf's numpy code (`gguf.quants`) does — d·q
+(exact in fp32: an fp16 d has 11 significant bits, q at most 8), then + m rounded to fp32 — so
+every product and sum is the one it computes from the fp32 weights, bit for bit.
 
 `Panels` of a [K, *O] weight with data uint8 [J, K / 32, 1280] (Q4_1) or int8
 [J, K / 32, 2176] (Q8_0), J = ceil(N / 64), N = prod(O); block b of panel j holds panel rows

@@ -69,14 +69,15 @@ def kernel(x, data):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k,n", [(32, 64), (64, 100), (576, 960)])
 def test_blocks_give_the_bits_of_the_dequantized_weights(kind, k, n):
-    """The same bits as the fp32 panels of the weights gguf dequantizes, for 1 to 40 rows: the
-    first row dequantizes a block, the others read it (and prefill-sized products too)."""
+    """The same bits as the fp32 panels of the weights gguf dequantizes, for 1 to 40 rows: every
+    row-block size of the fused path (each weight dequantized into registers for up to 6 rows,
+    up to 9 rows in all) and the fp32 copy of a panel that prefill-sized products use."""
     q, d, m, dense = gguf_weight(kind, k, n, seed=1)
     data = quantized.pack(kind, q, d, m)
     assert cpu_matmul.fits(jnp.zeros((3, k), jnp.float32), data)
     panels = layout.pack(jnp.asarray(dense)).data
     x = np.random.default_rng(2).standard_normal((40, k)).astype(np.float32)
-    for rows in (1, 2, 3, 9, 10, 17, 40):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 9, 10, 17, 40):
         got, expected = kernel(x[:rows], data), kernel(x[:rows], panels)
         np.testing.assert_array_equal(np.asarray(got).view(np.uint32),
                                       np.asarray(expected).view(np.uint32))
