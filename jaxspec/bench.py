@@ -446,9 +446,10 @@ class Prefill:
         self.tokens = jnp.ones((1, width), jnp.int32)
         positions = jnp.arange(width, dtype=jnp.int32)[None]
 
-        def run(params, cache, tokens):
-            logits, _, cache = decoder.forward(config, params, tokens, positions, cache)
-            return logits[:, prompt_length - 1], cache
+        def run(params, cache, tokens):  # as the loop's prefill (decode.loop.init_state)
+            hidden, _, cache = decoder.run_layers(config, params, tokens, positions, cache,
+                                                  prefill=True)
+            return decoder.logits(params, hidden[:, prompt_length - 1]), cache
 
         self.params = jax.device_put(model.params)
         self.cache = init_cache(config, 1, max_len, model.params["embed"].dtype,

@@ -15,9 +15,10 @@
                      [B, γ+1, V] (fp32)
   prefill activations
                      the largest of the target's prefill over the padded prompt width P: its
-                     attention weights [B, H, P, S] fp32, which XLA holds twice at once
-                     (measured on XLA:CPU: 2.08-2.15 times that size in all for prompts of
-                     120-900 tokens), or the MLP's [B, P, 2F]; it dominates for long prompts
+                     attention weights, [B, H, Tb, Sb] fp32 per block of queries
+                     (models.decoder.prefill_blocks: about [B, H, P, P] / 2 in all), which
+                     XLA holds all at once and twice, or the MLP's [B, P, 2F]; it dominates
+                     for long prompts
 
 as a `Plan` with a `total` (the two activation terms are never live at once: the larger
 counts). Under a `jax.sharding` mesh (spec.mesh) every term is one device's
@@ -52,7 +53,7 @@ LABELS = {
     "activations": "verify activations",
     "prefill": "prefill activations",
 }
-ATTENTION_COPIES = 2  # [B, H, P, S] fp32 arrays XLA holds at once in a prefill's attention
+ATTENTION_COPIES = 2  # attention-weight arrays of a query block XLA holds at once in a prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +161,14 @@ def activation_bytes(batch: int, gamma: int, vocab: int, sampled: bool) -> int:
     return logits + batch * gamma * vocab * FP32 + batch * (gamma + 1) * vocab * FP32
 
 
-def prefill_bytes(config, rows: int, prompt_width: int, max_len: int, dtype_bytes: int,
-                  tp: int = 1) -> int:
+def prefill_bytes(config, rows: int, prompt_width: int, dtype_bytes: int, tp: int = 1) -> int:
     """The prefill's largest activation per device (see the module docstring): heads and
     MLP columns split over tp."""
-    attention = ATTENTION_COPIES * rows * -(-config.num_heads // tp) * prompt_width * max_len
+    from jaxspec.models.decoder import prefill_blocks
+
+    scores = sum((stop - start) * (stop - first)  # every block's [Tb, Sb]
+                 for start, stop, first in prefill_blocks(prompt_width, config.sliding_window))
+    attention = ATTENTION_COPIES * rows * -(-config.num_heads // tp) * scores
     mlp = rows * prompt_width * 2 * -(-config.intermediate_size // tp) * dtype_bytes
     return max(attention * FP32, mlp)
 
@@ -185,8 +189,8 @@ def plan(spec, batch: int, target_params, draft_params, prompt_width: int) -> Pl
         token_buffer=rows * spec.max_len * INT32,
         activations=activation_bytes(rows, spec.gamma, -(-spec.target.vocab_size // tp),
                                      sampled=not spec.sampler.greedy),
-        prefill=prefill_bytes(spec.target, rows, prompt_width, spec.max_len,
-                              np.dtype(spec.dtype).itemsize, tp),
+        prefill=prefill_bytes(spec.target, rows, prompt_width, np.dtype(spec.dtype).itemsize,
+                              tp),
     )
 
 

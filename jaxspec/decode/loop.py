@@ -51,7 +51,7 @@ def init_state(spec: LoopSpec, target_params, draft_params, prompt, prompt_lengt
     if spec.mesh is not None:
         cache = sharding.constrain_cache(cache, spec.mesh)
     hidden, captured, cache = decoder.run_layers(spec.target, target_params, prompt, positions,
-                                                 cache, spec.hidden_layers)
+                                                 cache, spec.hidden_layers, prefill=True)
     last_logits = decoder.logits(target_params, hidden[rows, prompt_lengths - 1])  # [B, V]
     seeds = row_seeds(key, B)  # [B, 2]
     first = next_token(spec.sampler, values, last_logits, uniforms(seeds, 0, 1)[:, 0])

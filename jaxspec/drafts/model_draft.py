@@ -44,7 +44,8 @@ class ModelDraft(Draft):
     def prefill(self, params, state: KVCache, prompt, prompt_lengths, hidden) -> KVCache:
         """Process prompt[B, P] (right-padded; pad slots are overwritten later)."""
         positions = jnp.broadcast_to(jnp.arange(prompt.shape[1]), prompt.shape)
-        _, state = decoder.hidden_states(self.config, params, prompt, positions, state)
+        _, _, state = decoder.run_layers(self.config, params, prompt, positions, state,
+                                         prefill=True)
         return state
 
     def forward_calls(self, gamma: int, iterations: int, state=None) -> int:

@@ -190,9 +190,11 @@ def project_qkv(config, layer, x, rope_cs):
     return rope(q, cos[:, :, :, None], sin[:, :, :, None]), rope(k, cos, sin), v
 
 
-def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index):
+def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index,
+              prefill: bool = False):
     """One attention block on x[B, T, D]; writes this layer's keys/values into the cache.
-    `mask` is attention_mask(config, positions, S) (the CPU kernel derives it from positions)."""
+    `mask` is attention_mask(config, positions, S) (the CPU kernel derives it from positions);
+    `prefill`: see run_layers."""
     from jaxspec.kernels import cpu_attention
 
     B, T, _ = x.shape
@@ -202,6 +204,8 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index)
     if cpu_attention.fits(q, cache):
         # decode steps and verifies on CPU: the layer's visible slots, read in place
         out = cpu_attention.attend(q, cache.k, cache.v, index, positions, config.sliding_window)
+    elif prefill:
+        out = _attention_prefill(config, q, k.astype(q.dtype), v.astype(q.dtype))
     else:
         out = _attention_xla(config, q, cache, index, mask)
     out = out.reshape(B, T, config.num_heads * config.head_dim).astype(x.dtype)  # [B, T, H * Dh]
@@ -224,30 +228,68 @@ def _attention_xla(config, q, cache: KVCache, index, mask):
     return einsum(f"{values_spec},BKGTS->BTKGD", values, weights)
 
 
+PREFILL_BLOCK = 128  # query positions per block of _attention_prefill
+
+
+def prefill_blocks(length: int, window: int | None) -> list[tuple[int, int, int]]:
+    """_attention_prefill's blocks for a prompt of `length` positions: (start, stop, first),
+    the queries [start, stop) reading the keys [first, stop)."""
+    return [(start, min(length, start + PREFILL_BLOCK),
+             0 if window is None else max(0, start - window + 1))
+            for start in range(0, length, PREFILL_BLOCK)]
+
+
+def _attention_prefill(config, q, k, v):
+    """Causal attention of a prompt's own positions 0..T-1: q[B, T, K, G, Dh], k, v [B, T, K, Dh]
+    -> [B, T, K, G, Dh]. The queries go in blocks of PREFILL_BLOCK positions, each block's
+    dots over the keys it may see only (up to its last position, from its first position's
+    sliding window on), so a T-token prompt computes about half of the T x T scores (and none
+    of the cache's empty slots) and reads no cache."""
+    W = config.sliding_window
+    outs = []
+    for start, stop, first in prefill_blocks(q.shape[1], W):
+        query = np.arange(start, stop)[:, None]  # [Tb, 1] positions (static)
+        key = np.arange(first, stop)[None, :]  # [1, Sb]
+        visible = key <= query  # [Tb, Sb]
+        if W is not None:
+            visible &= key > query - W
+        scores = einsum("BSKD,BTKGD->BKGTS", k[:, first:stop], q[:, start:stop],
+                        preferred_element_type=jnp.float32) / math.sqrt(config.head_dim)
+        scores = jnp.where(visible, scores, -jnp.inf)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(einsum("BSKD,BKGTS->BTKGD", v[:, first:stop], weights))
+    return jnp.concatenate(outs, axis=1)
+
+
 def mlp(config: ModelConfig, layer, x: jax.Array) -> jax.Array:
     gate_up = dense(x, layer["w_gate_up"])  # [B, T, 2, F]
     return dense(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], layer["w_down"])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def block(config: ModelConfig, layer, x, positions, mask, rope_cs, cache: KVCache, index):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def block(config: ModelConfig, prefill: bool, layer, x, positions, mask, rope_cs,
+          cache: KVCache, index):
     """One decoder layer on x[B, T, D] -> (x, cache), its keys and values written at `index`
     (i32[]). A jitted function of the layer's arrays: a program that runs L layers of the same
     shapes traces and lowers one and calls it L times (unrolled: XLA inlines the calls) or
     once (the body of `_scanned`), so tracing a model costs about one layer's work."""
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index)
+    out, cache = attention(config, layer, h, positions, mask, rope_cs, cache, index, prefill)
     x = x + out
     return x + mlp(config, layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)), cache
 
 
 def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KVCache,
-               capture: tuple[int, ...] = ()):
+               capture: tuple[int, ...] = (), *, prefill: bool = False):
     """Run the decoder stack: tokens[B, T], positions[B, T] -> (hidden[B, T, D], captured, cache).
 
     hidden is after the final norm, i.e. what the output layer reads. captured is None when
     `capture` is empty, else [B, T, len(capture), D]: the residual stream entering each layer
     in `capture` (0 = the embeddings; num_layers = the last layer's output, before the norm).
+    With `prefill` the caller promises that every row's positions are 0..T-1 and that the cache
+    holds nothing before them (a prompt's first forward): attention then reads the call's own
+    keys and values in causal blocks (`_attention_prefill`) rather than every cache slot (where
+    the CPU kernel takes the call, T ≤ cpu_attention.MAX_POSITIONS, it still does).
     """
     mask = attention_mask(config, positions, cache.max_len)
     tokens = jnp.clip(tokens, 0, params["embed"].shape[0] - 1)  # out-of-range ids never gather OOB
@@ -256,16 +298,17 @@ def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KV
     context = (positions, mask, rope_cs)
     layers = params["layers"]
     run = _scanned if scannable(layers) else _unrolled
-    x, captured, cache = run(config, layers, x, context, cache, capture)
+    x, captured, cache = run(functools.partial(block, config, prefill), layers, x, context,
+                             cache, capture)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), captured, cache
 
 
-def _unrolled(config, layers, x, context, cache, capture):
-    """The layers one after another, each a call of `block` (XLA inlines them all)."""
+def _unrolled(layer_fn, layers, x, context, cache, capture):
+    """The layers one after another, each a call of `block` (`layer_fn`: XLA inlines them)."""
     streams = {}
     for index, layer in enumerate(layers):
         streams[index] = x
-        x, cache = block(config, layer, x, *context, cache, np.int32(index))
+        x, cache = layer_fn(layer, x, *context, cache, np.int32(index))
     streams[len(layers)] = x
     captured = None
     if capture:
@@ -285,7 +328,7 @@ def scannable(layers) -> bool:
             and cpu_matmul.available())
 
 
-def _scanned(config, layers, x, context, cache, capture):
+def _scanned(layer_fn, layers, x, context, cache, capture):
     """The layers as one lax.scan over their index: XLA compiles (and XLA:CPU resolves on a
     program's first run) one layer's kernels instead of L, which is most of a first process's
     compile and ~0.5 s of every later one's first generation on the default model. The
@@ -308,7 +351,7 @@ def _scanned(config, layers, x, context, cache, capture):
             captured = jax.lax.dynamic_update_index_in_dim(captured, x, slots[index], 0)
         layer = {**{k: w.replace(index=index) for k, w in packed.items()},
                  **{k: w[index] for k, w in small.items()}}
-        x, cache = block(config, layer, x, *context, cache, index)
+        x, cache = layer_fn(layer, x, *context, cache, index)
         return (x, captured, cache), None
 
     (x, captured, cache), _ = jax.lax.scan(step, (x, captured, cache),

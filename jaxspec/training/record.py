@@ -85,7 +85,8 @@ def _generate(config, params, prompt, prompt_lengths, *, layers, steps: int, k: 
     rows = jnp.arange(B)
     cache = init_cache(config, B, bucket(P + steps), params["embed"].dtype, layout)
     positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-    hidden, captured, cache = decoder.run_layers(config, params, prompt, positions, cache, layers)
+    hidden, captured, cache = decoder.run_layers(config, params, prompt, positions, cache, layers,
+                                                 prefill=True)
     logits = decoder.logits(params, hidden)  # [B, P, V]
     first = first_argmax(logits[rows, prompt_lengths - 1])
     prompt_records = (prompt, captured.astype(jnp.bfloat16), *_top(logits, k))
