@@ -8,6 +8,7 @@
     python scripts/benchmark.py --stream [--draft none]
     python scripts/benchmark.py --startup [--repeats 5]
     python scripts/benchmark.py --batches [--batch-sizes 1,2,4,8] [--gammas 2] [--draft PATH]
+    python scripts/benchmark.py --prefill [--prompt-tokens 100,400,900]
     python scripts/benchmark.py --ar|--spec|--exactness --preset llama3-8b [--device gpu]
 
 --ar measures in one run the copy bandwidth, jaxspec's plain decode and transformers'
@@ -35,6 +36,8 @@ accepts everything). On an accelerator --ar also measures the device's copy band
 for a known device, compares with its rated bandwidth.
 --batches measures speculative decoding against plain decoding per batch size, the draft at
 its default γ (chosen by measurement for a batch) and at fixed γ (jaxspec.bench_batches).
+--prefill measures time to first token on prompts of --prompt-tokens random ids, jaxspec
+against transformers (jaxspec.bench_prefill).
 --exactness compares greedy speculative output with greedy plain output, token for token, on
 --repeats random prompts at each γ (batch 1): the mismatch rate, and where the first mismatch
 fell (bf16 verifies and one-token steps may round differently on some backends).
@@ -51,8 +54,8 @@ import sys
 
 from tqdm import tqdm
 
-from jaxspec import (bench, bench_batches, bench_exactness, bench_kernel, bench_startup,
-                     bench_suite, presets, tuning)
+from jaxspec import (bench, bench_batches, bench_exactness, bench_kernel, bench_prefill,
+                     bench_startup, bench_suite, presets, tuning)
 from jaxspec.decode.sizing import loop_max_len
 from jaxspec.errors import UserError
 
@@ -65,22 +68,23 @@ PRESET_TARGETS = {"llama3-8b": ("fraction_of_rated", 0.8),
                   "llama3.2-1b": ("fraction_of_rated", 0.6), "smollm2-135m": ("tok_s", 2500.0)}
 EXACTNESS_PROMPT_TOKENS = 32
 SUITE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "suite.jsonl")
-# per mode: (--ar/--spec, --suite, --kernel, --stream, --startup, --exactness)
+# per mode: (--ar/--spec, --suite, --kernel, --stream, --startup, --exactness, --batches,
+# --prefill)
 MODE_DEFAULTS = {"draft": ("layerskip:8", None, None, "default", None, "layerskip:8",
-                           "default"),
+                           "default", None),
                  "gammas": ("1,2,3,4,6,8", bench_suite.DEFAULT_GAMMAS, "1,2,4,8", "1", "1",
-                            "2,4", "2"),
+                            "2,4", "2", "1"),
                  "max_new_tokens": (128, bench_suite.DEFAULT_MAX_NEW_TOKENS, 128, 128, 128, 128,
-                                    96),
-                 "repeats": (3, 1, 5, 5, 5, 4, 2),
+                                    96, 1),
+                 "repeats": (3, 1, 5, 5, 5, 4, 2, 3),
                  "prompt": (DEFAULT_PROMPT,) * 4 + (bench_startup.PROMPT, DEFAULT_PROMPT,
-                                                    DEFAULT_PROMPT),
+                                                    DEFAULT_PROMPT, DEFAULT_PROMPT),
                  "out_json": ("bench.json", "bench_suite.json", "bench_kernel.json",
                               "bench_stream.json", "bench_startup.json", "bench_exactness.json",
-                              "bench_batches.json"),
+                              "bench_batches.json", "bench_prefill.json"),
                  "out_png": ("bench.png", "bench_suite.png", "bench_kernel.png",
                              "bench_stream.png", "bench_startup.png", "bench_exactness.png",
-                             "bench_batches.png")}
+                             "bench_batches.png", "bench_prefill.png")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,6 +108,8 @@ def parse_args(argv):
                       help="greedy speculative vs plain output, token for token, per γ")
     mode.add_argument("--batches", action="store_true",
                       help="speculative vs plain decoding per batch size (--batch-sizes)")
+    mode.add_argument("--prefill", action="store_true",
+                      help="time to first token on long prompts, jaxspec vs transformers")
     mode.add_argument("--startup", action="store_true",
                       help="wall time of whole CLI processes: first, warm, warm with JAX's "
                       "compilation cache only")
@@ -128,6 +134,8 @@ def parse_args(argv):
     p.add_argument("--cost-steps", type=int, default=16, help="forwards per cost measurement")
     p.add_argument("--batch-sizes", help="--batches: comma-separated prompts per batch "
                    "(default 1,2,4,8)")
+    p.add_argument("--prompt-tokens", help="--prefill: comma-separated prompt lengths "
+                   f"(default {bench_prefill.DEFAULT_LENGTHS})")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the copy (≥ 512 MB)")
     p.add_argument("--out-json", help="default bench.json (--suite bench_suite.json)")
     p.add_argument("--out-png", help="default bench.png (--suite bench_suite.png, which names "
@@ -137,7 +145,8 @@ def parse_args(argv):
     if args.preset and args.draft is None:
         args.draft = "self"  # acceptance of other drafts means nothing on random weights
     column = (2 if args.kernel else 3 if args.stream else 4 if args.startup
-              else 5 if args.exactness else 6 if args.batches else int(args.suite))
+              else 5 if args.exactness else 6 if args.batches else 7 if args.prefill
+              else int(args.suite))
     for name, defaults in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, defaults[column])
@@ -160,6 +169,15 @@ def parse_args(argv):
         p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if args.batch_sizes[0] < 1:
         p.error("every batch size must be >= 1")
+    if args.prompt_tokens is not None and not args.prefill:
+        p.error("--prompt-tokens needs --prefill")
+    try:
+        args.prompt_tokens = [int(n) for n in
+                              (args.prompt_tokens or bench_prefill.DEFAULT_LENGTHS).split(",")]
+    except ValueError:
+        p.error(f"--prompt-tokens must be comma-separated integers, got {args.prompt_tokens!r}")
+    if min(args.prompt_tokens) < 1:
+        p.error("every prompt length must be >= 1")
     if (args.preset or args.dtype or args.device) and not (args.ar or args.spec
                                                            or args.exactness):
         p.error("--preset, --dtype and --device go with --ar, --spec or --exactness")
@@ -507,6 +525,20 @@ def kernel_mode(args, target) -> dict:
                             repeats=args.repeats, progress=progress("rounds"))
 
 
+def prefill_mode(args, target, hf_source) -> dict:
+    limit = target.config.max_position_embeddings
+    if max(args.prompt_tokens) >= limit:
+        raise UserError(f"--prompt-tokens: the model takes at most {limit - 1} prompt tokens "
+                        "here (one position for the new token)")
+    hf = None
+    if hf_source:
+        log(f"transformers: loading {os.path.basename(hf_source)}")
+        hf = bench.load_hf(hf_source)
+    log("per prompt length: compile + warm-up, then rounds")
+    return bench_prefill.run(target, hf, args.prompt_tokens, repeats=args.repeats,
+                             progress=progress("prompt lengths"))
+
+
 def batches_mode(args, target) -> dict:
     draft = None if args.draft == "none" else args.draft
     return bench_batches.run(target, draft, prompts_path=SUITE_PROMPTS,
@@ -630,9 +662,10 @@ def exactness_mode(args, target) -> dict:
 
 PRINT = {"ar": print_ar, "spec": print_spec, "kernel": bench_kernel.print_table,
          "stream": print_stream, "exactness": bench_exactness.print_table,
-         "batches": bench_batches.print_table}
+         "batches": bench_batches.print_table, "prefill": bench_prefill.print_table}
 PLOT = {"ar": plot_ar, "spec": plot_spec, "kernel": bench_kernel.plot, "stream": plot_stream,
-        "exactness": bench_exactness.plot, "batches": bench_batches.plot}
+        "exactness": bench_exactness.plot, "batches": bench_batches.plot,
+        "prefill": bench_prefill.plot}
 
 
 # ---------------------------------------------------------------------------- main
@@ -657,12 +690,13 @@ def main(argv=None) -> int:
             eos_ids = set(target.config.eos_token_ids)
             target = bench.without_eos(target)  # every run makes exactly --max-new-tokens
             other = bench.OtherLoad()
-            mode = next(m for m in ("ar", "kernel", "stream", "exactness", "batches", "spec")
-                        if getattr(args, m))
+            mode = next(m for m in ("ar", "kernel", "stream", "exactness", "batches", "prefill",
+                                    "spec") if getattr(args, m))
             result = (ar_mode(args, target, hf_source, eos_ids) if args.ar
                       else kernel_mode(args, target) if args.kernel
                       else stream_mode(args, target) if args.stream
                       else batches_mode(args, target) if args.batches
+                      else prefill_mode(args, target, hf_source) if args.prefill
                       else exactness_mode(args, target) if args.exactness
                       else spec_mode(args, target))
     except UserError as e:

@@ -209,6 +209,34 @@ def test_batches_mode_end_to_end(script, tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_prefill_mode_end_to_end(script, tmp_path, capsys):
+    """--prefill: time to first token per prompt length, jaxspec and transformers on the same
+    weights (the same first token), a ratio and its target, a PNG; a prompt length the model
+    cannot take fails with one line."""
+    model = tiny_hf_model("llama", tmp_path)
+    out_json, out_png = tmp_path / "prefill.json", tmp_path / "prefill.png"
+    rc = script.main(["--prefill", "--model", model, "--prompt-tokens", "40,70", "--repeats",
+                      "2", "--out-json", str(out_json), "--out-png", str(out_png)])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert list(result["lengths"]) == ["40", "70"]
+    for row in result["lengths"].values():
+        assert row["first_tokens_identical"]
+        assert all(len(row[k]["all"]) == 2 for k in ("jaxspec", "transformers"))
+        assert row["ratio"] == pytest.approx(row["jaxspec"]["best"]
+                                             / row["transformers"]["best"])
+    target = result["targets"]["jaxspec ÷ transformers time, worst length"]
+    assert target["value"] == max(row["ratio"] for row in result["lengths"].values())
+    assert "| 70 |" in capsys.readouterr().out
+    with open(out_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert script.main(["--prefill", "--model", model, "--prompt-tokens", "100000"]) == 2
+    assert "at most" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--ar", "--prompt-tokens", "20"])
+    assert e.value.code == 2
+
+
 def test_startup_mode_end_to_end(script, tmp_path, capsys):
     """--startup: whole CLI processes, cold then warm with and without the program cache; the
     warm processes load the programs the cold one saved (less compile time), same text."""
