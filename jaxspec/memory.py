@@ -17,8 +17,8 @@
                      the largest of the target's prefill over the padded prompt width P: its
                      attention weights, [B, H, Tb, Sb] fp32 per block of queries
                      (models.decoder.prefill_blocks: about [B, H, P, P] / 2 in all), which
-                     XLA holds all at once and twice, or the MLP's [B, P, 2F]; it dominates
-                     for long prompts
+                     XLA holds all at once and twice (none where the CPU prefill-attention
+                     kernel runs), or the MLP's [B, P, 2F]; it dominates for long prompts
 
 as a `Plan` with a `total` (the two activation terms are never live at once: the larger
 counts). Under a `jax.sharding` mesh (spec.mesh) every term is one device's
@@ -161,14 +161,17 @@ def activation_bytes(batch: int, gamma: int, vocab: int, sampled: bool) -> int:
     return logits + batch * gamma * vocab * FP32 + batch * (gamma + 1) * vocab * FP32
 
 
-def prefill_bytes(config, rows: int, prompt_width: int, dtype_bytes: int, tp: int = 1) -> int:
+def prefill_bytes(config, rows: int, prompt_width: int, dtype_bytes: int, tp: int = 1, *,
+                  attention_kernel: bool = False) -> int:
     """The prefill's largest activation per device (see the module docstring): heads and
-    MLP columns split over tp."""
+    MLP columns split over tp; with `attention_kernel` (the CPU prefill-attention kernel, which
+    keeps no attention weights) the MLP's."""
     from jaxspec.models.decoder import prefill_blocks
 
     scores = sum((stop - start) * (stop - first)  # every block's [Tb, Sb]
                  for start, stop, first in prefill_blocks(prompt_width, config.sliding_window))
-    attention = ATTENTION_COPIES * rows * -(-config.num_heads // tp) * scores
+    attention = 0 if attention_kernel else (
+        ATTENTION_COPIES * rows * -(-config.num_heads // tp) * scores)
     mlp = rows * prompt_width * 2 * -(-config.intermediate_size // tp) * dtype_bytes
     return max(attention * FP32, mlp)
 
@@ -190,8 +193,18 @@ def plan(spec, batch: int, target_params, draft_params, prompt_width: int) -> Pl
         activations=activation_bytes(rows, spec.gamma, -(-spec.target.vocab_size // tp),
                                      sampled=not spec.sampler.greedy),
         prefill=prefill_bytes(spec.target, rows, prompt_width, np.dtype(spec.dtype).itemsize,
-                              tp),
+                              tp, attention_kernel=_prefill_kernel(spec)),
     )
+
+
+def _prefill_kernel(spec) -> bool:
+    """Whether the loop's prefill attends through the CPU prefill kernel (decoder.attention)."""
+    import jax.numpy as jnp
+
+    from jaxspec.kernels import cpu_attention
+
+    dtype = jnp.float32 if spec.layout.fp32_cache else spec.dtype
+    return cpu_attention.prefill_takes(spec.layout.panels, dtype, spec.target.head_dim)
 
 
 def _mesh_shape(mesh) -> tuple[int, int]:

@@ -15,12 +15,13 @@ panels (the decoder's scanned layer loop: each layer's buffer is read where it l
 GGUF Q4_1 or Q8_0 blocks (uint8 / int8, jaxspec.models.quantized) are dequantized as gguf does
 while they are read: the bits of the fp32 panels of the same weights, a fifth of the bytes.
 
-The same library holds the CPU decode-attention kernel (`cpu_attention.cc`,
-kernels.cpu_attention) and the threading both share (`cpu_threads.h`). It is compiled once with
-the system C++ compiler (`$CXX`, else `c++`) into `$JAXSPEC_CACHE/kernels/`, under a name that
-hashes the sources, the jaxlib version and the compiler, so an upgrade rebuilds it. Without a
-compiler, on a CPU without AVX2 + FMA, or when building or loading fails, `available()` is
-False, one line on stderr says why, and the decoder uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla`
+The same library holds the CPU attention kernels (`cpu_attention.cc` for decode steps and
+verifies, `cpu_prefill_attention.cc` for a prompt's first forward: kernels.cpu_attention), the
+SIMD helpers they share (`cpu_simd.h`) and the threading all share (`cpu_threads.h`). It is
+compiled once with the system C++ compiler (`$CXX`, else `c++`) into `$JAXSPEC_CACHE/kernels/`,
+under a name that hashes the sources, the jaxlib version and the compiler, so an upgrade
+rebuilds it. Without a compiler, on a CPU without AVX2 + FMA, or when building or loading
+fails, `available()` is False, one line on stderr says why, and the decoder uses XLA's dot. `JAXSPEC_CPU_MATMUL=xla`
 turns the kernel off (the CPU layout then keeps plain weights), `JAXSPEC_CPU_MATMUL=avx2` keeps
 it to AVX2 where AVX-512 is present (its results are bit-identical: every output accumulates in
 the same order); `JAXSPEC_MATMUL_THREADS` sets its threads (default: the CPUs this process may
@@ -43,13 +44,15 @@ THREADS_ENV = "JAXSPEC_MATMUL_THREADS"
 TARGET = "jaxspec_small_m_matmul"
 INDEXED_TARGET = "jaxspec_small_m_matmul_indexed"
 ATTENTION_TARGET = "jaxspec_decode_attention"  # cpu_attention.cc (kernels.cpu_attention)
-TARGETS = (TARGET, INDEXED_TARGET, ATTENTION_TARGET)  # the FFI targets (one per handler)
+PREFILL_TARGET = "jaxspec_prefill_attention"  # cpu_prefill_attention.cc (the same module)
+TARGETS = (TARGET, INDEXED_TARGET, ATTENTION_TARGET, PREFILL_TARGET)  # one per FFI handler
 CACHE_FOLDER = "kernels"  # in $JAXSPEC_CACHE
 PANEL = 64  # columns per panel (kPanel in the source; models.layout.PANEL)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(_HERE, "cpu_matmul.cc")
-SOURCES = (SOURCE, os.path.join(_HERE, "cpu_attention.cc"))  # one library
-HEADERS = (os.path.join(_HERE, "cpu_threads.h"),)
+SOURCES = (SOURCE, os.path.join(_HERE, "cpu_attention.cc"),
+           os.path.join(_HERE, "cpu_prefill_attention.cc"))  # one library
+HEADERS = (os.path.join(_HERE, "cpu_threads.h"), os.path.join(_HERE, "cpu_simd.h"))
 
 
 def compiler() -> str | None:

@@ -388,6 +388,22 @@ def _teacher_forced(config: ModelConfig, params, tokens):
     return logits
 
 
+def causal_attention(q, k, v, window=None) -> np.ndarray:
+    """float64 causal softmax attention of positions 0..T-1: q[B, T, K, G, Dh], k, v [B, T, K,
+    Dh], query t seeing keys s <= t (and s > t - window)."""
+    B, T, K, G, Dh = q.shape
+    out = np.zeros(q.shape, np.float64)
+    for b in range(B):
+        for t in range(T):
+            lo = 0 if window is None else max(0, t - window + 1)
+            for h in range(K):
+                s = q[b, t, h].astype(np.float64) @ k[b, lo:t + 1, h].T.astype(np.float64)
+                s = s / np.sqrt(Dh)
+                w = np.exp(s - s.max(-1, keepdims=True))
+                out[b, t, h] = (w / w.sum(-1, keepdims=True)) @ v[b, lo:t + 1, h]
+    return out
+
+
 def full_logits(config: ModelConfig, params, tokens) -> np.ndarray:
     """Teacher-forced logits [B, T, V] of tokens[B, T]: positions 0..T-1, a fresh cache.
 

@@ -13,6 +13,7 @@ import pytest
 from helpers import tiny_model
 
 import jaxspec
+from jaxspec.kernels import cpu_matmul
 from jaxspec import generate as cli
 from jaxspec import memory
 from jaxspec.decode import loop, sampling
@@ -224,3 +225,23 @@ def test_prefill_activations_match_what_xla_allocates():
     assert 0.9 * plan.prefill <= temp <= 1.1 * plan.prefill, (temp, plan.prefill)
     with pytest.raises(UserError, match="prefill activations"):
         memory.check(plan, memory.Capacity(plan.total - 1, "a test limit"))
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
+def test_the_cpu_prefill_kernel_keeps_no_attention_weights():
+    """Where the CPU prefill-attention kernel runs (head size 16), the prefill term is the
+    MLP's: XLA's temporaries for the prefill are a fraction of the attention weights that the
+    blocked XLA attention would hold."""
+    target = model(hidden=64, max_positions=1024)
+    decoder = jaxspec.SpeculativeDecoder(target, None, device="cpu")
+    prompts = [[3] * 500, [4] * 300]
+    plan = decoder.memory_plan(prompts, 8)
+    width = sizing.prompt_width(500)
+    assert plan.prefill == 2 * width * 2 * target.config.intermediate_size * 4
+    spec = decoder._loop_spec(prompts, 8, sampling.Sampler(greedy=True))
+    _, values = sampling.make(0.0)
+    args = (decoder.target.params, None, jnp.zeros((2, width), jnp.int32),
+            jnp.asarray([500, 300]), jax.random.key(0), values, 8)
+    compiled = jax.jit(loop.init_state, static_argnums=0).lower(spec, *args).compile()
+    weights = memory.prefill_bytes(target.config, 2, width, 4) - plan.prefill
+    assert weights > 0 and compiled.memory_analysis().temp_size_in_bytes < weights / 4

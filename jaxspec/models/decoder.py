@@ -204,8 +204,12 @@ def attention(config, layer, x, positions, mask, rope_cs, cache: KVCache, index,
     if cpu_attention.fits(q, cache):
         # decode steps and verifies on CPU: the layer's visible slots, read in place
         out = cpu_attention.attend(q, cache.k, cache.v, index, positions, config.sliding_window)
-    elif prefill:
-        out = _attention_prefill(config, q, k.astype(q.dtype), v.astype(q.dtype))
+    elif prefill:  # a prompt's first forward: its own keys and values, causally
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if cpu_attention.prefill_takes(cache.cpu_kernel, q.dtype, config.head_dim):
+            out = cpu_attention.prefill(q, k, v, config.sliding_window)
+        else:
+            out = _attention_prefill(config, q, k, v)
     else:
         out = _attention_xla(config, q, cache, index, mask)
     out = out.reshape(B, T, config.num_heads * config.head_dim).astype(x.dtype)  # [B, T, H * Dh]

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import full_logits, rows_unlike_steps, tiny_config, tiny_model, tiny_params
+from helpers import (causal_attention, full_logits, rows_unlike_steps, tiny_config, tiny_model,
+                     tiny_params)
 
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import decoder, layout
@@ -57,11 +58,13 @@ def test_cached_decode_equals_teacher_forced_forward(chunk, layout):
 @pytest.mark.parametrize("window", [None, 40, 200])
 @pytest.mark.parametrize("placement", [CPU, ACCELERATOR], ids=lambda x: x.name)
 def test_a_prefill_attends_to_its_own_keys_as_to_the_caches(placement, window):
-    """run_layers(prefill=True) (attention over the prompt's own keys, in causal blocks of 128
-    queries, none before a block's sliding window) computes what attention over every cache slot
-    under the mask computes, for a 300-token prompt in 3 blocks, without and with sliding
-    windows shorter and longer than a block: hidden states, captured streams and the cache."""
-    config = dataclasses.replace(tiny_config(layers=2, max_positions=512), sliding_window=window)
+    """run_layers(prefill=True) (attention over the prompt's own keys: on the CPU layout the
+    prefill kernel, elsewhere causal blocks of 128 queries, none before a block's sliding
+    window) computes what attention over every cache slot under the mask computes, for a
+    300-token prompt (3 blocks), without and with sliding windows shorter and longer than a
+    block: hidden states, captured streams and the cache."""
+    config = dataclasses.replace(tiny_config(hidden=64, layers=2, max_positions=512),
+                                 sliding_window=window)  # Dh 16: the kernel takes it
     params = layout.apply(placement, tiny_params(config, seed=3), tied=False)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 300)))
     positions = jnp.broadcast_to(jnp.arange(300), (2, 300))
@@ -72,11 +75,30 @@ def test_a_prefill_attends_to_its_own_keys_as_to_the_caches(placement, window):
         return decoder.run_layers(config, params, tokens, positions, cache, (0, 1, 2),
                                   prefill=prefill)
 
+    kernel = "jaxspec_prefill_attention" in run.lower(True, params).as_text()
+    assert kernel == (placement is CPU and cpu_matmul.available())
     own, cached = run(True, params), run(False, params)
     for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(cached), strict=True):
         scale = float(np.abs(b).max())  # the last layers' streams reach ~170 here
-        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)  # sums in another order
+        # fp32 sums in another order, through two layers and norms (a wrong mask or window is
+        # off by 1e-2 of the scale and more; the kernel alone is checked in float64)
+        np.testing.assert_allclose(a, b, atol=5e-5 * scale, rtol=0)
     assert 300 > 2 * decoder.PREFILL_BLOCK
+
+
+@pytest.mark.parametrize("window", [None, 40, 200])
+def test_blocked_prefill_attention_equals_causal_softmax_attention(window):
+    """_attention_prefill (the prefill's attention off the CPU kernel: blocks of 128 queries,
+    each over the keys it may see) against float64 causal attention, 300 positions (3 blocks),
+    sliding windows shorter and longer than a block."""
+    config = dataclasses.replace(tiny_config(hidden=64), sliding_window=window)  # K 2, G 2
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 300, 2, 2, 16)).astype(np.float32) * 2
+    k = rng.standard_normal((2, 300, 2, 16)).astype(np.float32) * 2
+    v = rng.standard_normal((2, 300, 2, 16)).astype(np.float32)
+    got = jax.jit(decoder._attention_prefill, static_argnums=0)(config, q, k, v)
+    np.testing.assert_allclose(np.asarray(got), causal_attention(q, k, v, window), rtol=0,
+                               atol=2e-5)
 
 
 def test_a_program_traces_one_layer_of_a_uniform_stack(monkeypatch):
