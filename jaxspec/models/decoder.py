@@ -292,8 +292,9 @@ def run_layers(config: ModelConfig, params: Params, tokens, positions, cache: KV
     in `capture` (0 = the embeddings; num_layers = the last layer's output, before the norm).
     With `prefill` the caller promises that every row's positions are 0..T-1 and that the cache
     holds nothing before them (a prompt's first forward): attention then reads the call's own
-    keys and values in causal blocks (`_attention_prefill`) rather than every cache slot (where
-    the CPU kernel takes the call, T ≤ cpu_attention.MAX_POSITIONS, it still does).
+    keys and values causally (on the CPU layout the prefill kernel, kernels.cpu_attention;
+    elsewhere `_attention_prefill`'s blocks) rather than every cache slot (where the decode
+    kernel takes the call, T ≤ cpu_attention.MAX_POSITIONS, it still does).
     """
     mask = attention_mask(config, positions, cache.max_len)
     tokens = jnp.clip(tokens, 0, params["embed"].shape[0] - 1)  # out-of-range ids never gather OOB
