@@ -394,13 +394,35 @@ void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
 
 // ---------------------------------------------------------------- threads
 
+// Rows of the items a many-row product (a prefill) is split into where it has few panels per
+// thread: the 9 panels of a [*, 576] weight went 5 / 4 to 2 threads, now 36 / 36 items.
+constexpr int64_t kRowChunk = 96;
+
+// Rows [c * kRowChunk, ...) of p, at most kRowChunk of them.
+Problem row_chunk(const Problem& p, int64_t c) {
+  Problem chunk = p;
+  chunk.x = p.x + c * kRowChunk * p.K;
+  chunk.out = p.out + c * kRowChunk * p.N;
+  chunk.M = std::min(kRowChunk, p.M - c * kRowChunk);
+  return chunk;
+}
+
 void run(const Problem& p, ffi::ThreadPool& pool) {
   const int64_t panels = p.N / kPanel;
   const int64_t threads = jaxspec::usable_threads(pool);
-  // Fewer than 4 panels per thread: synchronising costs more than it saves.
-  if (threads <= 1 || panels < 4 * threads) return run_panels(p, 0, panels);
-  jaxspec::parallel_ranges(pool, panels, threads,
-                           [&p](int64_t begin, int64_t end) { run_panels(p, begin, end); });
+  const int64_t chunks =
+      p.M >= 2 * kRowChunk && panels < 16 * threads ? (p.M + kRowChunk - 1) / kRowChunk : 1;
+  // Fewer than 4 items per thread: synchronising costs more than it saves.
+  if (threads <= 1 || panels * chunks < 4 * threads) return run_panels(p, 0, panels);
+  if (chunks == 1)
+    return jaxspec::parallel_ranges(
+        pool, panels, threads, [&p](int64_t begin, int64_t end) { run_panels(p, begin, end); });
+  jaxspec::parallel_ranges(pool, panels * chunks, threads,
+                           [&p, chunks](int64_t begin, int64_t end) {
+                             for (int64_t item = begin; item < end; ++item)  // (panel, rows)
+                               run_panels(row_chunk(p, item % chunks), item / chunks,
+                                          item / chunks + 1);
+                           });
 }
 
 // The panels' format from their element type and shape (kF32 with ok = false: not panels of

@@ -85,11 +85,15 @@ def test_blocks_give_the_bits_of_the_dequantized_weights(kind, k, n):
 
 
 @needs_kernel
-def test_blocks_on_one_thread_give_the_same_bits(tmp_path):
-    """65 panels are split across threads here; one thread in a subprocess computes the same."""
-    q, d, m, _ = gguf_weight("q4_1", 64, 4160, seed=3)
+@pytest.mark.parametrize("rows, n", [(5, 4160), (300, 576)])
+def test_blocks_on_one_thread_give_the_same_bits(tmp_path, rows, n):
+    """Split across threads here (65 panels; or 9 panels x 4 chunks of rows, a prefill-sized
+    product), one thread in a subprocess computes the same, and the fp32 panels too."""
+    q, d, m, dense = gguf_weight("q4_1", 64, n, seed=3)
     data = quantized.pack("q4_1", q, d, m)
-    x = np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((rows, 64)).astype(np.float32)
+    expected = kernel(x, layout.pack(jnp.asarray(dense)).data)
+    np.testing.assert_array_equal(np.asarray(kernel(x, data)), np.asarray(expected))
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "data.npy", data)
     script = ("import sys, numpy as np, jax; from jaxspec.kernels import cpu_matmul as c; "
