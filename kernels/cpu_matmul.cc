@@ -398,12 +398,12 @@ void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
 // thread: the 9 panels of a [*, 576] weight went 5 / 4 to 2 threads, now 36 / 36 items.
 constexpr int64_t kRowChunk = 96;
 
-// Rows [c * kRowChunk, ...) of p, at most kRowChunk of them.
-Problem row_chunk(const Problem& p, int64_t c) {
+// Rows [first, first + rows) of p (fewer at its end).
+Problem row_chunk(const Problem& p, int64_t first, int64_t rows) {
   Problem chunk = p;
-  chunk.x = p.x + c * kRowChunk * p.K;
-  chunk.out = p.out + c * kRowChunk * p.N;
-  chunk.M = std::min(kRowChunk, p.M - c * kRowChunk);
+  chunk.x = p.x + first * p.K;
+  chunk.out = p.out + first * p.N;
+  chunk.M = std::min(rows, p.M - first);
   return chunk;
 }
 
@@ -412,16 +412,14 @@ void run(const Problem& p, ffi::ThreadPool& pool) {
   const int64_t threads = jaxspec::usable_threads(pool);
   const int64_t chunks =
       p.M >= 2 * kRowChunk && panels < 16 * threads ? (p.M + kRowChunk - 1) / kRowChunk : 1;
+  const int64_t rows = (p.M + chunks - 1) / chunks;
   // Fewer than 4 items per thread: synchronising costs more than it saves.
   if (threads <= 1 || panels * chunks < 4 * threads) return run_panels(p, 0, panels);
-  if (chunks == 1)
-    return jaxspec::parallel_ranges(
-        pool, panels, threads, [&p](int64_t begin, int64_t end) { run_panels(p, begin, end); });
   jaxspec::parallel_ranges(pool, panels * chunks, threads,
-                           [&p, chunks](int64_t begin, int64_t end) {
+                           [&p, chunks, rows](int64_t begin, int64_t end) {
                              for (int64_t item = begin; item < end; ++item)  // (panel, rows)
-                               run_panels(row_chunk(p, item % chunks), item / chunks,
-                                          item / chunks + 1);
+                               run_panels(row_chunk(p, item % chunks * rows, rows),
+                                          item / chunks, item / chunks + 1);
                            });
 }
 

@@ -53,59 +53,33 @@ void key_range(const Problem& p, int64_t t0, int64_t t1, int64_t& lo, int64_t& h
   hi = t1;
 }
 
-// scores[r, j] (j < 16) = q_r . tile[:, j] for MR query vectors q_r, the tile's rows `stride`
-// floats apart.
+// out[r, 0:16] = (accumulate ? out[r, 0:16] : 0) + sum_i x_r[i] rows[i, 0:16] (i < n) for MR
+// vectors x_r, the rows `stride` floats apart: scores (x_r a query, rows a [Dh, 16] key tile)
+// and outputs (x_r a query's weights, rows 16 columns of the values).
 template <int MR>
-JAXSPEC_AVX2 void score_block(const float* const* q, const float* tile, int64_t stride,
-                              int64_t Dh, float* const* scores) {
+JAXSPEC_AVX2 void block_product(const float* const* x, const float* rows, int64_t stride,
+                                int64_t n, bool accumulate, float* const* out) {
   __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < Dh; ++d) {
-    const __m256 k0 = _mm256_loadu_ps(tile + d * stride);
-    const __m256 k1 = _mm256_loadu_ps(tile + d * stride + 8);
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < 2; ++h)
+      acc[r][h] = accumulate ? _mm256_loadu_ps(out[r] + 8 * h) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 row0 = _mm256_loadu_ps(rows + i * stride);
+    const __m256 row1 = _mm256_loadu_ps(rows + i * stride + 8);
     for (int r = 0; r < MR; ++r) {
-      const __m256 x = _mm256_set1_ps(q[r][d]);
-      acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+      const __m256 b = _mm256_set1_ps(x[r][i]);
+      acc[r][0] = _mm256_fmadd_ps(b, row0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, row1, acc[r][1]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(scores[r], acc[r][0]);
-    _mm256_storeu_ps(scores[r] + 8, acc[r][1]);
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out[r] + 8 * h, acc[r][h]);
 }
 
-// out[r, d0:d0+16] += sum_j w[r, j] values[j, d0:d0+16] for MR query vectors, n keys.
-template <int MR>
-JAXSPEC_AVX2 void value_block(const float* const* w, const float* values, int64_t stride,
-                              int64_t n, float* const* out) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) {
-    acc[r][0] = _mm256_loadu_ps(out[r]);
-    acc[r][1] = _mm256_loadu_ps(out[r] + 8);
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const __m256 v0 = _mm256_loadu_ps(values + j * stride);
-    const __m256 v1 = _mm256_loadu_ps(values + j * stride + 8);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 x = _mm256_set1_ps(w[r][j]);
-      acc[r][0] = _mm256_fmadd_ps(x, v0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(x, v1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(out[r], acc[r][0]);
-    _mm256_storeu_ps(out[r] + 8, acc[r][1]);
-  }
-}
-
-using ScoreBlock = void (*)(const float* const*, const float*, int64_t, int64_t,
-                           float* const*);
-using ValueBlock = void (*)(const float* const*, const float*, int64_t, int64_t, float* const*);
-constexpr ScoreBlock kScore[kBlock] = {score_block<1>, score_block<2>, score_block<3>,
-                                       score_block<4>, score_block<5>, score_block<6>};
-constexpr ValueBlock kValue[kBlock] = {value_block<1>, value_block<2>, value_block<3>,
-                                       value_block<4>, value_block<5>, value_block<6>};
+using Product = void (*)(const float* const*, const float*, int64_t, int64_t, bool,
+                         float* const*);
+constexpr Product kProduct[kBlock] = {block_product<1>, block_product<2>, block_product<3>,
+                                      block_product<4>, block_product<5>, block_product<6>};
 
 // Lanes j0..j0+7 of a row that lie in [first, last] (all ones there, zeros elsewhere).
 JAXSPEC_AVX2 inline __m256 seen(int64_t j0, int64_t first, int64_t last) {
@@ -156,7 +130,7 @@ JAXSPEC_AVX2 void run_item(const Problem& p, int64_t b, int64_t k, int64_t t0, i
         q[r] = query(r0 + r);
         rows[r] = s.scores.data() + (r0 + r) * width + j0;
       }
-      kScore[mr - 1](q, tile, stride, Dh, rows);
+      kProduct[mr - 1](q, tile, stride, Dh, false, rows);
     }
   }
   const __m256 scale = _mm256_set1_ps(std::sqrt(static_cast<float>(Dh)));
@@ -197,7 +171,7 @@ JAXSPEC_AVX2 void run_item(const Problem& p, int64_t b, int64_t k, int64_t t0, i
       for (int r = 0; r < mr; ++r) w[r] = s.scores.data() + (r0 + r) * width + j0;
       for (int64_t d0 = 0; d0 < Dh; d0 += 16) {
         for (int r = 0; r < mr; ++r) rows[r] = s.sums.data() + (r0 + r) * Dh + d0;
-        kValue[mr - 1](w, values + j0 * kv_stride + d0, kv_stride, m, rows);
+        kProduct[mr - 1](w, values + j0 * kv_stride + d0, kv_stride, m, true, rows);
       }
     }
   }
