@@ -2,9 +2,9 @@
 // panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
 // (models.layout.Panels), in fp32 or in bf16 (half the bytes to stream; each weight is widened
 // to fp32 exactly as it is loaded, so the products and sums are fp32 either way), or as GGUF
-// Q4_1 / Q8_0 blocks dequantized as they are read (quant_rows, dequant_panel). Built and
-// loaded by cpu_matmul.py; XLA calls it through its FFI (custom calls "jaxspec_small_m_matmul"
-// and "jaxspec_small_m_matmul_indexed").
+// blocks (Q4_1, Q8_0, Q4_K, Q6_K) dequantized as they are read (quant_rows, dequant_panel).
+// Built and loaded by cpu_matmul.py; XLA calls it through its FFI (custom calls
+// "jaxspec_small_m_matmul" and "jaxspec_small_m_matmul_indexed").
 //
 // Decoding reads every weight once per step, and verifying gamma + 1 tokens should cost about
 // the same. XLA:CPU streams one row at copy bandwidth but takes a slower path for 2-16 rows.
@@ -46,9 +46,9 @@ constexpr int kMaxRows = 6;     // rows per register block
 // about the same.
 constexpr int64_t kPrefetch = 2048;
 
-// How the panels hold the weights: fp32, bf16 (widened to fp32 as they are loaded), or GGUF's
-// Q4_1 and Q8_0 blocks (dequantized to fp32 as gguf's numpy code does, see quant_rows).
-enum Format { kF32, kBF16, kQ4_1, kQ8_0 };
+// How the panels hold the weights: fp32, bf16 (widened to fp32 as they are loaded), or GGUF
+// blocks (dequantized to fp32 as gguf's numpy code does, see quant_rows).
+enum Format { kF32, kBF16, kQ4_1, kQ8_0, kQ4_K, kQ6_K };
 
 struct Problem {
   const float* x;       // [M, K]
@@ -180,15 +180,18 @@ __attribute__((target("avx2,fma"))) void stream256(const Problem& p, int64_t j) 
 }
 
 // GGUF quantized panels (AVX2 + F16C, on AVX-512 CPUs too): panel j of a [K, N] weight is
-// K / 32 blocks of 32 panel rows, each block a header of per-column fp16 scales (and Q4_1's
-// fp16 offsets) then the quants, row by row (models.quantized packs them):
-//   Q4_1 (uint8, 1280 bytes): d[64] fp16, m[64] fp16, then per row 32 bytes, byte 8g + l
-//        holding column 16g + l in its low nibble and column 16g + 8 + l in its high one;
-//   Q8_0 (int8, 2176 bytes):  d[64] fp16, then per row 64 int8.
-// A weight is dequantized exactly as gguf's numpy code does (Q4_1: d * q, then + m; Q8_0:
-// q * d; d * q is exact in fp32, 11 significant bits times at most 8, so only + m rounds), so
-// the products and sums are those of the fp32 panels of the dequantized weights, bit for bit;
-// 0.625 or 1.06 bytes per weight are read instead of 4.
+// K / 32 blocks of 32 panel rows, each block a header of per-column scales (and offsets) then
+// the quants, row by row (models.quantized packs them; 4-bit quants: byte 8g + l of a row holds
+// column 16g + l in its low nibble and column 16g + 8 + l in its high one):
+//   Q4_1 (uint8, 1280 bytes): d[64] fp16, m[64] fp16, 32 bytes per row (GGUF Q4_1 and Q4_0);
+//   Q8_0 (int8, 2176 bytes):  d[64] fp16, 64 int8 per row (GGUF Q8_0 and Q5_0);
+//   Q4_K (uint8, 1536 bytes): d[64] fp32, m[64] fp32, 32 bytes per row (GGUF Q4_K);
+//   Q6_K (int8, 2560 bytes):  d[64] fp32 for rows 0-15, d[64] for rows 16-31, 64 int8 per row
+//        (GGUF Q6_K's quants q - 32 and its sub-blocks' scales d * sc).
+// A weight is dequantized exactly as gguf's numpy code does (d * q, then + m; or q * d): d * q is
+// exact in fp32 (at most 23 significant bits), so only + m rounds and one FMA rounds the same,
+// and the products and sums are those of the fp32 panels of the dequantized weights, bit for
+// bit; 0.625 to 1.25 bytes per weight are read instead of 4.
 // Up to kWideRows rows (decode steps, verifies, small batches): quant_rows dequantizes 16
 // columns of a panel row at a time into two registers and up to kFusedRows rows multiply them
 // there, so a verify's extra rows cost little more than their FMAs (the default model's
@@ -196,46 +199,68 @@ __attribute__((target("avx2,fma"))) void stream256(const Problem& p, int64_t j) 
 // against 4.0 / 5.7 / 7.0 / 8.3 / 9.7 / 11.3 when the first row dequantized each block into a
 // buffer that the other rows read). More rows (prefill): dequant_panel widens the whole panel
 // once into an fp32 buffer and the fp32 row blocks run on it (912 rows: 1.27 s against 1.69).
-constexpr int64_t kQBlock = 32;  // panel rows per block (GGUF's block size)
-constexpr int64_t kQ4Bytes = 2 * 2 * kPanel + kQBlock * kPanel / 2;  // 1280
-constexpr int64_t kQ8Bytes = 2 * kPanel + kQBlock * kPanel;          // 2176
+constexpr int64_t kQBlock = 32;    // panel rows per block (GGUF's block size)
 constexpr int64_t kQPrefetch = 4;  // blocks ahead
 constexpr int kFusedRows = 6;      // rows quant_rows takes at once (AVX2's 16 registers)
 constexpr int64_t kWideRows = 9;   // more rows: an fp32 copy of the panel (measured crossover)
 
 template <Format F>
 struct Quant {
-  static constexpr int64_t kBytes = F == kQ4_1 ? kQ4Bytes : kQ8Bytes;  // per block
-  static constexpr int64_t kHeader = (F == kQ4_1 ? 4 : 2) * kPanel;   // scales (and offsets)
-  static constexpr int64_t kRowBytes = F == kQ4_1 ? kPanel / 2 : kPanel;  // per panel row
+  static constexpr bool kNibbles = F == kQ4_1 || F == kQ4_K;  // 4-bit quants, else int8
+  static constexpr bool kOffsets = F == kQ4_1 || F == kQ4_K;  // d * q + m, else q * d
+  static constexpr int64_t kScaleBytes = F == kQ4_K || F == kQ6_K ? 4 : 2;  // fp32 or fp16
+  static constexpr int64_t kGroups = F == kQ6_K ? 2 : 1;  // scale groups per block
+  static constexpr int64_t kGroupRows = kQBlock / kGroups;  // panel rows per scale
+  static constexpr int64_t kScales = kGroups * kPanel * kScaleBytes;  // bytes of d (and of m)
+  static constexpr int64_t kHeader = (kOffsets ? 2 : 1) * kScales;
+  static constexpr int64_t kRowBytes = kNibbles ? kPanel / 2 : kPanel;  // per panel row
+  static constexpr int64_t kBytes = kHeader + kQBlock * kRowBytes;      // per block
 };
 
-// The block's 64 scales (or offsets), fp16 at `fp16`, as fp32 in out[64].
-__attribute__((target("avx2,fma,f16c"))) inline void halves(const uint8_t* fp16, float* out) {
-  for (int v = 0; v < kPanel / 8; ++v)
-    _mm256_store_ps(out + 8 * v, _mm256_cvtph_ps(_mm_loadu_si128(
-                                     reinterpret_cast<const __m128i*>(fp16) + v)));
+// The block's 64 scales (and offsets) of scale group `group` as fp32: d (and m) point at them,
+// in the block itself (fp32 scales; a copy measured 40% slower for 1 row) or in buffer[128]
+// (fp16 scales widened there).
+struct Scales {
+  const float* d;  // [64]
+  const float* m;  // [64], for the kinds with offsets
+};
+
+template <Format F>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline Scales scales(
+    const uint8_t* block, int64_t group, float* buffer) {
+  using Q = Quant<F>;
+  const uint8_t* at = block + group * kPanel * Q::kScaleBytes;  // d, then (m) kScales later
+  if constexpr (Q::kScaleBytes == 4) {
+    return {reinterpret_cast<const float*>(at), reinterpret_cast<const float*>(at + Q::kScales)};
+  } else {
+    for (int part = 0; part < (Q::kOffsets ? 2 : 1); ++part)
+      for (int v = 0; v < kPanel / 8; ++v)
+        _mm256_store_ps(buffer + part * kPanel + 8 * v,
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            reinterpret_cast<const __m128i*>(at + part * Q::kScales) + v)));
+    return {buffer, buffer + kPanel};
+  }
 }
 
-// Columns 16g..16g+15 of one panel row (its quants at q) -> w[0], w[1], given the block's
-// scales d[64] and offsets m[64] (Q4_1) as fp32.
+// Columns 16g..16g+15 of one panel row (its quants at q) -> w[0], w[1], given the scales d[64]
+// and offsets m[64] of the row's group as fp32.
 template <Format F>
 __attribute__((target("avx2,fma,f16c"))) inline void dequant16(const uint8_t* q, int g,
                                                                 const float* d, const float* m,
                                                                 __m256 w[2]) {
-  if constexpr (F == kQ4_1) {
+  if constexpr (Quant<F>::kNibbles) {
     const __m256i bytes =
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * g)));
     const __m256i nibbles[2] = {_mm256_and_si256(bytes, _mm256_set1_epi32(15)),
                                 _mm256_srli_epi32(bytes, 4)};
     for (int h = 0; h < 2; ++h)  // d * q is exact, so one FMA rounds as d * q, then + m
-      w[h] = _mm256_fmadd_ps(_mm256_load_ps(d + 16 * g + 8 * h), _mm256_cvtepi32_ps(nibbles[h]),
-                             _mm256_load_ps(m + 16 * g + 8 * h));
+      w[h] = _mm256_fmadd_ps(_mm256_loadu_ps(d + 16 * g + 8 * h), _mm256_cvtepi32_ps(nibbles[h]),
+                             _mm256_loadu_ps(m + 16 * g + 8 * h));
   } else {
     for (int h = 0; h < 2; ++h) {
       const __m256i qv = _mm256_cvtepi8_epi32(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * g + 8 * h)));
-      w[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(qv), _mm256_load_ps(d + 16 * g + 8 * h));
+      w[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(qv), _mm256_loadu_ps(d + 16 * g + 8 * h));
     }
   }
 }
@@ -252,7 +277,7 @@ __attribute__((target("avx2,fma,f16c"))) void quant_rows(const Problem& p, const
                                                          int64_t m0, int64_t j) {
   using Q = Quant<F>;
   constexpr int NG = fused_groups(MR);
-  alignas(32) float d[kPanel], m[kPanel];
+  alignas(32) float buffer[2 * kPanel];
   const int64_t blocks = p.K / kQBlock;
   const uint8_t* panel = static_cast<const uint8_t*>(p.panels) + j * blocks * Q::kBytes;
   for (int g0 = 0; g0 < kPanel / 16; g0 += NG) {
@@ -262,20 +287,21 @@ __attribute__((target("avx2,fma,f16c"))) void quant_rows(const Problem& p, const
     const uint8_t* block = panel;
     const float* x = p.x + m0 * p.K;
     for (int64_t b = 0; b < blocks; ++b, block += Q::kBytes, x += kQBlock) {
-      halves(block, d);
-      if constexpr (F == kQ4_1) halves(block + 2 * kPanel, m);
       const uint8_t* quants = block + Q::kHeader;
-      for (int64_t k = 0; k < kQBlock; ++k) {
-        if (g0 == 0)  // the first pass: the block kQPrefetch ahead, 40 or 68 bytes per row
-          _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * Q::kBytes +
-                           k * Q::kBytes / kQBlock, _MM_HINT_T0);
-        for (int g = 0; g < NG; ++g) {
-          __m256 w[2];
-          dequant16<F>(quants + k * Q::kRowBytes, g0 + g, d, m, w);
-          for (int r = 0; r < MR; ++r) {
-            const __m256 xk = _mm256_set1_ps(x[r * p.K + k]);
-            for (int h = 0; h < 2; ++h)
-              acc[r][2 * g + h] = _mm256_fmadd_ps(xk, w[h], acc[r][2 * g + h]);
+      for (int64_t s = 0; s < Q::kGroups; ++s) {
+        const Scales sc = scales<F>(block, s, buffer);
+        for (int64_t k = s * Q::kGroupRows; k < (s + 1) * Q::kGroupRows; ++k) {
+          if (g0 == 0)  // the first pass: the block kQPrefetch ahead, 40 to 80 bytes per row
+            _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * Q::kBytes +
+                             k * Q::kBytes / kQBlock, _MM_HINT_T0);
+          for (int g = 0; g < NG; ++g) {
+            __m256 w[2];
+            dequant16<F>(quants + k * Q::kRowBytes, g0 + g, sc.d, sc.m, w);
+            for (int r = 0; r < MR; ++r) {
+              const __m256 xk = _mm256_set1_ps(x[r * p.K + k]);
+              for (int h = 0; h < 2; ++h)
+                acc[r][2 * g + h] = _mm256_fmadd_ps(xk, w[h], acc[r][2 * g + h]);
+            }
           }
         }
       }
@@ -291,19 +317,20 @@ template <Format F>
 __attribute__((target("avx2,fma,f16c"))) void dequant_panel(const Problem& p, int64_t j,
                                                             float* wide) {
   using Q = Quant<F>;
-  alignas(32) float d[kPanel], m[kPanel];
+  alignas(32) float buffer[2 * kPanel];
   const int64_t blocks = p.K / kQBlock;
   const uint8_t* block = static_cast<const uint8_t*>(p.panels) + j * blocks * Q::kBytes;
   for (int64_t b = 0; b < blocks; ++b, block += Q::kBytes) {
-    halves(block, d);
-    if constexpr (F == kQ4_1) halves(block + 2 * kPanel, m);
-    for (int64_t k = 0; k < kQBlock; ++k) {
-      float* row = wide + (b * kQBlock + k) * kPanel;
-      for (int g = 0; g < kPanel / 16; ++g) {
-        __m256 w[2];
-        dequant16<F>(block + Q::kHeader + k * Q::kRowBytes, g, d, m, w);
-        _mm256_store_ps(row + 16 * g, w[0]);
-        _mm256_store_ps(row + 16 * g + 8, w[1]);
+    for (int64_t s = 0; s < Q::kGroups; ++s) {
+      const Scales sc = scales<F>(block, s, buffer);
+      for (int64_t k = s * Q::kGroupRows; k < (s + 1) * Q::kGroupRows; ++k) {
+        float* row = wide + (b * kQBlock + k) * kPanel;
+        for (int g = 0; g < kPanel / 16; ++g) {
+          __m256 w[2];
+          dequant16<F>(block + Q::kHeader + k * Q::kRowBytes, g, sc.d, sc.m, w);
+          _mm256_store_ps(row + 16 * g, w[0]);
+          _mm256_store_ps(row + 16 * g + 8, w[1]);
+        }
       }
     }
   }
@@ -372,14 +399,19 @@ void quant_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
 }
 
 void run_quant_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
-  (p.format == kQ4_1 ? quant_panels<kQ4_1> : quant_panels<kQ8_0>)(p, j_begin, j_end);
+  switch (p.format) {
+    case kQ4_1: return quant_panels<kQ4_1>(p, j_begin, j_end);
+    case kQ8_0: return quant_panels<kQ8_0>(p, j_begin, j_end);
+    case kQ4_K: return quant_panels<kQ4_K>(p, j_begin, j_end);
+    default: return quant_panels<kQ6_K>(p, j_begin, j_end);
+  }
 }
 
 // Panels [j_begin, j_end) for every row: a few rows streamed together where the ISA has a stream,
 // else row blocks inside each panel (the panel is read from memory once, then from cache for
 // the next blocks).
 void run_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
-  if (p.format == kQ4_1 || p.format == kQ8_0) return run_quant_panels(p, j_begin, j_end);
+  if (p.format != kF32 && p.format != kBF16) return run_quant_panels(p, j_begin, j_end);
   const bool bf16 = p.format == kBF16;
   const Stream stream = bf16 ? isa->stream_bf16 : isa->stream;
   if (stream && p.M <= kStreamRows) {
@@ -423,15 +455,27 @@ void run(const Problem& p, ffi::ThreadPool& pool) {
                            });
 }
 
+int64_t quant_bytes(Format f) {
+  switch (f) {
+    case kQ4_1: return Quant<kQ4_1>::kBytes;
+    case kQ8_0: return Quant<kQ8_0>::kBytes;
+    case kQ4_K: return Quant<kQ4_K>::kBytes;
+    default: return Quant<kQ6_K>::kBytes;
+  }
+}
+
 // The panels' format from their element type and shape (kF32 with ok = false: not panels of
 // x's K).
 Format format_of(ffi::AnyBuffer& panels, int64_t K, bool& ok) {
   auto pd = panels.dimensions();
   const ffi::DataType t = panels.element_type();
   ok = pd.size() == 3;
-  if (ok && (t == ffi::DataType::U8 || t == ffi::DataType::S8)) {
-    const Format f = t == ffi::DataType::U8 ? kQ4_1 : kQ8_0;
-    ok = K % kQBlock == 0 && pd[1] == K / kQBlock && pd[2] == (f == kQ4_1 ? kQ4Bytes : kQ8Bytes);
+  if (ok && (t == ffi::DataType::U8 || t == ffi::DataType::S8)) {  // the kind by its bytes
+    const bool u8 = t == ffi::DataType::U8;
+    const Format f = pd[2] == Quant<kQ4_K>::kBytes ? kQ4_K
+                     : pd[2] == Quant<kQ6_K>::kBytes ? kQ6_K : u8 ? kQ4_1 : kQ8_0;
+    ok = K % kQBlock == 0 && pd[1] == K / kQBlock && (f == kQ4_1 || f == kQ4_K) == u8 &&
+         pd[2] == quant_bytes(f);
     return f;
   }
   ok = ok && pd[1] == K && pd[2] == kPanel &&
@@ -447,7 +491,7 @@ ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   if (!ok)
     return ffi::Error::InvalidArgument(
         "jaxspec small-M matmul: expected x[M, K] and fp32 or bf16 panels[N / 64, K, 64] or "
-        "Q4_1 (u8) or Q8_0 (s8) blocks[N / 64, K / 32, bytes]");
+        "quantized (u8 or s8) blocks[N / 64, K / 32, bytes]");
   if (isa->level == 0) return ffi::Error::Internal("jaxspec small-M matmul: no AVX2/FMA");
   Problem p{x.typed_data(), panels.untyped_data(), out->typed_data(), xd[0], xd[1],
             panels.dimensions()[0] * kPanel, format};

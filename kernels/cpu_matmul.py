@@ -161,19 +161,18 @@ def _load() -> ctypes.CDLL:
 
 def fits(x, panels) -> bool:
     """Whether x[M, K] @ panels is a product the kernel takes (shapes and dtypes: x fp32,
-    panels fp32 or bf16 [J, K, 64], or Q4_1 / Q8_0 blocks [J, K / 32, bytes] as
-    jaxspec.models.quantized packs them)."""
+    panels fp32 or bf16 [J, K, 64], or GGUF blocks [J, K / 32, bytes] of a kind that
+    jaxspec.models.quantized packs)."""
     import jax.numpy as jnp
 
     from jaxspec.models import quantized
 
     if not (x.dtype == jnp.float32 and x.ndim == 2 and x.shape[0] >= 1 and panels.ndim == 3):
         return False
-    kind = quantized.kind(panels.dtype)
+    kind = quantized.kind(panels)
     if kind is not None:
         K = x.shape[1]
-        return K % quantized.BLOCK == 0 and panels.shape[1:] == (K // quantized.BLOCK,
-                                                                 quantized.BYTES[kind])
+        return K % quantized.BLOCK == 0 and panels.shape[1] == K // quantized.BLOCK
     return (panels.dtype in (jnp.float32, jnp.bfloat16)
             and panels.shape[1:] == (x.shape[1], PANEL))
 

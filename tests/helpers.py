@@ -222,12 +222,12 @@ def _gguf_metadata(writer, config, *, with_tokenizer: bool) -> None:
         writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_tiny_gguf(torch_model, path: str, *, qtype: str = "F32",
-                    with_tokenizer: bool = True) -> str:
+def write_tiny_gguf(torch_model, path: str, *, qtype="F32", with_tokenizer: bool = True) -> str:
     """Write a llama/qwen2/qwen3 transformers model as llama.cpp would: GGUF names, and for
     llama the q/k rows permuted.
 
-    qtype ("F32", "Q8_0", "Q4_1", ...) applies to 2-D weights; norms and biases stay F32.
+    qtype ("F32", "Q8_0", "Q4_1", "Q4_K", ..., or a function of the Hugging Face tensor name
+    giving one) applies to 2-D weights; norms and biases stay F32.
     """
     import gguf
 
@@ -235,8 +235,8 @@ def write_tiny_gguf(torch_model, path: str, *, qtype: str = "F32",
     arch = config.model_type
     writer = gguf.GGUFWriter(path, arch)
     _gguf_metadata(writer, config, with_tokenizer=with_tokenizer)
-    quant = gguf.GGMLQuantizationType[qtype]
     for name, tensor in torch_model.state_dict().items():
+        quant = gguf.GGMLQuantizationType[qtype(name) if callable(qtype) else qtype]
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         w = tensor.numpy().astype(np.float32)
@@ -244,8 +244,7 @@ def write_tiny_gguf(torch_model, path: str, *, qtype: str = "F32",
             heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
             w = permute_rows(w, heads)
         if w.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(_gguf_tensor_name(name), gguf.quants.quantize(w, quant),
-                              raw_dtype=quant)
+            writer.add_tensor(_gguf_tensor_name(name), gguf_quantize(w, quant), raw_dtype=quant)
         else:
             writer.add_tensor(_gguf_tensor_name(name), w)
     writer.write_header_to_file()
@@ -253,6 +252,16 @@ def write_tiny_gguf(torch_model, path: str, *, qtype: str = "F32",
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def gguf_quantize(w: np.ndarray, quant) -> np.ndarray:
+    """w's GGUF blocks of type `quant` (the K-quants by tests/kquants.py: gguf cannot)."""
+    import gguf
+    import kquants
+
+    encoders = {gguf.GGMLQuantizationType.Q4_K: kquants.quantize_q4_k,
+                gguf.GGMLQuantizationType.Q6_K: kquants.quantize_q6_k}
+    return encoders[quant](w) if quant in encoders else gguf.quants.quantize(w, quant)
 
 
 def quantize_roundtrip(torch_model, qtype: str) -> None:
@@ -265,7 +274,7 @@ def quantize_roundtrip(torch_model, qtype: str) -> None:
         for p in torch_model.parameters():
             if p.ndim == 2:
                 w = p.numpy().astype(np.float32)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, quant),
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf_quantize(w, quant),
                                                                 quant).reshape(w.shape)))
 
 

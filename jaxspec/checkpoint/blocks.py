@@ -1,11 +1,12 @@
 """A converted GGUF checkpoint's quantized projections, kept as their blocks next to its params.
 
 Conversion dequantizes a GGUF model's weights to fp32 (`params/`, read on every backend) and,
-for Q4_1 and Q8_0 projections and output layers, also stores their blocks packed for the CPU
-kernel (`blocks/`, Orbax, and `blocks.json`: each weight's kind and data shape; see
+for projections and output layers quantized as Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K (the
+types whose blocks the kernel reads: gguf_source.BLOCK_TYPES), also stores their blocks packed
+for the CPU kernel (`blocks/`, Orbax, and `blocks.json`: each weight's kind and data shape; see
 jaxspec.models.quantized). A weight is kept only when its packed blocks dequantize to exactly
 its fp32 params, bit for bit (checked at conversion). Loading for the CPU kernel in fp32 then
-uses the blocks in place of those weights (`substitute`): the same results, a quarter to a sixth
+uses the blocks in place of those weights (`substitute`): the same results, a third to a sixth
 of the bytes read per step. `JAXSPEC_QUANTIZED=0` turns that off (the fp32 weights in panels).
 """
 
@@ -51,8 +52,9 @@ def _weights(config: ModelConfig):
 
 
 def build(config: ModelConfig, get_blocks, params: dict) -> dict:
-    """{"layers": [{name: data}], "lm_head": data} for the weights whose sources are all Q4_1 or
-    all Q8_0 (get_blocks: gguf_source.block_getter) and whose packed blocks dequantize exactly to
+    """{"layers": [{name: data}], "lm_head": data} for the weights whose sources all have blocks
+    of one kind (get_blocks: gguf_source.block_getter; a fused weight of Q4_K and Q6_K sources
+    stays fp32) and whose packed blocks dequantize exactly to
     `params` (the fp32 params built from the same file)."""
     out: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for entry, path, target in _weights(config):
@@ -68,8 +70,7 @@ def build(config: ModelConfig, get_blocks, params: dict) -> dict:
         weight = weight.T if path == ("embed",) else weight  # [K, *O]
         K = weight.shape[0]
         flat = [None if a is None else np.asarray(a).reshape(K, -1) for a in (q, d, m)]
-        data = quantized.pack(kind, flat[0], flat[1][::quantized.BLOCK],
-                              None if flat[2] is None else flat[2][::quantized.BLOCK])
+        data = quantized.pack(kind, *flat)
         if _exact(data, weight):
             node = out["layers"][target[1]] if target[0] == "layers" else out
             node[target[-1]] = data
@@ -83,9 +84,12 @@ def _at(tree, path):
 
 
 def _exact(data: np.ndarray, weight: np.ndarray) -> bool:
-    """Whether panel data dequantize to weight[K, *O] (fp32) bit for bit."""
+    """Whether panel data dequantize to weight[K, *O] (fp32) bit for bit, zeros of either sign
+    alike: the kernel's sums start at +0 and add each product with an FMA, so a zero product
+    never changes them, whatever its sign (a Q4_0 weight d·(q − 8) is −0 for q = 8 and d < 0,
+    the kernel's d·q − 8d is +0)."""
     panels = np.asarray(layouts.pack(jnp.asarray(weight, jnp.float32)).data)
-    return np.array_equal(quantized.dequantize_np(data).view(np.uint32), panels.view(np.uint32))
+    return np.array_equal(quantized.dequantize_np(data) + 0, panels + 0)
 
 
 def _index(blocks: dict) -> dict:

@@ -66,7 +66,7 @@ def _progress(items, total: int):
 
 def convert(src: str, dst: str, *, dtype: str = "float32") -> str:
     """Convert a Hugging Face directory or GGUF file into a jaxspec checkpoint at dst (in fp32, a
-    GGUF file's Q4_1 and Q8_0 projections also as their blocks: jaxspec.checkpoint.blocks).
+    GGUF file's quantized projections also as their blocks: jaxspec.checkpoint.blocks).
 
     Atomic: everything is written to a temporary directory next to dst, renamed at the end and
     removed on any error. dst must not exist. Returns the absolute path of dst.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 
 from jaxspec.checkpoint.gguf_metadata import field, read_gguf
 from jaxspec.checkpoint.source import Source, missing_tensor, one_line
@@ -140,35 +140,90 @@ def _dequantized(tensor) -> np.ndarray:
         raise UserError(f"cannot read GGUF tensor {tensor.name}: {one_line(e)}") from None
 
 
-# GGUF quantization types whose blocks the CPU kernel reads (models.quantized): kind, bytes/block.
-BLOCK_TYPES = {"Q4_1": ("q4_1", 20), "Q8_0": ("q8_0", 34)}
+def _halves(a: np.ndarray) -> np.ndarray:
+    """[n, 2] fp16 bytes -> [n, 1] fp32."""
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, 16 · c] bytes -> [n, 32 · c] quants: each 16 bytes' low nibbles, then high ones."""
+    chunks = qs.reshape(qs.shape[0], -1, 1, 16)
+    return np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(qs.shape[0], -1)
+
+
+def _q4_1(b):
+    return "q4_1", _nibbles(b[:, 4:]), _halves(b[:, :2]), _halves(b[:, 2:4])
+
+
+def _q4_0(b):  # d·(q − 8) = d·q + (−8d): q4_1 with an exact fp16 offset (unless it overflows)
+    d = _halves(b[:, :2])
+    if np.abs(d).max(initial=0) * 8 > np.finfo(np.float16).max:
+        return None
+    return "q4_1", _nibbles(b[:, 2:]), d, -8 * d
+
+
+def _q8_0(b):
+    return "q8_0", b[:, 2:].view(np.int8), _halves(b[:, :2]), None
+
+
+def _q5_0(b):  # d·(q − 16), the 5th bits in 4 bytes: q8_0 with the quant q − 16
+    high = (b[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
+    q = _nibbles(b[:, 6:]) | (high.astype(np.uint8) << 4)
+    return "q8_0", q.astype(np.int8) - 16, _halves(b[:, :2]), None
+
+
+def _q4_k(b):  # 8 sub-blocks of 32: d·sc·q − dmin·m, sc and m 6-bit
+    sc, mins = Q4_K.get_scale_min(b[:, 4:16])
+    chunks = b[:, 16:].reshape(-1, 4, 1, 32)
+    q = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(len(b), -1)
+    d = _halves(b[:, :2]) * sc.astype(np.float32)  # [n, 8], exact
+    return "q4_k", q, d, -(_halves(b[:, 2:4]) * mins.astype(np.float32))
+
+
+def _q6_k(b):  # 16 sub-blocks of 16: d·sc·(q − 32), q 6-bit (low 4 bits in ql, high 2 in qh)
+    low = b[:, :128].reshape(-1, 2, 1, 64)
+    low = np.concatenate([low & 15, low >> 4], axis=2).reshape(len(b), 2, 128)
+    high = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    q = low | ((high & 3).reshape(len(b), 2, 128) << 4)
+    d = _halves(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
+    return "q6_k", q.reshape(len(b), -1).astype(np.int8) - 32, d, None
+
+
+# GGUF quantization types whose blocks the CPU kernel reads (models.quantized): bytes per
+# block of `weights`, and the (kind, quants, scales, offsets) of n blocks' bytes [n, bytes],
+# the scales and offsets one per block or sub-block, exactly as gguf.quants.dequantize uses
+# them.
+BLOCK_TYPES = {"Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q5_0": (22, 32, _q5_0),
+               "Q8_0": (34, 32, _q8_0), "Q4_K": (144, 256, _q4_k), "Q6_K": (210, 256, _q6_k)}
 
 
 def _blocks(tensor):
-    """(kind, q, d, m) of a Q4_1 or Q8_0 tensor in Hugging Face orientation [out, in]: q its
-    quants (uint8 0..15 or int8), d and m its blocks' scales and offsets (fp32), each repeated
-    over the block's 32 weights (m None for Q8_0); None for other types. Read as
-    gguf.quants.dequantize reads them: w = d * q + m, or q * d."""
-    if tensor.tensor_type.name not in BLOCK_TYPES:
+    """`blocks_of` a GGUF tensor in Hugging Face orientation [out, in]."""
+    return blocks_of(tensor.tensor_type.name, tensor.data,
+                     tuple(int(n) for n in reversed(tensor.shape)))
+
+
+def blocks_of(type_name: str, raw, shape: tuple[int, ...]):
+    """(kind, q, d, m) of a tensor's raw GGUF bytes of type `type_name` (one of BLOCK_TYPES)
+    and shape [out, in]: q its quants, d and m (None for kinds without offsets) each weight's
+    scale and offset (fp32); None for other types, or blocks the kernel cannot hold."""
+    if type_name not in BLOCK_TYPES:
         return None
-    kind, size = BLOCK_TYPES[tensor.tensor_type.name]
-    shape = tuple(int(n) for n in reversed(tensor.shape))
-    blocks = np.asarray(tensor.data).view(np.uint8).reshape(-1, size)
+    size, weights, parse = BLOCK_TYPES[type_name]
+    parsed = parse(np.asarray(raw).view(np.uint8).reshape(-1, size))
+    if parsed is None:
+        return None
+    kind, q, d, m = parsed
 
-    def per_weight(a):  # [n, 2] fp16 bytes -> [out, in] fp32
-        half = np.ascontiguousarray(a).view(np.float16).astype(np.float32)
-        return np.broadcast_to(half, (half.shape[0], 32)).reshape(shape)
+    def per_weight(a):  # [n, sub-blocks] -> [out, in]
+        return np.repeat(a, weights // a.shape[1], axis=1).reshape(shape)
 
-    if kind == "q8_0":
-        return kind, blocks[:, 2:].view(np.int8).reshape(shape), per_weight(blocks[:, :2]), None
-    qs = blocks[:, 4:]
-    q = np.concatenate([qs & 15, qs >> 4], axis=1)  # weights 0..15: low nibbles, 16..31: high
-    return kind, q.reshape(shape), per_weight(blocks[:, :2]), per_weight(blocks[:, 2:4])
+    return kind, q.reshape(shape), per_weight(d), None if m is None else per_weight(m)
 
 
 def block_getter(reader: GGUFReader, config: ModelConfig):
-    """get(Hugging Face name) -> `_blocks` of that tensor (None when not Q4_1 or Q8_0), with
-    llama's q/k permutation undone as `tensor_getter` undoes it."""
+    """get(Hugging Face name) -> `_blocks` of that tensor (None when the kernel cannot read its
+    blocks), with llama's q/k permutation undone as `tensor_getter` undoes it."""
     by_name = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name)}
 
     def get(name: str):

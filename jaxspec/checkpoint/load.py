@@ -62,7 +62,7 @@ def _load_mapped(path: str, dtype: str, layout: layouts.Layout, device) -> Model
 
 
 def _load_in_memory(path: str, dtype: str, mesh_of, tokenizer_kind: str, layout) -> Model:
-    """A Hugging Face directory or GGUF file converted in memory (a GGUF file's Q4_1 and Q8_0
+    """A Hugging Face directory or GGUF file converted in memory (a GGUF file's quantized
     blocks kept where the layout reads blocks)."""
     np_dtype = store.numpy_dtype(dtype)
     with open_source(path) as source:

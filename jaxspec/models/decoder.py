@@ -99,15 +99,17 @@ def _panels_product(rows, w: layouts.Panels):
 def _stack_product(rows, w: PanelStack):
     """rows[M, K] @ w.layers[w.index] -> [M, J * PANEL] (only built where the kernel is
     available: `scannable`). A program lowered for another platform takes XLA's dot on a slice
-    of the stacked layers (a copy of them all: correct, not fast; jaxspec never places panels
-    there)."""
+    of the stacked layers' fp32 panels (a copy of them all: correct, not fast; jaxspec never
+    places panels there). The layers' panels may differ in kind (a GGUF file's Q4_K and Q6_K
+    layers): the kernel reads the chosen layer's."""
     from jaxspec.kernels import cpu_matmul
 
     def kernel(rows, index, *layers):
         return cpu_matmul.matmul_indexed(rows, index, layers)
 
     def xla(rows, index, *layers):
-        return _panels_dot(rows, jnp.stack(layers)[index])
+        floats = [layouts.Panels(data, w.shape).floats().astype(jnp.float32) for data in layers]
+        return _panels_dot(rows, jnp.stack(floats)[index])
 
     return jax.lax.platform_dependent(rows, w.index, *w.layers, cpu=kernel, default=xla)
 
@@ -115,7 +117,7 @@ def _stack_product(rows, w: PanelStack):
 def _panels_dot(rows, data):
     """rows[M, K] (fp32) @ panels data[J, K, P] -> [M, J * P] in fp32 at full precision
     (dot_general: einsum costs more to trace, and every program traces this branch)."""
-    data = quantized.dequantize(data) if quantized.kind(data.dtype) else data.astype(jnp.float32)
+    data = quantized.dequantize(data) if quantized.kind(data) else data.astype(jnp.float32)
     out = jax.lax.dot_general(rows, data, (((1,), (1,)), ((), ())),
                               precision=jax.lax.Precision.HIGHEST)
     return out.reshape(rows.shape[0], -1)  # [M, J, P] -> [M, J * P]

@@ -78,7 +78,7 @@ _BY_NAME = {layout.name: layout for layout in (CPU, CPU_XLA, ACCELERATOR)}
 class Panels:
     """A [K, *O] weight packed in column panels: data[j, k, c] = w2[k, PANEL * j + c], w2 the
     weight viewed as [K, N] (N = prod(O), zero-padded to a multiple of PANEL); or a GGUF
-    model's Q4_1 or Q8_0 blocks of it in panels (uint8 or int8 data [J, K / 32, bytes]:
+    model's quantized blocks of it in panels (uint8 or int8 data [J, K / 32, bytes]:
     jaxspec.models.quantized), which stand for fp32 weights."""
 
     data: jax.Array  # [ceil(N / PANEL), K, PANEL], or blocks [ceil(N / PANEL), K / 32, bytes]
@@ -91,7 +91,7 @@ class Panels:
 
     @property
     def quantized(self) -> bool:
-        return quantized.kind(self.data.dtype) is not None
+        return quantized.kind(self.data) is not None
 
     def floats(self) -> jax.Array:
         """The panels [J, K, PANEL] as fp32 or bf16 (blocks dequantized)."""

@@ -1,38 +1,68 @@
 """GGUF-quantized weights kept as their blocks, in column panels for the CPU kernel.
 
-A GGUF model's projections are stored as blocks of 32 weights along the input dimension:
-Q4_1 (fp16 scale d, fp16 offset m, 32 4-bit quants q: w = d·q + m) and Q8_0 (fp16 scale d,
-32 int8 quants: w = q·d). Converted to fp32 they are 4 bytes per weight, and decoding reads every
-weight at every step. Kept as blocks, packed here in the panel layout of the CPU kernel
-(kernels/cpu_matmul.cc: `quant_rows`, `dequant_panel`), they are 0.625 (Q4_1) or 1.06 (Q8_0)
-bytes, and the kernel dequantizes them exactly as gguf's numpy code (`gguf.quants`) does — d·q
-(exact in fp32: an fp16 d has 11 significant bits, q at most 8), then + m rounded to fp32 — so
-every product and sum is the one it computes from the fp32 weights, bit for bit.
+A GGUF model's projections are stored as blocks of weights along the input dimension, each
+weight w = d·q + m or q·d: 4-bit (Q4_0, Q4_1, Q4_K) or wider quants q, with per-block scales d
+(and offsets m). Converted to fp32 they are 4 bytes per weight, and decoding reads every weight
+at every step. Kept as blocks, packed here in the panel layout of the CPU kernel
+(kernels/cpu_matmul.cc: `quant_rows`, `dequant_panel`), they are 0.6-1.25 bytes, and the kernel
+dequantizes them exactly as gguf's numpy code (`gguf.quants`) does: every product d·q below is
+exact in fp32 (at most 23 significant bits), so d·q + m rounds once, as one FMA does, and every
+product and sum is the one the kernel computes from the fp32 weights, bit for bit.
 
-`Panels` of a [K, *O] weight with data uint8 [J, K / 32, 1280] (Q4_1) or int8
-[J, K / 32, 2176] (Q8_0), J = ceil(N / 64), N = prod(O); block b of panel j holds panel rows
-32b..32b+31:
-    Q4_1   d[64] fp16, m[64] fp16, then for each of the 32 rows 32 bytes: byte 8g + l holds
-           column 16g + l in its low nibble and column 16g + 8 + l in its high nibble
-    Q8_0   d[64] fp16, then for each of the 32 rows 64 int8
-(the columns' fp16 scales and offsets are raw bytes in the array).
+Four kinds of panel data, [J, K / 32, bytes] with J = ceil(N / 64), N = prod(O); block b of
+panel j holds panel rows 32b..32b+31, a header of per-column scales (and offsets) then the
+quants row by row; the data's dtype and bytes per block say which kind:
+
+    kind   dtype  bytes  header                             quants per row          from GGUF
+    q4_1   uint8  1280   d[64] fp16, m[64] fp16             32 bytes of nibbles     Q4_1, Q4_0
+    q8_0   int8   2176   d[64] fp16                         64 int8                 Q8_0, Q5_0
+    q4_k   uint8  1536   d[64] fp32, m[64] fp32             32 bytes of nibbles     Q4_K
+    q6_k   int8   2560   d[64] fp32 rows 0-15, d[64] 16-31  64 int8                 Q6_K
+
+Nibbles: byte 8g + l of a row holds column 16g + l in its low nibble and column 16g + 8 + l in
+its high one. A Q4_0 weight d·(q − 8) is stored as q4_1 with m = −8d, a Q5_0 weight
+d·(q − 16) as q8_0 with the quant q − 16, a Q4_K sub-block's d·sc and −dmin·m (exact products
+of an fp16 and a 6-bit integer) as q4_k's fp32 scale and offset, a Q6_K sub-block of 16 weights
+with its scale d·sc (fp16 times int8) and quants q − 32 as q6_k.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK = 32  # weights per block along K (GGUF's Q4_1 and Q8_0)
+BLOCK = 32  # panel rows per block (GGUF's Q4_1 and Q8_0 blocks, a K-quant's 32 weights)
 PANEL = 64  # columns per panel (models.layout.PANEL)
-DTYPES = {"q4_1": np.dtype(np.uint8), "q8_0": np.dtype(np.int8)}  # the data's dtype says which
-BYTES = {"q4_1": 4 * PANEL + BLOCK * PANEL // 2, "q8_0": 2 * PANEL + BLOCK * PANEL}
 
 
-def kind(dtype) -> str | None:
-    """"q4_1" or "q8_0" for panel data of that dtype, None for fp32/bf16 panels."""
-    for name, d in DTYPES.items():
-        if np.dtype(dtype) == d:
+class Kind(NamedTuple):
+    dtype: np.dtype  # the data's dtype
+    nibbles: bool  # 4-bit quants (else int8)
+    scale: np.dtype  # the scales' (and offsets') dtype in the header
+    offsets: bool  # w = d·q + m (else q·d)
+    groups: int  # scale rows per block: a scale per column for every 32 / groups rows
+
+    @property
+    def bytes(self) -> int:
+        header = self.groups * (2 if self.offsets else 1) * PANEL * self.scale.itemsize
+        return header + BLOCK * PANEL // (2 if self.nibbles else 1)
+
+
+KINDS = {
+    "q4_1": Kind(np.dtype(np.uint8), True, np.dtype(np.float16), True, 1),
+    "q8_0": Kind(np.dtype(np.int8), False, np.dtype(np.float16), False, 1),
+    "q4_k": Kind(np.dtype(np.uint8), True, np.dtype(np.float32), True, 1),
+    "q6_k": Kind(np.dtype(np.int8), False, np.dtype(np.float32), False, 2),
+}
+
+
+def kind(data) -> str | None:
+    """The kind of panel data (an array or ShapeDtypeStruct [J, K / 32, bytes]), None for fp32
+    or bf16 panels."""
+    for name, k in KINDS.items():
+        if np.dtype(data.dtype) == k.dtype and data.shape[-1] == k.bytes:
             return name
     return None
 
@@ -40,48 +70,55 @@ def kind(dtype) -> str | None:
 def data_shape(kind_: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """The data's shape for a [K, *O] weight."""
     n = int(np.prod(shape[1:]))
-    return (-(-n // PANEL), shape[0] // BLOCK, BYTES[kind_])
+    return (-(-n // PANEL), shape[0] // BLOCK, KINDS[kind_].bytes)
 
 
 def pack(kind_: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-    """Blocks of a [K, N] weight -> panel data: q[K, N] its quants (0..15 or -128..127), d and m
-    [K / 32, N] fp32 (fp16 values) its blocks' scales and offsets (m for Q4_1 only)."""
+    """Blocks of a [K, N] weight -> panel data: q[K, N] its quants (0..15, or int8), d and m
+    [K, N] fp32 each weight's scale and offset (m for the kinds with offsets), constant over
+    each group of 32 / groups rows and representable in the kind's scale dtype."""
+    spec = KINDS[kind_]
     K, N = q.shape
     pad = -N % PANEL
-    q, d = np.pad(q, ((0, 0), (0, pad))), np.pad(d, ((0, 0), (0, pad)))
-    J, KB = (N + pad) // PANEL, K // BLOCK
+    J, KB, G = (N + pad) // PANEL, K // BLOCK, spec.groups
 
-    def per_block(a):  # [KB, J * 64] -> [J, KB, 64 · 2 bytes] of fp16
-        half = a.astype(np.float16)
-        assert np.array_equal(half.astype(np.float32), a), "scales must be fp16 values"
-        return np.ascontiguousarray(half.reshape(KB, J, PANEL).transpose(1, 0, 2)).view(np.uint8)
+    def header(a):  # [K, N] -> [J, KB, G · 64 scales] as bytes
+        a = np.pad(a, ((0, 0), (0, pad)))[:: BLOCK // G]  # [KB · G, J · 64]
+        narrow = a.astype(spec.scale)
+        assert np.array_equal(narrow.astype(np.float32), a), f"scales must be {spec.scale}"
+        return np.ascontiguousarray(narrow.reshape(KB, G, J, PANEL).transpose(2, 0, 1, 3)
+                                    ).reshape(J, KB, -1).view(np.uint8)
 
-    quants = q.reshape(KB, BLOCK, J, PANEL).transpose(2, 0, 1, 3)  # [J, KB, 32, 64]
-    if kind_ == "q8_0":
-        return np.concatenate([per_block(d), quants.astype(np.uint8).reshape(J, KB, -1)],
-                              axis=-1).view(np.int8)
-    m = np.pad(m, ((0, 0), (0, pad)))
-    nibbles = quants.astype(np.uint8).reshape(J, KB, BLOCK, 4, 2, 8)  # [.., g, low/high, l]
-    packed = nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)  # [J, KB, 32, 4, 8]
-    return np.concatenate([per_block(d), per_block(m), packed.reshape(J, KB, -1)], axis=-1)
+    quants = np.pad(q, ((0, 0), (0, pad))).reshape(KB, BLOCK, J, PANEL).transpose(2, 0, 1, 3)
+    quants = quants.astype(np.uint8)  # [J, KB, 32, 64] (int8 as their bytes)
+    if spec.nibbles:
+        nibbles = quants.reshape(J, KB, BLOCK, 4, 2, 8)  # [.., g, low/high, l]
+        quants = nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)  # [J, KB, 32, 4, 8]
+    parts = [header(d)] + ([header(m)] if spec.offsets else []) + [quants.reshape(J, KB, -1)]
+    return np.concatenate(parts, axis=-1).view(spec.dtype)
 
 
 def _fields(data, xp):
-    """(q [J, KB, 32, 64] fp32, d [J, KB, 1, 64] fp32, m or None) of panel data, with numpy or
-    jax.numpy (`xp`)."""
+    """(q [J, KB, 32, 64] fp32, d [J, KB, 32 or 1, 64] fp32, m or None) of panel data, with
+    numpy or jax.numpy (`xp`)."""
     J, KB, _ = data.shape
-    k = kind(data.dtype)
+    spec = KINDS[kind(data)]
     raw = data.view(np.uint8) if xp is np else data.view(jnp.uint8)
+    G = spec.groups
+    size = G * PANEL * spec.scale.itemsize  # bytes of the scales (and of the offsets)
 
-    def halves(a):  # [J, KB, 128] bytes -> [J, KB, 1, 64] fp32
-        return a.view(np.float16).reshape(J, KB, 1, PANEL).astype(np.float32)
+    def scales(a):  # [J, KB, G · 64 scales as bytes] -> [J, KB, 32 or 1, 64] fp32
+        s = a.view(spec.scale).reshape(J, KB, G, 1, PANEL).astype(np.float32)
+        return xp.broadcast_to(s, (J, KB, G, BLOCK // G, PANEL)).reshape(J, KB, BLOCK, PANEL) \
+            if G > 1 else s.reshape(J, KB, 1, PANEL)
 
-    d = halves(raw[..., : 2 * PANEL])
-    if k == "q8_0":
-        q = data[..., 2 * PANEL:].reshape(J, KB, BLOCK, PANEL).astype(np.float32)
-        return q, d, None
-    m = halves(raw[..., 2 * PANEL: 4 * PANEL])
-    b = raw[..., 4 * PANEL:].reshape(J, KB, BLOCK, 4, 1, 8)
+    d = scales(raw[..., :size])
+    m = scales(raw[..., size: 2 * size]) if spec.offsets else None
+    body = raw[..., (2 if spec.offsets else 1) * size:]
+    if not spec.nibbles:
+        q = body.view(np.int8) if xp is np else body.view(jnp.int8)
+        return q.reshape(J, KB, BLOCK, PANEL).astype(np.float32), d, m
+    b = body.reshape(J, KB, BLOCK, 4, 1, 8)
     q = xp.concatenate([b & 15, b >> 4], axis=-2).reshape(J, KB, BLOCK, PANEL)
     return q.astype(np.float32), d, m
 
@@ -113,4 +150,4 @@ def quantize_q8_0(w) -> np.ndarray:
     d = (np.abs(flat).max(axis=1) / 127).astype(np.float16).astype(np.float32)  # [KB, N]
     inverse = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
     q = np.clip(np.rint(flat * inverse[:, None, :]), -127, 127).astype(np.int8)
-    return pack("q8_0", q.reshape(K, -1), d)
+    return pack("q8_0", q.reshape(K, -1), np.repeat(d, BLOCK, axis=0))

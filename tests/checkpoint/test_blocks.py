@@ -1,4 +1,4 @@
-"""A GGUF model's Q4_1 and Q8_0 projections kept as their blocks (jaxspec.checkpoint.blocks):
+"""A GGUF model's quantized projections kept as their blocks (jaxspec.checkpoint.blocks):
 stored at conversion, read by the CPU kernel, with exactly the results of the fp32 weights."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jaxspec.checkpoint import blocks, convert, gguf_source, load_model, keymap
 from jaxspec.checkpoint.gguf_metadata import read_gguf
 from jaxspec.errors import UserError
 from jaxspec.kernels import cpu_matmul
-from jaxspec.models import layout
+from jaxspec.models import layout, quantized
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
 PROMPTS = [[5, 9, 11, 5, 9], [3, 3, 7, 20, 21, 22, 3]]
@@ -29,36 +29,56 @@ def weights(model) -> list:
 
 
 def quantized_kinds(model) -> set:
-    return {w.data.dtype.name if isinstance(w, layout.Panels) and w.quantized else "float"
+    return {quantized.kind(w.data) if isinstance(w, layout.Panels) and w.quantized else "float"
             for w in weights(model)}
 
 
+def q4_k_m(name: str) -> str:
+    """A Q4_K_M-like mix, as llama.cpp quantizes: Q6_K for the embedding and for the first
+    layer's value and down projections (whose fused weights then mix kinds), Q4_K elsewhere."""
+    return "Q6_K" if "embed" in name or ("layers.0." in name and (
+        "v_proj" in name or "down_proj" in name)) else "Q4_K"
+
+
+K_QUANT_SHAPES = dict(hidden_size=256, intermediate_size=256)  # rows of 256 (super-blocks)
+
+
 @needs_kernel
-@pytest.mark.parametrize("kind,qtype,tied", [("llama", "Q4_1", True), ("llama", "Q8_0", False),
-                                             ("qwen3", "Q8_0", True)])
-def test_blocks_compute_the_bits_of_the_fp32_weights(kind, qtype, tied, tmp_path, monkeypatch):
-    """Converted and loaded: every projection and the output layer are blocks, the logits are
-    bit for bit those of the fp32 weights (`JAXSPEC_QUANTIZED=0`), and greedy decoding, plain
-    and speculative, gives the same tokens."""
-    torch_model = tiny_torch_model(kind, tie_word_embeddings=tied, seed=3)
+@pytest.mark.parametrize("kind,qtype,tied,expected", [
+    ("llama", "Q4_1", True, {"q4_1"}), ("llama", "Q8_0", False, {"q8_0"}),
+    ("qwen3", "Q8_0", True, {"q8_0"}), ("llama", "Q4_0", True, {"q4_1"}),
+    ("qwen2", "Q5_0", False, {"q8_0"}), ("llama", "Q4_K", True, {"q4_k"}),
+    ("qwen2", "Q6_K", False, {"q6_k"}), ("llama", q4_k_m, True, {"q4_k", "q6_k", "float"})])
+def test_blocks_compute_the_bits_of_the_fp32_weights(kind, qtype, tied, expected, tmp_path,
+                                                     monkeypatch):
+    """Converted and loaded: every projection and the output layer are blocks of the kind its
+    GGUF type is kept as (a fused weight of two kinds stays fp32), the logits are bit for bit
+    those of the fp32 weights (`JAXSPEC_QUANTIZED=0`), and greedy decoding, plain and
+    speculative, gives the same tokens."""
+    k_quants = callable(qtype) or "_K" in qtype
+    torch_model = tiny_torch_model(kind, tie_word_embeddings=tied, seed=3,
+                                   **(K_QUANT_SHAPES if k_quants else {}))
     source = write_tiny_gguf(torch_model, str(tmp_path / "tiny.gguf"), qtype=qtype)
     path = convert(source, str(tmp_path / "converted"))
     assert os.path.isfile(os.path.join(path, blocks.INDEX))
-    quantized = load_model(path)
+    quantized_model = load_model(path)
     in_memory = load_model(source)
     monkeypatch.setenv(blocks.ENV, "0")
     fp32 = load_model(path)
-    expected = {"Q4_1": "uint8", "Q8_0": "int8"}[qtype]
-    assert quantized_kinds(quantized) == quantized_kinds(in_memory) == {expected}
+    assert quantized_kinds(quantized_model) == quantized_kinds(in_memory) == expected
     assert quantized_kinds(fp32) == {"float"}
+    if callable(qtype):  # layer 0's fused attention weight mixes Q4_K and Q6_K
+        assert not quantized_model.params["layers"][0]["wqkv"].quantized
+        assert quantized.kind(quantized_model.params["layers"][0]["w_down"].data) == "q6_k"
+        assert quantized.kind(quantized_model.params["layers"][1]["w_down"].data) == "q4_k"
     tokens = random_tokens(shape=(2, 10))
     reference = jaxspec_logits(fp32, tokens)
-    for model in (quantized, in_memory):
+    for model in (quantized_model, in_memory):
         np.testing.assert_array_equal(jaxspec_logits(model, tokens).view(np.uint32),
                                       reference.view(np.uint32))
     plain = jaxspec.SpeculativeDecoder(fp32, "none").generate(PROMPTS, max_new_tokens=12).tokens
     for draft in ("none", "layerskip:1", "ngram"):
-        decoder = jaxspec.SpeculativeDecoder(quantized, draft, num_speculative_tokens=3)
+        decoder = jaxspec.SpeculativeDecoder(quantized_model, draft, num_speculative_tokens=3)
         assert decoder.generate(PROMPTS, max_new_tokens=12).tokens == plain, draft
 
 

@@ -1,4 +1,5 @@
-"""GGUF Q4_1 and Q8_0 blocks in panels (jaxspec.models.quantized) and the CPU kernel on them.
+"""GGUF blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) in panels (jaxspec.models.quantized) and
+the CPU kernel on them.
 
 The kernel must compute, from the blocks, exactly what it computes from the fp32 weights that
 gguf's numpy code dequantizes them to: bit for bit, for any number of rows, on any number of
@@ -16,49 +17,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import gguf_quantize
 
+from jaxspec.checkpoint import gguf_source
 from jaxspec.kernels import cpu_matmul
 from jaxspec.models import layout, quantized
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
-KINDS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+# GGUF type -> the kind of panel data it is kept as (gguf_source.BLOCK_TYPES)
+TYPES = {"Q4_0": "q4_1", "Q4_1": "q4_1", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_K": "q4_k",
+         "Q6_K": "q6_k"}
 
 
-def gguf_weight(kind: str, k: int, n: int, seed: int = 0):
-    """A [K, N] weight quantized by gguf (its rows of K as GGUF blocks), as (q, d, m) and as
-    gguf.quants.dequantize computes it."""
+def gguf_weight(qtype: str, k: int, n: int, seed: int = 0):
+    """A [K, N] weight quantized as GGUF `qtype` (its rows of K as blocks), as (kind, q, d, m)
+    read by gguf_source (each [K, N]) and as gguf.quants.dequantize computes it."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)  # GGUF orientation [out, in]
-    raw = gguf.quants.quantize(w, KINDS[kind])
-    size = 20 if kind == "q4_1" else 34
-    blocks = raw.view(np.uint8).reshape(-1, size)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [n · k / 32, 1]
-    if kind == "q8_0":
-        q, m = blocks[:, 2:].view(np.int8), None
-    else:
-        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        q = np.concatenate([blocks[:, 4:] & 15, blocks[:, 4:] >> 4], axis=1)
-
-    def kn(a):  # per block [n · k / 32, c] -> [K / c', N]
-        return a.reshape(n, -1).T
-
-    dense = gguf.quants.dequantize(raw, KINDS[kind]).reshape(n, k).T  # [K, N]
-    return kn(q), kn(d), None if m is None else kn(m), np.ascontiguousarray(dense)
+    gtype = gguf.GGMLQuantizationType[qtype]
+    raw = gguf_quantize(w, gtype)
+    kind, *fields = gguf_source.blocks_of(qtype, raw, (n, k))
+    dense = gguf.quants.dequantize(raw, gtype).reshape(n, k).T  # [K, N]
+    return (kind, *(None if a is None else np.ascontiguousarray(a.T) for a in fields),
+            np.ascontiguousarray(dense))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("k,n", [(32, 64), (64, 100), (576, 192)])
-def test_packed_blocks_dequantize_as_gguf_does(kind, k, n):
-    q, d, m, dense = gguf_weight(kind, k, n)
+def shapes(qtype: str, *kn):
+    """(k, n) pairs, K widened to a multiple of 256 for the K-quants' super-blocks."""
+    return [(qtype, k if "K" not in qtype else -(-k // 256) * 256, n) for k, n in kn]
+
+
+@pytest.mark.parametrize("qtype,k,n", [c for t in TYPES
+                                       for c in shapes(t, (32, 64), (64, 100), (576, 192))])
+def test_packed_blocks_dequantize_as_gguf_does(qtype, k, n):
+    kind, q, d, m, dense = gguf_weight(qtype, k, n)
+    assert kind == TYPES[qtype]
     data = quantized.pack(kind, q, d, m)
-    assert data.dtype == quantized.DTYPES[kind]
+    assert quantized.kind(data) == kind
     assert data.shape == quantized.data_shape(kind, (k, n))
     expected = layout.pack(jnp.asarray(dense)).data
     for got in (quantized.dequantize_np(data), quantized.dequantize(jnp.asarray(data))):
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint32),
-                                      np.asarray(expected).view(np.uint32))
+        np.testing.assert_array_equal(bits(got), bits(expected))
     unpacked = layout.unpack(layout.Panels(jnp.asarray(data), (k, n)))
-    np.testing.assert_array_equal(np.asarray(unpacked), dense)
+    np.testing.assert_array_equal(bits(unpacked), bits(dense))
+
+
+def bits(a) -> np.ndarray:
+    """The fp32 bits of `a`, zeros of either sign as +0 (a Q4_0 weight d·(q − 8) is −0 where
+    d < 0 and q = 8, d·q − 8d is +0: a zero product never changes the kernel's sums, which
+    start at +0)."""
+    return (np.asarray(a, np.float32) + 0).view(np.uint32)
 
 
 def kernel(x, data):
@@ -66,13 +74,13 @@ def kernel(x, data):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("k,n", [(32, 64), (64, 100), (576, 960)])
-def test_blocks_give_the_bits_of_the_dequantized_weights(kind, k, n):
+@pytest.mark.parametrize("qtype,k,n", [c for t in TYPES
+                                       for c in shapes(t, (32, 64), (64, 100), (576, 960))])
+def test_blocks_give_the_bits_of_the_dequantized_weights(qtype, k, n):
     """The same bits as the fp32 panels of the weights gguf dequantizes, for 1 to 40 rows: every
     row-block size of the fused path (each weight dequantized into registers for up to 6 rows,
     up to 9 rows in all) and the fp32 copy of a panel that prefill-sized products use."""
-    q, d, m, dense = gguf_weight(kind, k, n, seed=1)
+    kind, q, d, m, dense = gguf_weight(qtype, k, n, seed=1)
     data = quantized.pack(kind, q, d, m)
     assert cpu_matmul.fits(jnp.zeros((3, k), jnp.float32), data)
     panels = layout.pack(jnp.asarray(dense)).data
@@ -89,8 +97,8 @@ def test_blocks_give_the_bits_of_the_dequantized_weights(kind, k, n):
 def test_blocks_on_one_thread_give_the_same_bits(tmp_path, rows, n):
     """Split across threads here (65 panels; or 9 panels x 4 chunks of rows, a prefill-sized
     product), one thread in a subprocess computes the same, and the fp32 panels too."""
-    q, d, m, dense = gguf_weight("q4_1", 64, n, seed=3)
-    data = quantized.pack("q4_1", q, d, m)
+    kind, q, d, m, dense = gguf_weight("Q4_1", 64, n, seed=3)
+    data = quantized.pack(kind, q, d, m)
     x = np.random.default_rng(4).standard_normal((rows, 64)).astype(np.float32)
     expected = kernel(x, layout.pack(jnp.asarray(dense)).data)
     np.testing.assert_array_equal(np.asarray(kernel(x, data)), np.asarray(expected))
@@ -107,10 +115,12 @@ def test_blocks_on_one_thread_give_the_same_bits(tmp_path, rows, n):
 
 def test_other_dtypes_and_shapes_are_not_blocks():
     x = jnp.zeros((2, 64), jnp.float32)
-    assert quantized.kind(np.float32) is None and quantized.kind(jnp.bfloat16) is None
+    for dtype in (np.float32, jnp.bfloat16):
+        assert quantized.kind(jax.ShapeDtypeStruct((1, 64, 64), dtype)) is None
     assert not cpu_matmul.fits(x, np.zeros((1, 2, 1000), np.uint8))  # wrong block size
+    assert not cpu_matmul.fits(x, np.zeros((1, 2, quantized.KINDS["q8_0"].bytes), np.uint8))
     assert not cpu_matmul.fits(jnp.zeros((2, 48), jnp.float32),  # K not a multiple of 32
-                               np.zeros((1, 1, quantized.BYTES["q8_0"]), np.int8))
+                               np.zeros((1, 1, quantized.KINDS["q8_0"].bytes), np.int8))
 
 
 def test_q8_0_quantizer_rounds_each_weight_to_its_blocks_grid():
