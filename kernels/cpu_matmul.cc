@@ -48,7 +48,7 @@ constexpr int64_t kPrefetch = 2048;
 
 // How the panels hold the weights: fp32, bf16 (widened to fp32 as they are loaded), or GGUF
 // blocks (dequantized to fp32 as gguf's numpy code does, see quant_rows).
-enum Format { kF32, kBF16, kQ4_1, kQ8_0, kQ4_K, kQ6_K };
+enum Format { kF32, kBF16, kQ4_1, kQ8_0, kQ4_K, kQ6_K, kQ8_DM };
 
 struct Problem {
   const float* x;       // [M, K]
@@ -187,11 +187,14 @@ __attribute__((target("avx2,fma"))) void stream256(const Problem& p, int64_t j) 
 //   Q8_0 (int8, 2176 bytes):  d[64] fp16, 64 int8 per row (GGUF Q8_0 and Q5_0);
 //   Q4_K (uint8, 1536 bytes): d[64] fp32, m[64] fp32, 32 bytes per row (GGUF Q4_K);
 //   Q6_K (int8, 2560 bytes):  d[64] fp32 for rows 0-15, d[64] for rows 16-31, 64 int8 per row
-//        (GGUF Q6_K's quants q - 32 and its sub-blocks' scales d * sc).
+//        (GGUF Q6_K's quants q - 32 and its sub-blocks' scales d * sc);
+//   Q8_DM (int8, 3072 bytes): d[2][64] fp32, m[2][64] fp32 (rows 0-15, 16-31), 64 int8 per row
+//        (any of the others exactly, for a fused weight whose parts differ in kind, and
+//        GGUF Q5_1 and Q5_K).
 // A weight is dequantized exactly as gguf's numpy code does (d * q, then + m; or q * d): d * q is
 // exact in fp32 (at most 23 significant bits), so only + m rounds and one FMA rounds the same,
 // and the products and sums are those of the fp32 panels of the dequantized weights, bit for
-// bit; 0.625 to 1.25 bytes per weight are read instead of 4.
+// bit; 0.625 to 1.5 bytes per weight are read instead of 4.
 // Up to kWideRows rows (decode steps, verifies, small batches): quant_rows dequantizes 16
 // columns of a panel row at a time into two registers and up to kFusedRows rows multiply them
 // there, so a verify's extra rows cost little more than their FMAs (the default model's
@@ -207,9 +210,9 @@ constexpr int64_t kWideRows = 9;   // more rows: an fp32 copy of the panel (meas
 template <Format F>
 struct Quant {
   static constexpr bool kNibbles = F == kQ4_1 || F == kQ4_K;  // 4-bit quants, else int8
-  static constexpr bool kOffsets = F == kQ4_1 || F == kQ4_K;  // d * q + m, else q * d
-  static constexpr int64_t kScaleBytes = F == kQ4_K || F == kQ6_K ? 4 : 2;  // fp32 or fp16
-  static constexpr int64_t kGroups = F == kQ6_K ? 2 : 1;  // scale groups per block
+  static constexpr bool kOffsets = F != kQ8_0 && F != kQ6_K;  // d * q + m, else q * d
+  static constexpr int64_t kScaleBytes = F == kQ4_1 || F == kQ8_0 ? 2 : 4;  // fp16 or fp32
+  static constexpr int64_t kGroups = F == kQ6_K || F == kQ8_DM ? 2 : 1;  // scale groups
   static constexpr int64_t kGroupRows = kQBlock / kGroups;  // panel rows per scale
   static constexpr int64_t kScales = kGroups * kPanel * kScaleBytes;  // bytes of d (and of m)
   static constexpr int64_t kHeader = (kOffsets ? 2 : 1) * kScales;
@@ -258,9 +261,13 @@ __attribute__((target("avx2,fma,f16c"))) inline void dequant16(const uint8_t* q,
                              _mm256_loadu_ps(m + 16 * g + 8 * h));
   } else {
     for (int h = 0; h < 2; ++h) {
-      const __m256i qv = _mm256_cvtepi8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * g + 8 * h)));
-      w[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(qv), _mm256_loadu_ps(d + 16 * g + 8 * h));
+      const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * g + 8 * h))));
+      const __m256 dv = _mm256_loadu_ps(d + 16 * g + 8 * h);
+      if constexpr (Quant<F>::kOffsets)
+        w[h] = _mm256_fmadd_ps(dv, qv, _mm256_loadu_ps(m + 16 * g + 8 * h));
+      else
+        w[h] = _mm256_mul_ps(qv, dv);
     }
   }
 }
@@ -403,7 +410,8 @@ void run_quant_panels(const Problem& p, int64_t j_begin, int64_t j_end) {
     case kQ4_1: return quant_panels<kQ4_1>(p, j_begin, j_end);
     case kQ8_0: return quant_panels<kQ8_0>(p, j_begin, j_end);
     case kQ4_K: return quant_panels<kQ4_K>(p, j_begin, j_end);
-    default: return quant_panels<kQ6_K>(p, j_begin, j_end);
+    case kQ6_K: return quant_panels<kQ6_K>(p, j_begin, j_end);
+    default: return quant_panels<kQ8_DM>(p, j_begin, j_end);
   }
 }
 
@@ -460,7 +468,8 @@ int64_t quant_bytes(Format f) {
     case kQ4_1: return Quant<kQ4_1>::kBytes;
     case kQ8_0: return Quant<kQ8_0>::kBytes;
     case kQ4_K: return Quant<kQ4_K>::kBytes;
-    default: return Quant<kQ6_K>::kBytes;
+    case kQ6_K: return Quant<kQ6_K>::kBytes;
+    default: return Quant<kQ8_DM>::kBytes;
   }
 }
 
@@ -472,8 +481,11 @@ Format format_of(ffi::AnyBuffer& panels, int64_t K, bool& ok) {
   ok = pd.size() == 3;
   if (ok && (t == ffi::DataType::U8 || t == ffi::DataType::S8)) {  // the kind by its bytes
     const bool u8 = t == ffi::DataType::U8;
-    const Format f = pd[2] == Quant<kQ4_K>::kBytes ? kQ4_K
-                     : pd[2] == Quant<kQ6_K>::kBytes ? kQ6_K : u8 ? kQ4_1 : kQ8_0;
+    const Format f = pd[2] == Quant<kQ4_K>::kBytes   ? kQ4_K
+                     : pd[2] == Quant<kQ6_K>::kBytes  ? kQ6_K
+                     : pd[2] == Quant<kQ8_DM>::kBytes ? kQ8_DM
+                     : u8                             ? kQ4_1
+                                                      : kQ8_0;
     ok = K % kQBlock == 0 && pd[1] == K / kQBlock && (f == kQ4_1 || f == kQ4_K) == u8 &&
          pd[2] == quant_bytes(f);
     return f;

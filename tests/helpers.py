@@ -260,6 +260,7 @@ def gguf_quantize(w: np.ndarray, quant) -> np.ndarray:
     import kquants
 
     encoders = {gguf.GGMLQuantizationType.Q4_K: kquants.quantize_q4_k,
+                gguf.GGMLQuantizationType.Q5_K: kquants.quantize_q5_k,
                 gguf.GGMLQuantizationType.Q6_K: kquants.quantize_q6_k}
     return encoders[quant](w) if quant in encoders else gguf.quants.quantize(w, quant)
 

@@ -1,4 +1,4 @@
-"""Minimal numpy encoders for GGUF K-quant blocks (Q4_K, Q6_K), for tests.
+"""Minimal numpy encoders for GGUF K-quant blocks (Q4_K, Q5_K, Q6_K), for tests.
 
 ``gguf.quants.quantize`` does not implement K-quants, so tests that write
 K-quantized GGUF files use these. Quants are rounded to nearest; the block
@@ -30,17 +30,18 @@ def _blocks(w):
     return w.reshape(-1, QK_K)
 
 
-def _q4_k_fields(w):
-    """Per super-block d, dmin (fp16 values); per 32-sub-block sc, m (0..63); q (0..15)."""
+def _q4_k_fields(w, top=15):
+    """Per super-block d, dmin (fp16 values); per 32-sub-block sc, m (0..63); q (0..top: 15 for
+    Q4_K, 31 for Q5_K)."""
     x = _blocks(w).reshape(-1, 8, 32)
     off = -np.minimum(x.min(-1), 0)  # offset -dmin*m <= 0 must reach down to the minimum
     dmin = _f16_up(off.max(-1) / 63)
     m = np.clip(np.ceil(_div(off, dmin[:, None])), 0, 63)
-    s = np.maximum((x.max(-1) + dmin[:, None] * m) / 15, 0)  # step needed to reach the max
+    s = np.maximum((x.max(-1) + dmin[:, None] * m) / top, 0)  # step needed to reach the max
     d = _f16_up(s.max(-1) / 63)
     sc = np.clip(np.ceil(_div(s, d[:, None])), 0, 63)
     step = (d[:, None] * sc)[..., None]
-    q = np.clip(np.round(_div(x + (dmin[:, None] * m)[..., None], step)), 0, 15)
+    q = np.clip(np.round(_div(x + (dmin[:, None] * m)[..., None], step)), 0, top)
     return d, dmin, sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8).reshape(-1, QK_K)
 
 
@@ -60,7 +61,19 @@ def _q6_k_fields(w):
 
 def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     """Encode float32 [rows, cols] (cols % 256 == 0) as Q4_K bytes [rows, cols // 256 * 144]."""
-    d, dmin, sc, m, q = _q4_k_fields(w)
+    return _k_blocks(w, *_q4_k_fields(w))
+
+
+def quantize_q5_k(w: np.ndarray) -> np.ndarray:
+    """Encode float32 [rows, cols] (cols % 256 == 0) as Q5_K bytes [rows, cols // 256 * 176]:
+    Q4_K's fields with 5-bit quants, the 5th bits in 32 bytes (bit s of byte i: quant 32s + i)."""
+    d, dmin, sc, m, q = _q4_k_fields(w, top=31)
+    high = (q >> 4).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]
+    return _k_blocks(w, d, dmin, sc, m, q & 15, np.bitwise_or.reduce(high, axis=1))
+
+
+def _k_blocks(w, d, dmin, sc, m, q, qh=None):
+    """Q4_K (or, given the 5th bits qh [n, 32], Q5_K) bytes of the fields."""
     scales = np.concatenate([
         sc[:, :4] | (sc[:, 4:] >> 4) << 6,
         m[:, :4] | (m[:, 4:] >> 4) << 6,
@@ -71,7 +84,7 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     out = np.concatenate([
         d.astype(np.float16)[:, None].view(np.uint8),
         dmin.astype(np.float16)[:, None].view(np.uint8),
-        scales, qs,
+        scales, *([] if qh is None else [qh]), qs,
     ], axis=1)
     return out.reshape(len(w), -1)
 
@@ -97,7 +110,9 @@ if __name__ == "__main__":
     w[7] = rng.uniform(0.5, 1.5, 512)
     wide = w * np.float32(10.0) ** np.arange(-3, 5, dtype=np.float32)[:, None]  # rows 1e-3 .. 1e4
     for name, x in [("std0.3", w), ("wide", wide)]:
-        for qt, enc, fields, sub in [(T.Q4_K, quantize_q4_k, _q4_k_fields, 32), (T.Q6_K, quantize_q6_k, _q6_k_fields, 16)]:
+        for qt, enc, fields, sub in [(T.Q4_K, quantize_q4_k, _q4_k_fields, 32),
+                                     (T.Q5_K, quantize_q5_k, lambda x: _q4_k_fields(x, 31), 32),
+                                     (T.Q6_K, quantize_q6_k, _q6_k_fields, 16)]:
             y = dequantize(enc(x), qt)
             assert y.shape == x.shape and np.isfinite(y).all()
             err = np.abs(y - x).reshape(-1, sub)
@@ -105,14 +120,14 @@ if __name__ == "__main__":
             rng_ = xs.max(-1) - xs.min(-1)
             assert (err[rng_ == 0] == 0).all()
             f = fields(x)
-            d, sc, q = f[0], f[2 if qt == T.Q4_K else 1], f[-1]
+            d, sc, q = f[0], f[2 if qt != T.Q6_K else 1], f[-1]
             step = np.abs(d[:, None] * sc.astype(np.float32)).reshape(-1, 1)
             slack = 1e-6 * np.abs(xs).max(-1, keepdims=True)
             assert (err <= 0.5 * step * (1 + 1e-5) + slack).all(), f"{name} {qt.name}: error above half a step"
             rel = (err.max(-1)[rng_ > 0] / rng_[rng_ > 0]).max()
             print(f"{name:7s} {qt.name}: max |err| / sub-block range = {rel:.4f}, q values used = {len(np.unique(q))}")
             if name == "std0.3":
-                assert len(np.unique(q)) == (16 if qt == T.Q4_K else 64)
-                assert np.abs(sc.astype(int)).max() == (63 if qt == T.Q4_K else 127)
-                assert qt != T.Q4_K or f[3].max() == 63
+                assert len(np.unique(q)) == {T.Q4_K: 16, T.Q5_K: 32, T.Q6_K: 64}[qt]
+                assert np.abs(sc.astype(int)).max() == (127 if qt == T.Q6_K else 63)
+                assert qt == T.Q6_K or f[3].max() == 63
     print("ok")

@@ -1,8 +1,8 @@
 """A converted GGUF checkpoint's quantized projections, kept as their blocks next to its params.
 
 Conversion dequantizes a GGUF model's weights to fp32 (`params/`, read on every backend) and,
-for projections and output layers quantized as Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K (the
-types whose blocks the kernel reads: gguf_source.BLOCK_TYPES), also stores their blocks packed
+for projections and output layers quantized as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or
+Q6_K (the types whose blocks the kernel reads: gguf_source.BLOCK_TYPES), also stores their blocks packed
 for the CPU kernel (`blocks/`, Orbax, and `blocks.json`: each weight's kind and data shape; see
 jaxspec.models.quantized). A weight is kept only when its packed blocks dequantize to exactly
 its fp32 params, bit for bit (checked at conversion). Loading for the CPU kernel in fp32 then
@@ -53,14 +53,16 @@ def _weights(config: ModelConfig):
 
 def build(config: ModelConfig, get_blocks, params: dict) -> dict:
     """{"layers": [{name: data}], "lm_head": data} for the weights whose sources all have blocks
-    of one kind (get_blocks: gguf_source.block_getter; a fused weight of Q4_K and Q6_K sources
-    stays fp32) and whose packed blocks dequantize exactly to
-    `params` (the fp32 params built from the same file)."""
+    (get_blocks: gguf_source.block_getter; a fused weight whose sources differ in kind, such as
+    Q4_K queries and keys with Q6_K values, as q8_dm) and whose packed blocks dequantize exactly
+    to `params` (the fp32 params built from the same file)."""
     out: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for entry, path, target in _weights(config):
         got = [get_blocks(name) for name in entry.sources]
-        if any(g is None for g in got) or len({g[0] for g in got}) != 1:
+        if any(g is None for g in got):
             continue
+        if len({g[0] for g in got}) > 1:  # parts of different kinds: all in the one that holds any
+            got = [quantized.widen(*g) for g in got]
         kind = got[0][0]
         combine = (keymap.TRANSFORMS["transpose"] if path == ("embed",)
                    else keymap.TRANSFORMS[entry.combine])

@@ -21,6 +21,7 @@ from jaxspec.checkpoint.gguf_metadata import field, read_gguf
 from jaxspec.checkpoint.source import Source, missing_tensor, one_line
 from jaxspec.checkpoint.tokenizer import gguf_tokenizer_files
 from jaxspec.errors import UserError
+from jaxspec.models import quantized
 from jaxspec.models.config import ModelConfig
 
 # GGUF architecture -> whether llama.cpp permuted the q/k rows of that architecture.
@@ -167,17 +168,38 @@ def _q8_0(b):
 
 
 def _q5_0(b):  # d·(q − 16), the 5th bits in 4 bytes: q8_0 with the quant q − 16
-    high = (b[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
-    q = _nibbles(b[:, 6:]) | (high.astype(np.uint8) << 4)
+    q = _nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << 4)
     return "q8_0", q.astype(np.int8) - 16, _halves(b[:, :2]), None
 
 
-def _q4_k(b):  # 8 sub-blocks of 32: d·sc·q − dmin·m, sc and m 6-bit
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes -> [n, 32] bits (a little-endian uint32's bits 0..31)."""
+    return ((qh.copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _q5_1(b):  # d·q + m, q 5-bit: q8_dm
+    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)
+    return quantized.widen("q4_1", q, _halves(b[:, :2]), _halves(b[:, 2:4]))
+
+
+def _k_scales(b):
+    """A Q4_K or Q5_K block's 8 sub-block scales d·sc and offsets −dmin·m [n, 8] (exact)."""
     sc, mins = Q4_K.get_scale_min(b[:, 4:16])
+    return (_halves(b[:, :2]) * sc.astype(np.float32),
+            -(_halves(b[:, 2:4]) * mins.astype(np.float32)))
+
+
+def _q4_k(b):  # 8 sub-blocks of 32: d·sc·q − dmin·m, sc and m 6-bit
     chunks = b[:, 16:].reshape(-1, 4, 1, 32)
     q = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(len(b), -1)
-    d = _halves(b[:, :2]) * sc.astype(np.float32)  # [n, 8], exact
-    return "q4_k", q, d, -(_halves(b[:, 2:4]) * mins.astype(np.float32))
+    return "q4_k", q, *_k_scales(b)
+
+
+def _q5_k(b):  # Q4_K with a 5th bit per quant (bit s of byte i: sub-block s, weight i)
+    chunks = b[:, 48:].reshape(-1, 4, 1, 32)
+    low = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(len(b), 8, 32)
+    high = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    return quantized.widen("q4_k", (low | (high << 4)).reshape(len(b), -1), *_k_scales(b))
 
 
 def _q6_k(b):  # 16 sub-blocks of 16: d·sc·(q − 32), q 6-bit (low 4 bits in ql, high 2 in qh)
@@ -194,7 +216,8 @@ def _q6_k(b):  # 16 sub-blocks of 16: d·sc·(q − 32), q 6-bit (low 4 bits in 
 # the scales and offsets one per block or sub-block, exactly as gguf.quants.dequantize uses
 # them.
 BLOCK_TYPES = {"Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q5_0": (22, 32, _q5_0),
-               "Q8_0": (34, 32, _q8_0), "Q4_K": (144, 256, _q4_k), "Q6_K": (210, 256, _q6_k)}
+               "Q5_1": (24, 32, _q5_1), "Q8_0": (34, 32, _q8_0), "Q4_K": (144, 256, _q4_k),
+               "Q5_K": (176, 256, _q5_k), "Q6_K": (210, 256, _q6_k)}
 
 
 def _blocks(tensor):

@@ -18,12 +18,17 @@ quants row by row; the data's dtype and bytes per block say which kind:
     q8_0   int8   2176   d[64] fp16                         64 int8                 Q8_0, Q5_0
     q4_k   uint8  1536   d[64] fp32, m[64] fp32             32 bytes of nibbles     Q4_K
     q6_k   int8   2560   d[64] fp32 rows 0-15, d[64] 16-31  64 int8                 Q6_K
+    q8_dm  int8   3072   d[2][64] fp32, m[2][64] fp32       64 int8                 Q5_1, Q5_K,
+                         (rows 0-15, 16-31)                                         any mix
 
 Nibbles: byte 8g + l of a row holds column 16g + l in its low nibble and column 16g + 8 + l in
 its high one. A Q4_0 weight d·(q − 8) is stored as q4_1 with m = −8d, a Q5_0 weight
 d·(q − 16) as q8_0 with the quant q − 16, a Q4_K sub-block's d·sc and −dmin·m (exact products
 of an fp16 and a 6-bit integer) as q4_k's fp32 scale and offset, a Q6_K sub-block of 16 weights
-with its scale d·sc (fp16 times int8) and quants q − 32 as q6_k.
+with its scale d·sc (fp16 times int8) and quants q − 32 as q6_k. q8_dm holds any of them
+exactly (`widen`): a fused weight whose parts differ in kind (llama.cpp's Q4_K_M quantizes some
+layers' value projections as Q6_K and their queries and keys as Q4_K), and Q5_1 and Q5_K (5-bit
+quants with offsets).
 """
 
 from __future__ import annotations
@@ -55,7 +60,14 @@ KINDS = {
     "q8_0": Kind(np.dtype(np.int8), False, np.dtype(np.float16), False, 1),
     "q4_k": Kind(np.dtype(np.uint8), True, np.dtype(np.float32), True, 1),
     "q6_k": Kind(np.dtype(np.int8), False, np.dtype(np.float32), False, 2),
+    "q8_dm": Kind(np.dtype(np.int8), False, np.dtype(np.float32), True, 2),
 }
+
+
+def widen(kind_: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None):
+    """(kind, q, d, m) of any kind as the same weights in q8_dm: w = d·q + m (m = 0 where the
+    kind has none: d·q + 0 rounds as d·q)."""
+    return "q8_dm", q.astype(np.int8), d, np.zeros_like(d) if m is None else m
 
 
 def kind(data) -> str | None:

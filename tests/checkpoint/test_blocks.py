@@ -48,11 +48,12 @@ K_QUANT_SHAPES = dict(hidden_size=256, intermediate_size=256)  # rows of 256 (su
     ("llama", "Q4_1", True, {"q4_1"}), ("llama", "Q8_0", False, {"q8_0"}),
     ("qwen3", "Q8_0", True, {"q8_0"}), ("llama", "Q4_0", True, {"q4_1"}),
     ("qwen2", "Q5_0", False, {"q8_0"}), ("llama", "Q4_K", True, {"q4_k"}),
-    ("qwen2", "Q6_K", False, {"q6_k"}), ("llama", q4_k_m, True, {"q4_k", "q6_k", "float"})])
+    ("qwen2", "Q6_K", False, {"q6_k"}), ("qwen2", "Q5_1", True, {"q8_dm"}),
+    ("llama", "Q5_K", False, {"q8_dm"}), ("llama", q4_k_m, True, {"q4_k", "q6_k", "q8_dm"})])
 def test_blocks_compute_the_bits_of_the_fp32_weights(kind, qtype, tied, expected, tmp_path,
                                                      monkeypatch):
     """Converted and loaded: every projection and the output layer are blocks of the kind its
-    GGUF type is kept as (a fused weight of two kinds stays fp32), the logits are bit for bit
+    GGUF type is kept as (a fused weight of two kinds as q8_dm), the logits are bit for bit
     those of the fp32 weights (`JAXSPEC_QUANTIZED=0`), and greedy decoding, plain and
     speculative, gives the same tokens."""
     k_quants = callable(qtype) or "_K" in qtype
@@ -68,7 +69,8 @@ def test_blocks_compute_the_bits_of_the_fp32_weights(kind, qtype, tied, expected
     assert quantized_kinds(quantized_model) == quantized_kinds(in_memory) == expected
     assert quantized_kinds(fp32) == {"float"}
     if callable(qtype):  # layer 0's fused attention weight mixes Q4_K and Q6_K
-        assert not quantized_model.params["layers"][0]["wqkv"].quantized
+        assert quantized.kind(quantized_model.params["layers"][0]["wqkv"].data) == "q8_dm"
+        assert quantized.kind(quantized_model.params["layers"][1]["wqkv"].data) == "q4_k"
         assert quantized.kind(quantized_model.params["layers"][0]["w_down"].data) == "q6_k"
         assert quantized.kind(quantized_model.params["layers"][1]["w_down"].data) == "q4_k"
     tokens = random_tokens(shape=(2, 10))

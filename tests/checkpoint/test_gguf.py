@@ -27,7 +27,8 @@ def test_unpermute_inverts_llama_cpp_permutation(heads):
 @pytest.mark.parametrize("kind,qtype,tied", [
     ("llama", "F32", True), ("llama", "F32", False), ("llama", "Q8_0", False),
     ("llama", "Q4_1", True), ("qwen2", "F32", False), ("qwen3", "Q8_0", True),
-    ("llama", "Q4_0", False), ("qwen2", "Q5_0", True), ("llama", "Q4_K", True)])
+    ("llama", "Q4_0", False), ("qwen2", "Q5_0", True), ("llama", "Q5_1", True),
+    ("llama", "Q4_K", True), ("qwen2", "Q5_K", False), ("qwen2", "Q6_K", True)])
 def test_gguf_logits_match_transformers(kind, qtype, tied, tmp_path):
     shapes = dict(hidden_size=256, intermediate_size=256) if "_K" in qtype else {}  # rows of 256
     torch_model = tiny_torch_model(kind, tie_word_embeddings=tied, seed=3, **shapes)

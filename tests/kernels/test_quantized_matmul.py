@@ -1,4 +1,4 @@
-"""GGUF blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) in panels (jaxspec.models.quantized) and
+"""GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in panels (jaxspec.models.quantized) and
 the CPU kernel on them.
 
 The kernel must compute, from the blocks, exactly what it computes from the fp32 weights that
@@ -25,8 +25,8 @@ from jaxspec.models import layout, quantized
 
 needs_kernel = pytest.mark.skipif(not cpu_matmul.available(), reason="kernel unavailable here")
 # GGUF type -> the kind of panel data it is kept as (gguf_source.BLOCK_TYPES)
-TYPES = {"Q4_0": "q4_1", "Q4_1": "q4_1", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_K": "q4_k",
-         "Q6_K": "q6_k"}
+TYPES = {"Q4_0": "q4_1", "Q4_1": "q4_1", "Q5_0": "q8_0", "Q5_1": "q8_dm", "Q8_0": "q8_0",
+         "Q4_K": "q4_k", "Q5_K": "q8_dm", "Q6_K": "q6_k"}
 
 
 def gguf_weight(qtype: str, k: int, n: int, seed: int = 0):
@@ -60,6 +60,18 @@ def test_packed_blocks_dequantize_as_gguf_does(qtype, k, n):
         np.testing.assert_array_equal(bits(got), bits(expected))
     unpacked = layout.unpack(layout.Panels(jnp.asarray(data), (k, n)))
     np.testing.assert_array_equal(bits(unpacked), bits(dense))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_every_kind_widens_exactly_to_q8_dm(qtype):
+    """A fused weight whose parts differ in kind is packed as q8_dm: each kind's blocks widened
+    to it dequantize to the same weights."""
+    _, k, n = shapes(qtype, (64, 100))[0]
+    fields, dense = gguf_weight(qtype, k, n, seed=6)[:4], gguf_weight(qtype, k, n, seed=6)[4]
+    data = quantized.pack(*quantized.widen(*fields))
+    assert quantized.kind(data) == "q8_dm"
+    np.testing.assert_array_equal(bits(quantized.dequantize_np(data)),
+                                  bits(layout.pack(jnp.asarray(dense)).data))
 
 
 def bits(a) -> np.ndarray:
