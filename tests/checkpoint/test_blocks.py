@@ -55,7 +55,7 @@ def test_blocks_compute_the_bits_of_the_fp32_weights(kind, qtype, tied, expected
     """Converted and loaded: every projection and the output layer are blocks of the kind its
     GGUF type is kept as (a fused weight of two kinds as q8_dm), the logits are bit for bit
     those of the fp32 weights (`JAXSPEC_QUANTIZED=0`), and greedy decoding, plain and
-    speculative, gives the same tokens."""
+    speculative, gives the same tokens (on Q4_1, Q8_0 and the Q4_K_M mix: every kind)."""
     k_quants = callable(qtype) or "_K" in qtype
     torch_model = tiny_torch_model(kind, tie_word_embeddings=tied, seed=3,
                                    **(K_QUANT_SHAPES if k_quants else {}))
@@ -78,6 +78,8 @@ def test_blocks_compute_the_bits_of_the_fp32_weights(kind, qtype, tied, expected
     for model in (quantized_model, in_memory):
         np.testing.assert_array_equal(jaxspec_logits(model, tokens).view(np.uint32),
                                       reference.view(np.uint32))
+    if qtype not in ("Q4_1", "Q8_0", q4_k_m):  # the logits above decide; decoding once per
+        return                                  # kind of panel data is enough
     plain = jaxspec.SpeculativeDecoder(fp32, "none").generate(PROMPTS, max_new_tokens=12).tokens
     for draft in ("none", "layerskip:1", "ngram"):
         decoder = jaxspec.SpeculativeDecoder(quantized_model, draft, num_speculative_tokens=3)
