@@ -220,29 +220,23 @@ struct Quant {
   static constexpr int64_t kBytes = kHeader + kQBlock * kRowBytes;      // per block
 };
 
-// The block's 64 scales (and offsets) of scale group `group` as fp32: d (and m) point at them,
-// in the block itself (fp32 scales; a copy measured 40% slower for 1 row) or in buffer[128]
-// (fp16 scales widened there).
-struct Scales {
-  const float* d;  // [64]
-  const float* m;  // [64], for the kinds with offsets
-};
-
+// The block's 64 scales (and offsets) of scale group `group`, as fp32 in buffer[0..63] (and
+// buffer[64..127]): copied, or widened from fp16.
 template <Format F>
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline Scales scales(
-    const uint8_t* block, int64_t group, float* buffer) {
+__attribute__((target("avx2,fma,f16c"))) inline void scales(const uint8_t* block, int64_t group,
+                                                             float* buffer) {
   using Q = Quant<F>;
   const uint8_t* at = block + group * kPanel * Q::kScaleBytes;  // d, then (m) kScales later
-  if constexpr (Q::kScaleBytes == 4) {
-    return {reinterpret_cast<const float*>(at), reinterpret_cast<const float*>(at + Q::kScales)};
-  } else {
-    for (int part = 0; part < (Q::kOffsets ? 2 : 1); ++part)
-      for (int v = 0; v < kPanel / 8; ++v)
-        _mm256_store_ps(buffer + part * kPanel + 8 * v,
-                        _mm256_cvtph_ps(_mm_loadu_si128(
-                            reinterpret_cast<const __m128i*>(at + part * Q::kScales) + v)));
-    return {buffer, buffer + kPanel};
-  }
+  for (int part = 0; part < (Q::kOffsets ? 2 : 1); ++part)
+    for (int v = 0; v < kPanel / 8; ++v) {
+      const uint8_t* from = at + part * Q::kScales + v * 8 * Q::kScaleBytes;
+      __m256 scale;
+      if constexpr (Q::kScaleBytes == 4)
+        scale = _mm256_loadu_ps(reinterpret_cast<const float*>(from));
+      else
+        scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
+      _mm256_store_ps(buffer + part * kPanel + 8 * v, scale);
+    }
 }
 
 // Columns 16g..16g+15 of one panel row (its quants at q) -> w[0], w[1], given the scales d[64]
@@ -257,15 +251,15 @@ __attribute__((target("avx2,fma,f16c"))) inline void dequant16(const uint8_t* q,
     const __m256i nibbles[2] = {_mm256_and_si256(bytes, _mm256_set1_epi32(15)),
                                 _mm256_srli_epi32(bytes, 4)};
     for (int h = 0; h < 2; ++h)  // d * q is exact, so one FMA rounds as d * q, then + m
-      w[h] = _mm256_fmadd_ps(_mm256_loadu_ps(d + 16 * g + 8 * h), _mm256_cvtepi32_ps(nibbles[h]),
-                             _mm256_loadu_ps(m + 16 * g + 8 * h));
+      w[h] = _mm256_fmadd_ps(_mm256_load_ps(d + 16 * g + 8 * h), _mm256_cvtepi32_ps(nibbles[h]),
+                             _mm256_load_ps(m + 16 * g + 8 * h));
   } else {
     for (int h = 0; h < 2; ++h) {
       const __m256 qv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * g + 8 * h))));
-      const __m256 dv = _mm256_loadu_ps(d + 16 * g + 8 * h);
+      const __m256 dv = _mm256_load_ps(d + 16 * g + 8 * h);
       if constexpr (Quant<F>::kOffsets)
-        w[h] = _mm256_fmadd_ps(dv, qv, _mm256_loadu_ps(m + 16 * g + 8 * h));
+        w[h] = _mm256_fmadd_ps(dv, qv, _mm256_load_ps(m + 16 * g + 8 * h));
       else
         w[h] = _mm256_mul_ps(qv, dv);
     }
@@ -296,14 +290,14 @@ __attribute__((target("avx2,fma,f16c"))) void quant_rows(const Problem& p, const
     for (int64_t b = 0; b < blocks; ++b, block += Q::kBytes, x += kQBlock) {
       const uint8_t* quants = block + Q::kHeader;
       for (int64_t s = 0; s < Q::kGroups; ++s) {
-        const Scales sc = scales<F>(block, s, buffer);
+        scales<F>(block, s, buffer);
         for (int64_t k = s * Q::kGroupRows; k < (s + 1) * Q::kGroupRows; ++k) {
           if (g0 == 0)  // the first pass: the block kQPrefetch ahead, 40 to 80 bytes per row
             _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * Q::kBytes +
                              k * Q::kBytes / kQBlock, _MM_HINT_T0);
           for (int g = 0; g < NG; ++g) {
             __m256 w[2];
-            dequant16<F>(quants + k * Q::kRowBytes, g0 + g, sc.d, sc.m, w);
+            dequant16<F>(quants + k * Q::kRowBytes, g0 + g, buffer, buffer + kPanel, w);
             for (int r = 0; r < MR; ++r) {
               const __m256 xk = _mm256_set1_ps(x[r * p.K + k]);
               for (int h = 0; h < 2; ++h)
@@ -329,12 +323,12 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_panel(const Problem& p, in
   const uint8_t* block = static_cast<const uint8_t*>(p.panels) + j * blocks * Q::kBytes;
   for (int64_t b = 0; b < blocks; ++b, block += Q::kBytes) {
     for (int64_t s = 0; s < Q::kGroups; ++s) {
-      const Scales sc = scales<F>(block, s, buffer);
+      scales<F>(block, s, buffer);
       for (int64_t k = s * Q::kGroupRows; k < (s + 1) * Q::kGroupRows; ++k) {
         float* row = wide + (b * kQBlock + k) * kPanel;
         for (int g = 0; g < kPanel / 16; ++g) {
           __m256 w[2];
-          dequant16<F>(block + Q::kHeader + k * Q::kRowBytes, g, sc.d, sc.m, w);
+          dequant16<F>(block + Q::kHeader + k * Q::kRowBytes, g, buffer, buffer + kPanel, w);
           _mm256_store_ps(row + 16 * g, w[0]);
           _mm256_store_ps(row + 16 * g + 8, w[1]);
         }
