@@ -2,7 +2,8 @@
 // panels: panels[N / 64, K, 64], panel j holding columns 64j..64j+63 of every row of w
 // (models.layout.Panels), in fp32 or in bf16 (half the bytes to stream; each weight is widened
 // to fp32 exactly as it is loaded, so the products and sums are fp32 either way), or as GGUF
-// blocks (Q4_1, Q8_0, Q4_K, Q6_K) dequantized as they are read (quant_rows, dequant_panel).
+// blocks (Q4_1, Q8_0, Q4_K, Q6_K, Q8_DM) dequantized as they are read (quant_rows,
+// dequant_panel).
 // Built and loaded by cpu_matmul.py; XLA calls it through its FFI (custom calls
 // "jaxspec_small_m_matmul" and "jaxspec_small_m_matmul_indexed").
 //
@@ -292,7 +293,7 @@ __attribute__((target("avx2,fma,f16c"))) void quant_rows(const Problem& p, const
       for (int64_t s = 0; s < Q::kGroups; ++s) {
         scales<F>(block, s, buffer);
         for (int64_t k = s * Q::kGroupRows; k < (s + 1) * Q::kGroupRows; ++k) {
-          if (g0 == 0)  // the first pass: the block kQPrefetch ahead, 40 to 80 bytes per row
+          if (g0 == 0)  // the first pass: the block kQPrefetch ahead, 40 to 96 bytes per row
             _mm_prefetch(reinterpret_cast<const char*>(block) + kQPrefetch * Q::kBytes +
                              k * Q::kBytes / kQBlock, _MM_HINT_T0);
           for (int g = 0; g < NG; ++g) {

@@ -146,10 +146,16 @@ def _halves(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[n, 16 · c] bytes -> [n, 32 · c] quants: each 16 bytes' low nibbles, then high ones."""
-    chunks = qs.reshape(qs.shape[0], -1, 1, 16)
+def _nibbles(qs: np.ndarray, width: int = 16) -> np.ndarray:
+    """[n, width · c] bytes -> [n, 2 · width · c] quants: each `width` bytes' low nibbles, then
+    their high ones."""
+    chunks = qs.reshape(qs.shape[0], -1, 1, width)
     return np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(qs.shape[0], -1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes -> [n, 32] bits (a little-endian uint32's bits 0..31)."""
+    return ((qh.copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
 def _q4_1(b):
@@ -172,11 +178,6 @@ def _q5_0(b):  # d·(q − 16), the 5th bits in 4 bytes: q8_0 with the quant q �
     return "q8_0", q.astype(np.int8) - 16, _halves(b[:, :2]), None
 
 
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """[n, 4] bytes -> [n, 32] bits (a little-endian uint32's bits 0..31)."""
-    return ((qh.copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-
-
 def _q5_1(b):  # d·q + m, q 5-bit: q8_dm
     q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)
     return quantized.widen("q4_1", q, _halves(b[:, :2]), _halves(b[:, 2:4]))
@@ -190,21 +191,17 @@ def _k_scales(b):
 
 
 def _q4_k(b):  # 8 sub-blocks of 32: d·sc·q − dmin·m, sc and m 6-bit
-    chunks = b[:, 16:].reshape(-1, 4, 1, 32)
-    q = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(len(b), -1)
-    return "q4_k", q, *_k_scales(b)
+    return "q4_k", _nibbles(b[:, 16:], 32), *_k_scales(b)
 
 
 def _q5_k(b):  # Q4_K with a 5th bit per quant (bit s of byte i: sub-block s, weight i)
-    chunks = b[:, 48:].reshape(-1, 4, 1, 32)
-    low = np.concatenate([chunks & 15, chunks >> 4], axis=2).reshape(len(b), 8, 32)
+    low = _nibbles(b[:, 48:], 32).reshape(len(b), 8, 32)
     high = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
     return quantized.widen("q4_k", (low | (high << 4)).reshape(len(b), -1), *_k_scales(b))
 
 
 def _q6_k(b):  # 16 sub-blocks of 16: d·sc·(q − 32), q 6-bit (low 4 bits in ql, high 2 in qh)
-    low = b[:, :128].reshape(-1, 2, 1, 64)
-    low = np.concatenate([low & 15, low >> 4], axis=2).reshape(len(b), 2, 128)
+    low = _nibbles(b[:, :128], 64).reshape(len(b), 2, 128)
     high = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
     q = low | ((high & 3).reshape(len(b), 2, 128) << 4)
     d = _halves(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]

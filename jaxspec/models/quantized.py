@@ -4,12 +4,12 @@ A GGUF model's projections are stored as blocks of weights along the input dimen
 weight w = d·q + m or q·d: 4-bit (Q4_0, Q4_1, Q4_K) or wider quants q, with per-block scales d
 (and offsets m). Converted to fp32 they are 4 bytes per weight, and decoding reads every weight
 at every step. Kept as blocks, packed here in the panel layout of the CPU kernel
-(kernels/cpu_matmul.cc: `quant_rows`, `dequant_panel`), they are 0.6-1.25 bytes, and the kernel
+(kernels/cpu_matmul.cc: `quant_rows`, `dequant_panel`), they are 0.6-1.5 bytes, and the kernel
 dequantizes them exactly as gguf's numpy code (`gguf.quants`) does: every product d·q below is
 exact in fp32 (at most 23 significant bits), so d·q + m rounds once, as one FMA does, and every
 product and sum is the one the kernel computes from the fp32 weights, bit for bit.
 
-Four kinds of panel data, [J, K / 32, bytes] with J = ceil(N / 64), N = prod(O); block b of
+Five kinds of panel data, [J, K / 32, bytes] with J = ceil(N / 64), N = prod(O); block b of
 panel j holds panel rows 32b..32b+31, a header of per-column scales (and offsets) then the
 quants row by row; the data's dtype and bytes per block say which kind:
 
