@@ -12,8 +12,9 @@ the kernel is available, and the decoder sends every product on panels to it: fo
 M = 16 to 4096 at SmolLM2's [576, 3072], XLA 122-210), so there is no size at which to switch.
 `matmul_indexed` is the same product with the weight chosen at run time among the layers'
 panels (the decoder's scanned layer loop: each layer's buffer is read where it lies). Panels of
-GGUF Q4_1 or Q8_0 blocks (uint8 / int8, jaxspec.models.quantized) are dequantized as gguf does
-while they are read: the bits of the fp32 panels of the same weights, a fifth of the bytes.
+GGUF blocks (uint8 / int8 data of the kinds jaxspec.models.quantized packs) are dequantized as
+gguf does while they are read: the bits of the fp32 panels of the same weights, a sixth to a
+third of the bytes.
 
 The same library holds the CPU attention kernels (`cpu_attention.cc` for decode steps and
 verifies, `cpu_prefill_attention.cc` for a prompt's first forward: kernels.cpu_attention), the

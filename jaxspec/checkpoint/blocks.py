@@ -2,8 +2,8 @@
 
 Conversion dequantizes a GGUF model's weights to fp32 (`params/`, read on every backend) and,
 for projections and output layers quantized as Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or
-Q6_K (the types whose blocks the kernel reads: gguf_source.BLOCK_TYPES), also stores their blocks packed
-for the CPU kernel (`blocks/`, Orbax, and `blocks.json`: each weight's kind and data shape; see
+Q6_K (the types whose blocks the kernel reads: gguf_source.BLOCK_TYPES), also stores their
+blocks packed for the CPU kernel (`blocks/`, Orbax, and `blocks.json`: each weight's kind and data shape; see
 jaxspec.models.quantized). A weight is kept only when its packed blocks dequantize to exactly
 its fp32 params, bit for bit (checked at conversion). Loading for the CPU kernel in fp32 then
 uses the blocks in place of those weights (`substitute`): the same results, a third to a sixth
@@ -62,7 +62,7 @@ def build(config: ModelConfig, get_blocks, params: dict) -> dict:
         if any(g is None for g in got):
             continue
         if len({g[0] for g in got}) > 1:  # parts of different kinds: all in the one that holds any
-            got = [quantized.widen(*g) for g in got]
+            got = [quantized.widen(*g[1:]) for g in got]
         kind = got[0][0]
         combine = (keymap.TRANSFORMS["transpose"] if path == ("embed",)
                    else keymap.TRANSFORMS[entry.combine])

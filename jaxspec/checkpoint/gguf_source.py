@@ -180,7 +180,7 @@ def _q5_0(b):  # d·(q − 16), the 5th bits in 4 bytes: q8_0 with the quant q �
 
 def _q5_1(b):  # d·q + m, q 5-bit: q8_dm
     q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)
-    return quantized.widen("q4_1", q, _halves(b[:, :2]), _halves(b[:, 2:4]))
+    return quantized.widen(q, _halves(b[:, :2]), _halves(b[:, 2:4]))
 
 
 def _k_scales(b):
@@ -197,7 +197,7 @@ def _q4_k(b):  # 8 sub-blocks of 32: d·sc·q − dmin·m, sc and m 6-bit
 def _q5_k(b):  # Q4_K with a 5th bit per quant (bit s of byte i: sub-block s, weight i)
     low = _nibbles(b[:, 48:], 32).reshape(len(b), 8, 32)
     high = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
-    return quantized.widen("q4_k", (low | (high << 4)).reshape(len(b), -1), *_k_scales(b))
+    return quantized.widen((low | (high << 4)).reshape(len(b), -1), *_k_scales(b))
 
 
 def _q6_k(b):  # 16 sub-blocks of 16: d·sc·(q − 32), q 6-bit (low 4 bits in ql, high 2 in qh)

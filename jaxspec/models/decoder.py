@@ -108,7 +108,7 @@ def _stack_product(rows, w: PanelStack):
         return cpu_matmul.matmul_indexed(rows, index, layers)
 
     def xla(rows, index, *layers):
-        floats = [layouts.Panels(data, w.shape).floats().astype(jnp.float32) for data in layers]
+        floats = [layouts.Panels(data, w.shape).floats() for data in layers]
         return _panels_dot(rows, jnp.stack(floats)[index])
 
     return jax.lax.platform_dependent(rows, w.index, *w.layers, cpu=kernel, default=xla)

@@ -64,9 +64,10 @@ KINDS = {
 }
 
 
-def widen(kind_: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None):
-    """(kind, q, d, m) of any kind as the same weights in q8_dm: w = d·q + m (m = 0 where the
-    kind has none: d·q + 0 rounds as d·q)."""
+def widen(q: np.ndarray, d: np.ndarray, m: np.ndarray | None):
+    """The quants, scales and offsets of any kind (or 5-bit quants) as the same weights in
+    q8_dm: ("q8_dm", q, d, m), w = d·q + m (m = 0 where the kind has none: d·q + 0 rounds as
+    d·q)."""
     return "q8_dm", q.astype(np.int8), d, np.zeros_like(d) if m is None else m
 
 
@@ -111,18 +112,17 @@ def pack(kind_: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) 
 
 
 def _fields(data, xp):
-    """(q [J, KB, 32, 64] fp32, d [J, KB, 32 or 1, 64] fp32, m or None) of panel data, with
-    numpy or jax.numpy (`xp`)."""
+    """(q, d, m or None) of panel data, each [J, KB, 32, 64] fp32, with numpy or jax.numpy
+    (`xp`)."""
     J, KB, _ = data.shape
     spec = KINDS[kind(data)]
     raw = data.view(np.uint8) if xp is np else data.view(jnp.uint8)
     G = spec.groups
     size = G * PANEL * spec.scale.itemsize  # bytes of the scales (and of the offsets)
 
-    def scales(a):  # [J, KB, G · 64 scales as bytes] -> [J, KB, 32 or 1, 64] fp32
+    def scales(a):  # [J, KB, G · 64 scales as bytes] -> [J, KB, 32, 64] fp32, one per row
         s = a.view(spec.scale).reshape(J, KB, G, 1, PANEL).astype(np.float32)
-        return xp.broadcast_to(s, (J, KB, G, BLOCK // G, PANEL)).reshape(J, KB, BLOCK, PANEL) \
-            if G > 1 else s.reshape(J, KB, 1, PANEL)
+        return xp.broadcast_to(s, (J, KB, G, BLOCK // G, PANEL)).reshape(J, KB, BLOCK, PANEL)
 
     d = scales(raw[..., :size])
     m = scales(raw[..., size: 2 * size]) if spec.offsets else None

@@ -1,5 +1,5 @@
-"""GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in panels (jaxspec.models.quantized) and
-the CPU kernel on them.
+"""GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in panels
+(jaxspec.models.quantized) and the CPU kernel on them.
 
 The kernel must compute, from the blocks, exactly what it computes from the fp32 weights that
 gguf's numpy code dequantizes them to: bit for bit, for any number of rows, on any number of
@@ -67,8 +67,8 @@ def test_every_kind_widens_exactly_to_q8_dm(qtype):
     """A fused weight whose parts differ in kind is packed as q8_dm: each kind's blocks widened
     to it dequantize to the same weights."""
     _, k, n = shapes(qtype, (64, 100))[0]
-    fields, dense = gguf_weight(qtype, k, n, seed=6)[:4], gguf_weight(qtype, k, n, seed=6)[4]
-    data = quantized.pack(*quantized.widen(*fields))
+    _, q, d, m, dense = gguf_weight(qtype, k, n, seed=6)
+    data = quantized.pack(*quantized.widen(q, d, m))
     assert quantized.kind(data) == "q8_dm"
     np.testing.assert_array_equal(bits(quantized.dequantize_np(data)),
                                   bits(layout.pack(jnp.asarray(dense)).data))
